@@ -1,0 +1,33 @@
+"""actsparse: calibrated activation sparsity (SCAP) for LLM decoding on OpenVINO."""
+from __future__ import annotations
+
+import os
+
+from ._common import ActSparseError
+
+__version__ = "0.1.0"
+__all__ = ["ActSparseError", "evaluate", "export", "load"]
+
+
+def export(model: str, output: str | os.PathLike, **options):
+    """Export ``model`` with calibrated activation sparsity; see :func:`actsparse.pipeline.export`."""
+    from .pipeline import export as _export
+
+    return _export(model, output, **options)
+
+
+def evaluate(output: str | os.PathLike, **options) -> dict:
+    """Perplexity and measured sparsity; see :func:`actsparse.evaluation.evaluate`."""
+    from .evaluation import evaluate as _evaluate
+
+    return _evaluate(output, **options)
+
+
+def load(output: str | os.PathLike, device: str = "CPU", **kwargs):
+    """Load an actsparse output folder as an optimum-intel ``OVModelForCausalLM``."""
+    from .calibration.plan import read_plan
+
+    read_plan(output, with_statistics=False)
+    from optimum.intel import OVModelForCausalLM
+
+    return OVModelForCausalLM.from_pretrained(output, device=device, **kwargs)

@@ -1,0 +1,151 @@
+"""The ``actsparse`` command: thin argument parsing over the public functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from ._common import ActSparseError
+
+PROG = "actsparse"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"sparsity {value} is outside [0, 1)")
+    return value
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def add_export_arguments(parser: argparse.ArgumentParser, model_flag: bool = False) -> None:
+    """Arguments of ``actsparse export``; ``model_flag`` takes MODEL as ``-m`` (optimum-cli's style)."""
+    from .calibration.plan import CENTERING, METHODS
+    from .exports.openvino import WEIGHT_FORMATS
+    from .pipeline import FORMATS
+
+    if model_flag:
+        parser.add_argument("-m", "--model", required=True, help="Hugging Face folder, .gguf file or built-in name")
+    else:
+        parser.add_argument("model", help="Hugging Face folder, .gguf file or built-in name (smollm2-135m)")
+    parser.add_argument("output", help="output folder (must not exist unless --force)")
+    fmt = parser.add_argument_group("format")
+    fmt.add_argument("--format", default="openvino", choices=FORMATS)
+    fmt.add_argument("--weight-format", default="fp32", choices=WEIGHT_FORMATS)
+    sp = parser.add_argument_group("sparsity")
+    sp.add_argument("--sparsity", type=_sparsity, default=None, help="target sparsity of every kind")
+    for kind, what in (("up", "gate/up inputs"), ("down", "down_proj input"), ("qkv", "q/k/v input"),
+                       ("o", "o_proj input")):
+        sp.add_argument(f"--sparsity-{kind}", type=_sparsity, default=None, help=f"target sparsity of the {what}")
+    sp.add_argument("--targets", default="mlp", choices=("mlp", "all"))
+    sp.add_argument("--method", default="scap", choices=METHODS)
+    sp.add_argument("--mode-centering", default="auto", choices=CENTERING)
+    sp.add_argument("--prefill", default="dense", choices=("dense", "sparse"),
+                    help="dense: prune only one-token decode steps (default)")
+    cal = parser.add_argument_group("calibration")
+    cal.add_argument("--calibration", default="builtin:wiki", help=".txt file, folder of .txt, or builtin:wiki")
+    cal.add_argument("--calibration-samples", type=_positive, default=64)
+    cal.add_argument("--calibration-seq-len", type=_positive, default=256)
+    cal.add_argument("--plan", default=None, help="re-use the statistics of an earlier actsparse.json")
+    parser.add_argument("--no-fuse", action="store_true", help="keep the unfused reference pattern")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .pipeline import export
+
+    sparsity = {"sparsity": args.sparsity, "up": args.sparsity_up, "down": args.sparsity_down,
+                "qkv": args.sparsity_qkv, "o": args.sparsity_o}
+    out = export(args.model, args.output, format=args.format, weight_format=args.weight_format,
+                 sparsity=sparsity, targets=args.targets, method=args.method,
+                 mode_centering=args.mode_centering, calibration=args.calibration,
+                 calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
+                 plan=args.plan, prefill=args.prefill, fuse=not args.no_fuse, force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    result = evaluate(args.output, text=args.text, samples=args.samples, seq_len=args.seq_len)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.3f}   next-token accuracy {result['next_token_accuracy']:.4f}"
+              f"   ({result['tokens']} tokens of {result['text']})")
+        for kind, s in result["sparsity"].items():
+            print(f"measured sparsity {kind:5s} {s:.3f}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import demo
+
+    demo(args.output, force=args.force)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Activation sparsity (SCAP) for OpenVINO LLM decoding.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("export", help="export a model with calibrated activation sparsity")
+    add_export_arguments(p)
+    p.set_defaults(func=run_export)
+    p = sub.add_parser("eval", help="perplexity and measured sparsity of an export (every token pruned)")
+    p.add_argument("output", help="folder written by actsparse export")
+    p.add_argument("--text", default="builtin:wiki", help=".txt file, folder of .txt, or builtin:wiki (held-out split)")
+    p.add_argument("--samples", type=_positive, default=32)
+    p.add_argument("--seq-len", type=_positive, default=256)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_eval)
+    p = sub.add_parser("demo", help="export, evaluate and run the embedded default model end to end")
+    p.add_argument("--output", default=None, help="keep the two exports here (default: a temporary folder)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=run_demo)
+    return parser
+
+
+def guarded(func, args, verbose: bool = False) -> int:
+    """Run ``func(args)``; known failures become one stderr line and exit 1."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return func(args)
+    except ActSparseError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if verbose or os.environ.get("ACTSPARSE_DEBUG"):
+            raise
+        print(f"{PROG}: internal error: {type(err).__name__}: {err} (run with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return guarded(args.func, args, args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

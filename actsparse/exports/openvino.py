@@ -1,0 +1,58 @@
+"""Export a Hugging Face folder to OpenVINO IR through optimum-intel, weights compressed by NNCF."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+
+from .._common import ActSparseError
+
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+IR_NAME = "openvino_model.xml"
+
+
+def int4_group_size(hf_dir: Path) -> int:
+    """Largest NNCF group size (128, 64 or 32) that divides the model's Linear input sizes."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    sizes = [config.get(k) for k in ("hidden_size", "intermediate_size", "n_embd", "d_model") if config.get(k)]
+    return next((g for g in (128, 64, 32) if all(s % g == 0 for s in sizes)), 32)
+
+
+def ov_config(hf_dir: Path, weight_format: str):
+    from optimum.intel import OVConfig, OVWeightQuantizationConfig
+
+    if weight_format in ("fp32", "fp16"):
+        return OVConfig(dtype=weight_format)
+    if weight_format == "int8":
+        return OVConfig(quantization_config=OVWeightQuantizationConfig(bits=8, sym=False))
+    if weight_format == "int4":
+        return OVConfig(quantization_config=OVWeightQuantizationConfig(
+            bits=4, sym=False, group_size=int4_group_size(hf_dir), ratio=1.0))
+    raise ActSparseError(f"unknown weight format {weight_format!r} (known: {', '.join(WEIGHT_FORMATS)})")
+
+
+def export_openvino(hf_dir: Path, output: Path, weight_format: str = "fp32",
+                    task: str = "text-generation-with-past") -> Path:
+    """Write ``openvino_model.xml``/``.bin`` plus tokenizer and configs into ``output``; return the IR path."""
+    config = ov_config(hf_dir, weight_format)
+    from optimum.exporters.openvino import main_export
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    quiet = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+            warnings.simplefilter("ignore")
+            logging.getLogger("nncf").setLevel(logging.ERROR)
+            main_export(str(hf_dir), output, task=task, ov_config=config, convert_tokenizer=False)
+    except ActSparseError:
+        raise
+    except Exception as err:  # optimum and transformers raise many kinds for a bad model folder
+        raise ActSparseError(f"cannot export {hf_dir}: {(str(err).strip().splitlines() or [type(err).__name__])[0]}") from err
+    ir = output / IR_NAME
+    if not ir.is_file():
+        raise ActSparseError(f"optimum wrote no {IR_NAME} for {hf_dir}")
+    return ir

@@ -1,0 +1,117 @@
+"""OpenVINO rewrites that apply a plan: the unfused reference pattern of activation sparsity.
+
+For a group of MatMuls ``y_j = x·W_jᵀ`` that read one tensor x, with mode m and threshold τ:
+
+    z    = x − m                                   (no Subtract when m = 0)
+    keep = |z| > τ  ∨  keep_dense                  keep_dense: tokens per sequence ≠ 1 (prefill dense)
+    z'   = Select(keep, z, 0)
+    y_j  = z'·W_jᵀ + m·rowsum(W_j)                 (no Add when m = 0)
+
+Since ``x·Wᵀ = (x − m)·Wᵀ + m·rowsum(W)``, the fold is exact and an unpruned token gives the
+dense result. ``rowsum`` is taken over the weight as the runtime multiplies it, after
+decompression of fp16/int8/int4 constants. This pattern runs on stock OpenVINO.
+"""
+from __future__ import annotations
+
+import numpy as np
+import openvino as ov
+from openvino import opset13 as ops
+
+from .._common import ActSparseError
+from ..calibration.openvino_backend import EXACT_CONFIG, tensor_name, weight_refusal
+from ..calibration.plan import plan_groups
+
+KEEP_DENSE = "keep_dense"
+
+
+def _prefix(group) -> str:
+    return f"actsparse.{group.targets[0].module}"
+
+
+def _scalar(value: float, like: ov.Output) -> ov.Node:
+    return ops.constant(np.array(value, like.get_element_type().to_dtype()))
+
+
+def weight_rowsums(matmuls: list[ov.Node]) -> list[np.ndarray]:
+    """``rowsum(W)`` (sum over input features) of each MatMul's weight, as the runtime decompresses it."""
+    if not matmuls:
+        return []
+    sums = [ops.reduce_sum(mm.input_value(1), ops.constant(np.array([1 if mm.get_attributes()["transpose_b"] else 0])),
+                           keep_dims=False) for mm in matmuls]
+    compiled = ov.Core().compile_model(ov.Model([s.output(0) for s in sums], []), "CPU", EXACT_CONFIG)
+    result = compiled.create_infer_request().infer({})
+    values = [np.array(result[compiled.output(i)], np.float64) for i in range(len(sums))]
+    del compiled, result, sums  # drops the temporary consumers of the weights
+    return values
+
+
+def apply_plan(model: ov.Model, plan: dict, prefill: str = "dense") -> dict[str, int]:
+    """Insert the reference pattern for every group whose sparsity is above 0; return pass counts."""
+    if prefill not in ("dense", "sparse"):
+        raise ActSparseError(f"unknown prefill policy {prefill!r} (dense or sparse)")
+    nodes = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    layers = {layer["node"]: layer for layer in plan["layers"]}
+    counts = {"masks": 0, "shifts": 0, "folds": 0}
+    work = []
+    for group in plan_groups(plan):
+        first = layers[group.targets[0].node]
+        if first["target_sparsity"] <= 0:
+            continue
+        matmuls = []
+        for target in group.targets:
+            mm = nodes.get(target.node)
+            if mm is None or mm.get_type_name() != "MatMul":
+                raise ActSparseError(f"plan does not match the model: no MatMul {target.node}")
+            reason = weight_refusal(mm)
+            if reason:
+                raise ActSparseError(f"cannot prune {target.module}: {reason}")
+            matmuls.append(mm)
+        sources = {tensor_name(mm.input_value(0)) for mm in matmuls}
+        if sources != {group.name}:
+            raise ActSparseError(f"plan does not match the model: {group.name} is not the input of {group.targets[0].module}")
+        work.append((group, matmuls, float(first["mode"]), float(first["threshold"])))
+
+    folds = [mm for _, matmuls, m, _ in work if m != 0 for mm in matmuls]
+    rowsums = dict(zip((id(mm) for mm in folds), weight_rowsums(folds)))
+    for group, matmuls, m, tau in work:
+        name = _prefix(group)
+        x = matmuls[0].input_value(0)
+        z = x
+        if m != 0:
+            z = ops.subtract(x, _scalar(m, x), name=f"{name}/shift").output(0)
+            counts["shifts"] += 1
+        keep = ops.greater(ops.abs(z), _scalar(tau, x), name=f"{name}/keep")
+        if prefill == "dense":
+            tokens = ops.gather(ops.shape_of(x), ops.constant(np.array(-2, np.int64)), ops.constant(np.array(0, np.int64)))
+            keep_dense = ops.not_equal(tokens, ops.constant(np.array(1, np.int64)), name=f"{name}/{KEEP_DENSE}")
+            keep = ops.logical_or(keep, keep_dense)
+        pruned = ops.select(keep, z, _scalar(0.0, x), name=f"{name}/mask")
+        counts["masks"] += 1
+        for mm in matmuls:
+            mm.input(0).replace_source_output(pruned.output(0))
+            if m != 0:
+                consumers = list(mm.output(0).get_target_inputs())
+                bias = ops.constant((m * rowsums[id(mm)]).astype(x.get_element_type().to_dtype()))
+                fold = ops.add(mm.output(0), bias, name=f"{mm.get_friendly_name()}/actsparse_fold")
+                for consumer in consumers:
+                    consumer.replace_source_output(fold.output(0))
+                counts["folds"] += 1
+    model.validate_nodes_and_infer_types()
+    return counts
+
+
+def set_prefill_sparse(model: ov.Model) -> int:
+    """Prune every token, prefill included (the paper's evaluation protocol); return nodes changed."""
+    changed = 0
+    for op in model.get_ordered_ops():
+        if op.get_friendly_name().endswith(f"/{KEEP_DENSE}"):
+            op.output(0).replace(ops.constant(np.array(False)).output(0))
+            changed += 1
+    model.validate_nodes_and_infer_types()
+    return changed
+
+
+def mask_keep_nodes(model: ov.Model, plan: dict) -> dict[str, ov.Node]:
+    """The ``|z| > τ`` node of each applied group, keyed by group name."""
+    nodes = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    return {g.name: nodes[f"{_prefix(g)}/keep"] for g in plan_groups(plan) if f"{_prefix(g)}/keep" in nodes}
