@@ -1,0 +1,130 @@
+"""The whole export on tiny random models, against the HF torch model with plan hooks."""
+import numpy as np
+import openvino as ov
+import pytest
+
+import actsparse
+from conftest import plan_of
+from reference import ov_logits, torch_logits, torch_model_with_plan
+
+CALIB = {"calibration_samples": 16, "calibration_seq_len": 64}
+
+
+def _heldout_ids(folder, texts, n=48):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(folder)(texts["evaluation"].read_text()[:2000])["input_ids"]
+    return np.array([ids[:n]], np.int64)
+
+
+def _op_types(folder):
+    model = ov.Core().read_model(folder / "openvino_model.xml")
+    return sorted(op.get_type_name() for op in model.get_ordered_ops())
+
+
+@pytest.fixture(scope="module")
+def llama_exports(tiny_llama, texts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama-exports")
+    common = dict(calibration=str(texts["calibration"]), **CALIB)
+    return {
+        "dense": actsparse.export(str(tiny_llama), root / "dense", sparsity={"sparsity": 0}, **common),
+        "sparse": actsparse.export(str(tiny_llama), root / "sparse", sparsity={"up": 0.3, "down": 0.5},
+                                   prefill="sparse", **common),
+    }
+
+
+def test_sparse_export_matches_torch_reference(tiny_llama, texts, llama_exports):
+    folder = llama_exports["sparse"]
+    plan = plan_of(folder)
+    assert {l["kind"] for l in plan["layers"]} == {"gate", "up", "down"}
+    assert plan["passes"] == {"masks": 4, "shifts": 0, "folds": 0}  # gate+up share one mask per layer
+    ids = _heldout_ids(tiny_llama, texts)
+    expected = torch_logits(torch_model_with_plan(tiny_llama, plan), ids)
+    dense = torch_logits(torch_model_with_plan(tiny_llama, {"layers": []}), ids)
+    got = ov_logits(folder, ids)
+    assert np.abs(expected - dense).max() > 1e-3  # the pruning does change the logits
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-3)
+
+
+def test_zero_sparsity_is_the_plain_dense_model(tiny_llama, texts, llama_exports, tmp_path):
+    from actsparse.exports.openvino import export_openvino
+
+    plain = tmp_path / "plain"
+    export_openvino(tiny_llama, plain)
+    dense = llama_exports["dense"]
+    assert _op_types(dense) == _op_types(plain)  # no inserted node
+    assert all(l["threshold"] == 0 and l["target_sparsity"] == 0 for l in plan_of(dense)["layers"])
+    ids = _heldout_ids(tiny_llama, texts)
+    np.testing.assert_allclose(ov_logits(dense, ids), torch_logits(torch_model_with_plan(tiny_llama, {"layers": []}), ids),
+                               atol=2e-4, rtol=1e-3)
+
+
+def test_plan_reapplies_a_new_sparsity_without_calibrating(tiny_llama, llama_exports, tmp_path):
+    old = plan_of(llama_exports["sparse"])
+    out = actsparse.export(str(tiny_llama), tmp_path / "replan", sparsity={"up": 0.6, "down": 0.2},
+                           plan=llama_exports["sparse"] / "actsparse.json", calibration="/nonexistent")
+    new = plan_of(out)
+    assert new["calibration"] == old["calibration"]
+    for before, after in zip(old["layers"], new["layers"]):
+        target = 0.6 if after["kind"] in ("gate", "up") else 0.2
+        assert after["target_sparsity"] == target
+        assert after["calibrated_sparsity"] == pytest.approx(target, abs=1e-3)
+        assert (after["threshold"] > before["threshold"]) == (target > before["target_sparsity"])
+
+
+@pytest.mark.parametrize("weight_format", ["fp32", "int8"])
+def test_bias_fold_is_exact_with_a_nonzero_mode(tiny_gelu, texts, tmp_path, weight_format):
+    """GELU FFN, centring on: prefill runs unpruned, so the fold must reproduce the dense model exactly."""
+    common = dict(calibration=str(texts["calibration"]), weight_format=weight_format, **CALIB)
+    dense = actsparse.export(str(tiny_gelu), tmp_path / "dense", **common)
+    sparse = actsparse.export(str(tiny_gelu), tmp_path / "sparse", sparsity={"down": 0.5},
+                              mode_centering="on", **common)
+    plan = plan_of(sparse)
+    modes = [l["mode"] for l in plan["layers"] if l["kind"] == "down"]
+    assert len(modes) == 2 and all(m < -0.05 for m in modes)  # the negative lobe of GELU
+    assert plan["passes"] == {"masks": 2, "shifts": 2, "folds": 2}
+    ids = _heldout_ids(tiny_gelu, texts)
+    np.testing.assert_allclose(ov_logits(sparse, ids), ov_logits(dense, ids), atol=1e-4, rtol=1e-4)
+    if weight_format == "fp32":  # and pruning every token follows the torch reference
+        expected = torch_logits(torch_model_with_plan(tiny_gelu, plan), ids)
+        np.testing.assert_allclose(ov_logits(sparse, ids, prefill_sparse=True), expected, atol=2e-4, rtol=1e-3)
+
+
+def test_auto_centering_centres_the_gelu_model(tiny_gelu, texts, tmp_path):
+    out = actsparse.export(str(tiny_gelu), tmp_path / "auto", sparsity={"down": 0.5},
+                           calibration=str(texts["calibration"]), **CALIB)
+    assert all(l["mode"] < -0.05 for l in plan_of(out)["layers"] if l["kind"] == "down")
+    teal = actsparse.export(str(tiny_gelu), tmp_path / "teal", sparsity={"down": 0.5}, method="teal",
+                            calibration=str(texts["calibration"]), **CALIB)
+    assert all(l["mode"] == 0 for l in plan_of(teal)["layers"])
+
+
+def test_eval_reports_perplexity_and_measured_sparsity(tiny_llama, texts, llama_exports):
+    dense = actsparse.evaluate(llama_exports["dense"], text=str(texts["evaluation"]), samples=4, seq_len=64)
+    sparse = actsparse.evaluate(llama_exports["sparse"], text=str(texts["evaluation"]), samples=4, seq_len=64)
+    assert dense["tokens"] == sparse["tokens"] == 4 * 63
+    assert dense["sparsity"] == {}
+    assert sparse["sparsity"]["up"] == pytest.approx(0.3, abs=0.05)
+    assert sparse["sparsity"]["down"] == pytest.approx(0.5, abs=0.05)
+    # perplexity from the torch model on the same windows
+    import torch
+    from transformers import AutoTokenizer
+
+    from actsparse.calibration.text import read_documents, token_chunks
+
+    chunks = token_chunks(AutoTokenizer.from_pretrained(tiny_llama), read_documents(str(texts["evaluation"])), 4, 64)
+    logits = torch.tensor(torch_logits(torch_model_with_plan(tiny_llama, plan_of(llama_exports["sparse"])), chunks))
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                            torch.tensor(chunks[:, 1:]).reshape(-1))
+    assert sparse["perplexity"] == pytest.approx(float(torch.exp(nll)), rel=1e-3)
+
+
+def test_load_returns_an_optimum_model_that_generates(tiny_llama, llama_exports):
+    from optimum.intel import OVModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = actsparse.load(llama_exports["sparse"])
+    assert isinstance(model, OVModelForCausalLM)
+    tok = AutoTokenizer.from_pretrained(llama_exports["sparse"])
+    out = model.generate(**tok("The city", return_tensors="pt"), max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    assert out.shape[1] == len(tok("The city")["input_ids"]) + 5
