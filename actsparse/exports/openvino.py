@@ -47,6 +47,8 @@ def export_openvino(hf_dir: Path, output: Path, weight_format: str = "fp32",
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
             warnings.simplefilter("ignore")
             logging.getLogger("nncf").setLevel(logging.ERROR)
+            # optimum first tries a TorchScript wrapper and falls back; its failure is logged as an ERROR
+            logging.getLogger("openvino.frontend.pytorch.utils").setLevel(logging.CRITICAL)
             main_export(str(hf_dir), output, task=task, ov_config=config, convert_tokenizer=False)
     except ActSparseError:
         raise

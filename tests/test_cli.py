@@ -1,0 +1,120 @@
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback, nothing half-written."""
+import json
+import shutil
+
+import pytest
+
+from conftest import run_cli
+
+
+def _fails(proc, message):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    assert message in errors[0]
+    return errors[0]
+
+
+def _no_leftovers(parent, name):
+    assert not (parent / name).exists()
+    assert not list(parent.glob(f".{name}.*")), "a temporary folder was left behind"
+
+
+def test_missing_model_folder(tmp_path):
+    proc = run_cli("export", tmp_path / "no-such-model", tmp_path / "out")
+    assert proc.stderr.count("\n") == 1  # nothing but the error line
+    _fails(proc, "does not exist")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_corrupt_model_folder(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{not json")
+    _fails(run_cli("export", tmp_path / "model", tmp_path / "out"), "corrupt")
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
+    _fails(run_cli("export", tmp_path / "model", tmp_path / "out"), "no model weights")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_unknown_builtin_name(tmp_path):
+    _fails(run_cli("export", "smollm9-1t", tmp_path / "out"), "unknown built-in model 'smollm9-1t'")
+
+
+@pytest.mark.parametrize("flag,value", [("--format", "tflite"), ("--weight-format", "int3"), ("--method", "magic")])
+def test_unknown_choice(tmp_path, flag, value):
+    proc = run_cli("export", "smollm2-135m", tmp_path / "out", flag, value)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    _fails(proc, f"invalid choice: '{value}'")
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1", "abc"])
+def test_sparsity_outside_range(tmp_path, value):
+    proc = run_cli("export", "smollm2-135m", tmp_path / "out", "--sparsity-down", value)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    _fails(proc, "--sparsity-down")
+
+
+def test_sparsity_outside_range_in_python():
+    import actsparse
+
+    with pytest.raises(actsparse.ActSparseError, match=r"\[0, 1\)"):
+        actsparse.export("smollm2-135m", "unused", sparsity={"up": 1.5})
+
+
+def test_corrupt_plan(tiny_llama, tmp_path):
+    plan = tmp_path / "actsparse.json"
+    plan.write_text("{\"format_version\": 1, \"layers\": [{\"module\": 3}]}")
+    _fails(run_cli("export", tiny_llama, tmp_path / "out", "--plan", plan), "invalid")
+    plan.write_text("garbage")
+    _fails(run_cli("export", tiny_llama, tmp_path / "out", "--plan", plan), "not valid JSON")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_mismatched_plan(tiny_llama, tiny_gelu, texts, tmp_path):
+    gelu = tmp_path / "gelu"
+    proc = run_cli("export", tiny_gelu, gelu, "--sparsity", "0.5", "--calibration", texts["calibration"],
+                   "--calibration-samples", "4", "--calibration-seq-len", "32")
+    assert proc.returncode == 0, proc.stderr
+    _fails(run_cli("export", tiny_llama, tmp_path / "out", "--sparsity", "0.5", "--plan", gelu / "actsparse.json"),
+           "does not match")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_empty_calibration_text_leaves_nothing(tiny_llama, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n")
+    _fails(run_cli("export", tiny_llama, tmp_path / "out", "--sparsity", "0.5", "--calibration", empty), "is empty")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_eval_on_a_folder_that_is_not_an_export(tiny_llama, tmp_path):
+    _fails(run_cli("eval", tiny_llama), "no actsparse plan")
+    _fails(run_cli("eval", tmp_path / "missing"), "not a folder")
+
+
+def test_existing_output_survives_without_force(tiny_llama, texts, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    _fails(run_cli("export", tiny_llama, out), "already exists")
+    assert (out / "precious.txt").read_text() == "keep me"
+    # and --force on a run that fails keeps the old folder too
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _fails(run_cli("export", tiny_llama, out, "--force", "--sparsity", "0.3", "--calibration", empty), "is empty")
+    assert (out / "precious.txt").read_text() == "keep me"
+    # --force on a run that succeeds replaces it
+    proc = run_cli("export", tiny_llama, out, "--force", "--sparsity", "0.3", "--calibration", texts["calibration"],
+                   "--calibration-samples", "4", "--calibration-seq-len", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "precious.txt").exists()
+    assert json.loads((out / "actsparse.json").read_text())["layers"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_optimum_cli_registers_the_export():
+    proc = __import__("subprocess").run([shutil.which("optimum-cli") or "optimum-cli", "export", "actsparse", "--help"],
+                                        capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "--sparsity-down" in proc.stdout and "-m MODEL" in proc.stdout
