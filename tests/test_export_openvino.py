@@ -72,7 +72,7 @@ def test_plan_reapplies_a_new_sparsity_without_calibrating(tiny_llama, llama_exp
         assert (after["threshold"] > before["threshold"]) == (target > before["target_sparsity"])
 
 
-@pytest.mark.parametrize("weight_format", ["fp32", "int8"])
+@pytest.mark.parametrize("weight_format", ["fp32", "fp16", "int8", "int4"])
 def test_bias_fold_is_exact_with_a_nonzero_mode(tiny_gelu, texts, tmp_path, weight_format):
     """GELU FFN, centring on: prefill runs unpruned, so the fold must reproduce the dense model exactly."""
     common = dict(calibration=str(texts["calibration"]), weight_format=weight_format, **CALIB)
@@ -80,6 +80,10 @@ def test_bias_fold_is_exact_with_a_nonzero_mode(tiny_gelu, texts, tmp_path, weig
     sparse = actsparse.export(str(tiny_gelu), tmp_path / "sparse", sparsity={"down": 0.5},
                               mode_centering="on", **common)
     plan = plan_of(sparse)
+    weight_type = {"fp32": "f32", "fp16": "f16", "int8": "u8", "int4": "u4"}[weight_format]
+    model = ov.Core().read_model(sparse / "openvino_model.xml")
+    assert weight_type in {op.get_output_element_type(0).get_type_name() for op in model.get_ordered_ops()
+                           if op.get_type_name() == "Constant"}
     modes = [l["mode"] for l in plan["layers"] if l["kind"] == "down"]
     assert len(modes) == 2 and all(m < -0.05 for m in modes)  # the negative lobe of GELU
     assert plan["passes"] == {"masks": 2, "shifts": 2, "folds": 2}

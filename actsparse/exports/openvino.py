@@ -21,24 +21,35 @@ def int4_group_size(hf_dir: Path) -> int:
     return next((g for g in (128, 64, 32) if all(s % g == 0 for s in sizes)), 32)
 
 
-def ov_config(hf_dir: Path, weight_format: str):
-    from optimum.intel import OVConfig, OVWeightQuantizationConfig
+def compress_weights(ir: Path, weight_format: str, group_size: int) -> None:
+    """Compress the weights of the IR at ``ir`` in place: fp16 at save time, int8/int4 with NNCF.
 
-    if weight_format in ("fp32", "fp16"):
-        return OVConfig(dtype=weight_format)
-    if weight_format == "int8":
-        return OVConfig(quantization_config=OVWeightQuantizationConfig(bits=8, sym=False))
-    if weight_format == "int4":
-        return OVConfig(quantization_config=OVWeightQuantizationConfig(
-            bits=4, sym=False, group_size=int4_group_size(hf_dir), ratio=1.0))
-    raise ActSparseError(f"unknown weight format {weight_format!r} (known: {', '.join(WEIGHT_FORMATS)})")
+    int8 is asymmetric per output channel, int4 asymmetric group-wise (``group_size``); NNCF
+    keeps the embeddings and the last layer at int8, as optimum-cli does.
+    """
+    import openvino as ov
+
+    model = ov.Core().read_model(ir)
+    if weight_format in ("int8", "int4"):
+        import nncf
+
+        mode = nncf.CompressWeightsMode.INT8_ASYM if weight_format == "int8" else nncf.CompressWeightsMode.INT4_ASYM
+        options = {} if weight_format == "int8" else {"group_size": group_size, "ratio": 1.0}
+        model = nncf.compress_weights(model, mode=mode, **options)
+    staged = ir.with_name("actsparse_compressed.xml")
+    ov.save_model(model, staged, compress_to_fp16=weight_format == "fp16")
+    del model
+    staged.replace(ir)
+    staged.with_suffix(".bin").replace(ir.with_suffix(".bin"))
 
 
 def export_openvino(hf_dir: Path, output: Path, weight_format: str = "fp32",
                     task: str = "text-generation-with-past") -> Path:
     """Write ``openvino_model.xml``/``.bin`` plus tokenizer and configs into ``output``; return the IR path."""
-    config = ov_config(hf_dir, weight_format)
+    if weight_format not in WEIGHT_FORMATS:
+        raise ActSparseError(f"unknown weight format {weight_format!r} (known: {', '.join(WEIGHT_FORMATS)})")
     from optimum.exporters.openvino import main_export
+    from optimum.intel import OVConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -49,7 +60,9 @@ def export_openvino(hf_dir: Path, output: Path, weight_format: str = "fp32",
             logging.getLogger("nncf").setLevel(logging.ERROR)
             # optimum first tries a TorchScript wrapper and falls back; its failure is logged as an ERROR
             logging.getLogger("openvino.frontend.pytorch.utils").setLevel(logging.CRITICAL)
-            main_export(str(hf_dir), output, task=task, ov_config=config, convert_tokenizer=False)
+            main_export(str(hf_dir), output, task=task, ov_config=OVConfig(dtype="fp32"), convert_tokenizer=False)
+            if weight_format != "fp32":
+                compress_weights(output / IR_NAME, weight_format, int4_group_size(hf_dir))
     except ActSparseError:
         raise
     except Exception as err:  # optimum and transformers raise many kinds for a bad model folder
