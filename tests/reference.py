@@ -5,8 +5,8 @@ import numpy as np
 
 
 def pruned_input(x: np.ndarray, mode: float, tau: float) -> np.ndarray:
-    """The input a pruned Linear effectively sees: x where |x − m| > τ, else m."""
-    return np.where(np.abs(x - mode) > tau, x, mode)
+    """The input a pruned Linear effectively sees: x where ¬(|x − m| ≤ τ) (NaN kept), else m."""
+    return np.where(np.abs(x - mode) <= tau, mode, x)
 
 
 def torch_model_with_plan(hf_dir, plan: dict):
@@ -23,7 +23,7 @@ def torch_model_with_plan(hf_dir, plan: dict):
 
         def hook(module, args, mode=mode, tau=tau):
             x = args[0]
-            return (torch.where((x - mode).abs() > tau, x, torch.full_like(x, mode)),)
+            return (torch.where((x - mode).abs() <= tau, torch.full_like(x, mode), x),)
 
         modules[layer["module"]].register_forward_pre_hook(hook)
     return model

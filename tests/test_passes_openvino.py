@@ -43,7 +43,7 @@ def _run(model, x):
 
 def _counts(model):
     types = [op.get_type_name() for op in model.get_ordered_ops()]
-    return {t: types.count(t) for t in ("Subtract", "Select", "Add", "Greater", "MatMul")}
+    return {t: types.count(t) for t in ("Subtract", "Select", "Add", "LessEqual", "MatMul")}
 
 
 @pytest.mark.parametrize("mode", [0.0, -0.3])
@@ -57,7 +57,7 @@ def test_sparse_prefill_matches_numpy(mode):
     np.testing.assert_allclose(b, xp @ W2, rtol=1e-4, atol=1e-4)
     centred = mode != 0
     assert counts == {"masks": 1, "shifts": int(centred), "folds": 2 * centred}
-    assert _counts(model) == {"Subtract": int(centred), "Select": 1, "Add": 2 * centred, "Greater": 1, "MatMul": 2}
+    assert _counts(model) == {"Subtract": int(centred), "Select": 1, "Add": 2 * centred, "LessEqual": 1, "MatMul": 2}
 
 
 def test_dense_prefill_prunes_only_single_token_steps():
@@ -72,6 +72,16 @@ def test_dense_prefill_prunes_only_single_token_steps():
     assert set_prefill_sparse(model) == 1
     a, _ = _run(model, prompt)
     np.testing.assert_allclose(a, pruned_input(prompt, -0.3, 0.5) @ W1.T, rtol=1e-4, atol=1e-4)
+
+
+def test_nan_and_inf_propagate_instead_of_being_masked():
+    model = _model()
+    apply_plan(model, _plan(model, 0.0, 1e6), prefill="sparse")  # τ prunes every finite value
+    x = np.zeros((1, 2, K), np.float32)
+    x[0, 0, 3], x[0, 1, 5] = np.nan, np.inf
+    a, _ = _run(model, x)
+    assert np.isnan(a[0, 0]).all()
+    assert np.isinf(a[0, 1][W1[:, 5] != 0]).all()
 
 
 def test_fold_uses_the_decompressed_int8_weights():

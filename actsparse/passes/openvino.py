@@ -3,7 +3,7 @@
 For a group of MatMuls ``y_j = x·W_jᵀ`` that read one tensor x, with mode m and threshold τ:
 
     z    = x − m                                   (no Subtract when m = 0)
-    keep = |z| > τ  ∨  keep_dense                  keep_dense: tokens per sequence ≠ 1 (prefill dense)
+    keep = ¬(|z| ≤ τ)  ∨  keep_dense               NaN/Inf are kept; keep_dense: tokens per sequence ≠ 1
     z'   = Select(keep, z, 0)
     y_j  = z'·W_jᵀ + m·rowsum(W_j)                 (no Add when m = 0)
 
@@ -80,7 +80,8 @@ def apply_plan(model: ov.Model, plan: dict, prefill: str = "dense") -> dict[str,
         if m != 0:
             z = ops.subtract(x, _scalar(m, x), name=f"{name}/shift").output(0)
             counts["shifts"] += 1
-        keep = ops.greater(ops.abs(z), _scalar(tau, x), name=f"{name}/keep")
+        # ¬(|z| ≤ τ) rather than |z| > τ: a NaN input is kept and propagates, as in a dense MatMul
+        keep = ops.logical_not(ops.less_equal(ops.abs(z), _scalar(tau, x)), name=f"{name}/keep")
         if prefill == "dense":
             tokens = ops.gather(ops.shape_of(x), ops.constant(np.array(-2, np.int64)), ops.constant(np.array(0, np.int64)))
             keep_dense = ops.not_equal(tokens, ops.constant(np.array(1, np.int64)), name=f"{name}/{KEEP_DENSE}")
@@ -112,6 +113,6 @@ def set_prefill_sparse(model: ov.Model) -> int:
 
 
 def mask_keep_nodes(model: ov.Model, plan: dict) -> dict[str, ov.Node]:
-    """The ``|z| > τ`` node of each applied group, keyed by group name."""
+    """The ``¬(|z| ≤ τ)`` node of each applied group, keyed by group name."""
     nodes = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
     return {g.name: nodes[f"{_prefix(g)}/keep"] for g in plan_groups(plan) if f"{_prefix(g)}/keep" in nodes}
