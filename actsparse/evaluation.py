@@ -20,10 +20,11 @@ def evaluate(output: str | os.PathLike, text: str = "builtin:wiki", samples: int
     from openvino import opset13 as ops
     from transformers import AutoTokenizer
 
-    from .calibration.openvino_backend import EXACT_CONFIG, run_chunks
+    from .calibration.openvino_backend import EXACT_CONFIG, run_chunks, tensor_name
     from .calibration.text import read_documents, token_chunks
     from .exports.openvino import IR_NAME
-    from .passes.openvino import mask_keep_nodes, set_prefill_sparse
+    from .passes.openvino import set_prefill_sparse
+    from .runtime_ext import OP_TYPE, register
 
     output = Path(output)
     if not output.is_dir():
@@ -32,19 +33,28 @@ def evaluate(output: str | os.PathLike, text: str = "builtin:wiki", samples: int
     if not (output / IR_NAME).is_file():
         raise ActSparseError(f"{output} has no {IR_NAME}")
     core = ov.Core()
+    if OP_TYPE in (output / IR_NAME).read_text(errors="replace"):
+        register(core)
     model = core.read_model(output / IR_NAME)
     set_prefill_sparse(model)
-    keeps = mask_keep_nodes(model, plan)
+    # Measured sparsity: the share of |x − m| ≤ τ on each pruned input, computed in the graph.
+    tensors = {tensor_name(out): out for op in model.get_ordered_ops() for out in op.outputs()}
+    applied = [(g, next(l for l in plan["layers"] if l["group"] == g.name)) for g in plan_groups(plan)]
+    applied = [(g, l) for g, l in applied if l["target_sparsity"] > 0 and g.name in tensors]
+    keeps = {}
+    for group, layer in applied:
+        x = tensors[group.name]
+        pruned = ops.less_equal(ops.abs(ops.subtract(x, np.float32(layer["mode"]))), np.float32(layer["threshold"]))
+        keeps[group.name] = ops.reduce_mean(ops.convert(pruned, "f32"), ops.constant(np.arange(3)), keep_dims=False)
     first = len(model.outputs)
-    model.add_outputs([ops.reduce_mean(ops.convert(keep, "f32"), ops.constant(np.arange(3)), keep_dims=False).output(0)
-                       for keep in keeps.values()])
+    model.add_outputs([k.output(0) for k in keeps.values()])
     compiled = core.compile_model(model, "CPU", EXACT_CONFIG)
     logits_index = next(i for i, o in enumerate(compiled.outputs) if "logits" in o.get_names())
 
     tokenizer = AutoTokenizer.from_pretrained(output)
     chunks = token_chunks(tokenizer, read_documents(text, "evaluation"), samples, seq_len)
     nll, correct, count = 0.0, 0, 0
-    kept = np.zeros(len(keeps))
+    pruned_share = np.zeros(len(keeps))
     for row, request in run_chunks(compiled, chunks, "evaluating"):
         logits = request.get_output_tensor(logits_index).data[0, :-1].astype(np.float64)
         targets = row[1:]
@@ -53,9 +63,9 @@ def evaluate(output: str | os.PathLike, text: str = "builtin:wiki", samples: int
         nll -= float(log_probs.sum())
         correct += int((logits.argmax(axis=-1) == targets).sum())
         count += len(targets)
-        kept += [float(request.get_output_tensor(first + i).data) for i in range(len(keeps))]
+        pruned_share += [float(request.get_output_tensor(first + i).data) for i in range(len(keeps))]
 
-    measured = dict(zip(keeps, 1.0 - kept / len(chunks)))
+    measured = dict(zip(keeps, pruned_share / len(chunks)))
     by_kind: dict[str, list[float]] = {}
     layers = {}
     for group in plan_groups(plan):

@@ -110,9 +110,3 @@ def set_prefill_sparse(model: ov.Model) -> int:
             changed += 1
     model.validate_nodes_and_infer_types()
     return changed
-
-
-def mask_keep_nodes(model: ov.Model, plan: dict) -> dict[str, ov.Node]:
-    """The ``¬(|z| ≤ τ)`` node of each applied group, keyed by group name."""
-    nodes = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
-    return {g.name: nodes[f"{_prefix(g)}/keep"] for g in plan_groups(plan) if f"{_prefix(g)}/keep" in nodes}

@@ -1,0 +1,52 @@
+"""Finds the built ActSparseMatMul libraries and registers them with OpenVINO (no Optimum here).
+
+The op type and its namespaces are one constant each, shared with the C++ sources
+(``OPENVINO_OP("ActSparseMatMul", "actsparse")`` and the ONNX-frontend mapping).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .._common import ActSparseError
+
+OP_TYPE = "ActSparseMatMul"
+OPENVINO_OPSET = "actsparse"
+ONNX_DOMAIN = "ai.actsparse"
+OPENVINO_LIBRARY = "libactsparse_openvino.so"
+_registered: set[int] = set()  # ids of the cores that have the extension (pybind objects take no attributes)
+
+
+def library_dir() -> Path:
+    """``$ACTSPARSE_EXT_DIR`` (a development build) or this package's folder (the installed wheel)."""
+    return Path(os.environ.get("ACTSPARSE_EXT_DIR") or Path(__file__).parent)
+
+
+def openvino_extension() -> str:
+    """Path of the OpenVINO extension library, for ``core.add_extension``."""
+    path = library_dir() / OPENVINO_LIBRARY
+    if not path.is_file():
+        raise ActSparseError(f"the ActSparseMatMul OpenVINO extension {OPENVINO_LIBRARY} was not built "
+                             f"(looked in {path.parent}); reinstall actsparse with a C++17 compiler available")
+    return str(path)
+
+
+def extension_problem() -> str | None:
+    """Why the OpenVINO extension cannot be used here, or None."""
+    try:
+        register(__import__("openvino").Core())
+    except ActSparseError as err:
+        return str(err)
+    return None
+
+
+def register(core) -> None:
+    """Add the extension to an ``ov.Core`` (once per core)."""
+    if id(core) in _registered:
+        return
+    path = openvino_extension()
+    try:
+        core.add_extension(path)
+    except Exception as err:  # a library built against another OpenVINO fails to load
+        raise ActSparseError(f"cannot load {path} into OpenVINO: {str(err).strip().splitlines()[-1]}") from None
+    _registered.add(id(core))

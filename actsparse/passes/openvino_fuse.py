@@ -1,0 +1,159 @@
+"""Fuse the reference pattern into ``ActSparseMatMul``, one op per consumer MatMul.
+
+    Select(¬(|x − m| ≤ τ) ∨ keep_dense, x − m, 0) → MatMul(·, W) [→ Add(m·rowsum W)]
+        ⇒  ActSparseMatMul(x, pack(W), scale, zero_point, m, τ, b' = m·rowsum W, keep_dense)
+
+The op computes the same function (see passes/openvino.py), so the fusion is exact up to
+float summation order. W is re-laid out input-channel-major ``[K, N]`` here, once: a pruned
+input channel is then one contiguous weight row that the kernel never reads. Compressed
+weights keep their integer codes: u8 per output channel, u4 group-wise (two codes a byte,
+low nibble first along N), with f32 scales and zero points. The layout replaces the
+original constant, so the model holds one copy of the weights.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import openvino as ov
+from openvino import opset13 as ops
+
+from ..calibration.plan import plan_groups
+from ..runtime_ext import OP_TYPE, OPENVINO_OPSET
+from .openvino import KEEP_DENSE, _prefix
+
+log = logging.getLogger("actsparse")
+
+
+class ActSparseMatMul(ov.Op):
+    """Graph-construction twin of the C++ op: same type, opset, inputs and attributes."""
+
+    def __init__(self, inputs=None, attrs=None):
+        self._attrs = dict(attrs or {})
+        super().__init__(self, inputs)
+
+    def get_type_info(self):
+        return ov.DiscreteTypeInfo(OP_TYPE, OPENVINO_OPSET)
+
+    def validate_and_infer_types(self):
+        shape = self.get_input_partial_shape(0)
+        shape[shape.rank.get_length() - 1] = ov.Dimension(self._attrs["out_features"])
+        self.set_output_type(0, ov.Type.f32, shape)
+
+    def clone_with_new_inputs(self, new_inputs):
+        return ActSparseMatMul(new_inputs, self._attrs)
+
+    def visit_attributes(self, visitor):
+        visitor.on_attributes(self._attrs)
+        return True
+
+
+def _unpack_u4(packed: np.ndarray, count: int) -> np.ndarray:
+    """OpenVINO u4 constants hold two codes a byte, the first in the low nibble."""
+    out = np.empty(packed.size * 2, np.uint8)
+    out[0::2], out[1::2] = packed.ravel() & 0x0F, packed.ravel() >> 4
+    return out[:count]
+
+
+def pack_u4(codes_kn: np.ndarray) -> np.ndarray:
+    """``[K, N]`` codes 0..15 → ``[K, ceil(N/2)]`` bytes, even n in the low nibble."""
+    k, n = codes_kn.shape
+    padded = np.zeros((k, n + n % 2), np.uint8)
+    padded[:, :n] = codes_kn
+    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
+
+
+def _const(output: ov.Output, *types: str):
+    node = output.get_node()
+    if node.get_type_name() == "Convert":
+        node = node.input_value(0).get_node()
+    if node.get_type_name() != "Constant":
+        return None
+    return node if not types or node.get_output_element_type(0).get_type_name() in types else None
+
+
+def read_weight(matmul: ov.Node):
+    """The MatMul's weight as ``(format, data [K, N…], scale, zero_point, group_size)``, or a refusal reason."""
+    out = matmul.input_value(1)
+    node = out.get_node()
+    if node.get_type_name() == "Convert":
+        node = node.input_value(0).get_node()
+    n_out, k_in = (int(d) for d in out.get_shape())
+    if not matmul.get_attributes()["transpose_b"]:
+        n_out, k_in = k_in, n_out
+        if node.get_type_name() != "Constant":
+            return "compressed weight is not in [out, in] layout"
+    if node.get_type_name() == "Constant":
+        kind = node.get_output_element_type(0).get_type_name()
+        if kind not in ("f32", "f16"):
+            return f"weight constant of type {kind} without decompression"
+        w = node.get_data()
+        data = w.T if matmul.get_attributes()["transpose_b"] else w
+        return kind, np.ascontiguousarray(data), None, None, 0
+    group = k_in
+    if node.get_type_name() == "Reshape":  # u4: [N, K/G, G] → [N, K]
+        node = node.input_value(0).get_node()
+    if node.get_type_name() != "Multiply":
+        return f"weight decompression ends in {node.get_type_name()}, not Multiply"
+    sub, scale = node.input_value(0), node.input_value(1)
+    if _const(sub) is not None:
+        sub, scale = scale, sub
+    scale_node = _const(scale, "f16", "f32")
+    if sub.get_node().get_type_name() != "Subtract" or scale_node is None:
+        return "weight decompression is not (codes − zero point) · scale"
+    codes_node = _const(sub.get_node().input_value(0), "u8", "u4")
+    zp_node = _const(sub.get_node().input_value(1), "u8", "u4")
+    if codes_node is None or zp_node is None:
+        return "weight codes or zero point are not u8/u4 constants"
+    fmt = codes_node.get_output_element_type(0).get_type_name()
+    shape = list(codes_node.get_output_shape(0))
+    if fmt == "u4":
+        if len(shape) != 3:
+            return "u4 weight is not group-wise [N, K/G, G]"
+        group = shape[2]
+        codes = _unpack_u4(codes_node.get_data(), n_out * k_in).reshape(n_out, k_in)
+        zp = _unpack_u4(zp_node.get_data(), n_out * (k_in // group)).reshape(n_out, k_in // group)
+        scale_v = scale_node.get_data().astype(np.float32).reshape(n_out, k_in // group)
+        return "u4", pack_u4(codes.T), np.ascontiguousarray(scale_v.T), np.ascontiguousarray(zp.T.astype(np.float32)), group
+    codes = codes_node.get_data().reshape(n_out, k_in)
+    zp = zp_node.get_data().astype(np.float32).reshape(-1)
+    scale_v = scale_node.get_data().astype(np.float32).reshape(-1)
+    if zp.size != n_out or scale_v.size != n_out:
+        return "u8 weight is not per output channel"
+    return "u8", np.ascontiguousarray(codes.T), scale_v, zp, k_in
+
+
+def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
+    """Replace each planned MatMul (and its fold Add) by one ActSparseMatMul; return counts."""
+    nodes = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    counts = {"fused": 0, "refused": 0}
+    empty = ops.constant(np.zeros(0, np.float32))
+    for group in plan_groups(plan):
+        prefix = _prefix(group)
+        mask = nodes.get(f"{prefix}/mask")
+        if mask is None:
+            continue
+        layer = next(l for l in plan["layers"] if l["group"] == group.name)
+        keep_dense = ops.constant(np.array(f"{prefix}/{KEEP_DENSE}" in nodes), name=f"{prefix}/{KEEP_DENSE}")
+        shifted = mask.input_value(1)  # x − m, or x itself when m = 0
+        x = shifted.get_node().input_value(0) if layer["mode"] != 0 else shifted
+        for target in group.targets:
+            mm = nodes[target.node]
+            weight = read_weight(mm)
+            if isinstance(weight, str):
+                log.warning("not fusing %s: %s", target.module, weight)
+                counts["refused"] += 1
+                continue
+            fmt, data, scale, zp, group_size = weight
+            fold = nodes.get(f"{mm.get_friendly_name()}/actsparse_fold")
+            bias = fold.input_value(1) if fold is not None else empty.output(0)
+            inputs = [x, ops.constant(data), ops.constant(scale) if scale is not None else empty,
+                      ops.constant(zp) if zp is not None else empty, ops.constant(np.float32(layer["mode"])),
+                      ops.constant(np.float32(layer["threshold"])), bias, keep_dense]
+            op = ActSparseMatMul(inputs, {"weight_format": fmt, "out_features": target.out_features,
+                                          "group_size": int(group_size)})
+            op.set_friendly_name(f"{mm.get_friendly_name()}/{OP_TYPE}")
+            (fold if fold is not None else mm).output(0).replace(op.output(0))
+            counts["fused"] += 1
+    model.validate_nodes_and_infer_types()
+    return counts
