@@ -24,10 +24,19 @@ def evaluate(output: str | os.PathLike, **options) -> dict:
 
 
 def load(output: str | os.PathLike, device: str = "CPU", **kwargs):
-    """Load an actsparse output folder as an optimum-intel ``OVModelForCausalLM``."""
+    """Load an actsparse output folder as an optimum-intel ``OVModelForCausalLM``.
+
+    A fused model needs the ActSparseMatMul extension: it is registered with the Cores that
+    optimum-intel reads and compiles models with.
+    """
     from .calibration.plan import read_plan
+    from .runtime_ext import register
 
-    read_plan(output, with_statistics=False)
+    plan, _ = read_plan(output, with_statistics=False)
     from optimum.intel import OVModelForCausalLM
+    from optimum.intel.openvino import modeling_base, modeling_decoder
 
+    if plan.get("passes", {}).get("fused"):
+        for core in {id(m.core): m.core for m in (modeling_base, modeling_decoder)}.values():
+            register(core)
     return OVModelForCausalLM.from_pretrained(output, device=device, **kwargs)

@@ -96,6 +96,23 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from .benchmark import bench
+
+    result = bench(args.output, args.baseline, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                   runs=args.runs, threads=args.threads)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for name in ("dense", "sparse"):
+            r = result[name]
+            print(f"{name:6s} decode {r['decode_ms_per_token']:7.2f} ms/token   prefill({args.prompt_tokens}) "
+                  f"{r['prefill_ms']:8.1f} ms   peak RSS {r['peak_rss_mb']:7.0f} MB")
+        print(f"decode speed-up {result['decode_speedup']:.3f}x (Amdahl limit {result['amdahl_limit']:.3f}x), "
+              f"prefill {result['prefill_ratio']:.3f}x dense, memory {result['memory_ratio']:.3f}x dense")
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
@@ -117,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive, default=256)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_eval)
+    p = sub.add_parser("bench", help="decode and prefill speed against the dense baseline (medians)")
+    p.add_argument("output", help="folder written by actsparse export")
+    p.add_argument("--baseline", required=True, help="the dense export (--sparsity 0) of the same model")
+    p.add_argument("--prompt-tokens", type=_positive, default=256)
+    p.add_argument("--decode-tokens", type=_positive, default=32)
+    p.add_argument("--runs", type=_positive, default=3, help="processes per model, alternating")
+    p.add_argument("--threads", type=_positive, default=None, help="INFERENCE_NUM_THREADS")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_bench)
     p = sub.add_parser("demo", help="export, evaluate and run the embedded default model end to end")
     p.add_argument("--output", default=None, help="keep the two exports here (default: a temporary folder)")
     p.add_argument("--force", action="store_true")

@@ -54,6 +54,8 @@ def export(model: str, output: str | os.PathLike, *, format: str = "openvino", w
     from .exports.models import resolve_model
     from .exports.openvino import export_openvino
     from .passes.openvino import apply_plan
+    from .passes.openvino_fuse import fuse as fuse_pattern
+    from .runtime_ext import extension_problem
 
     validate_options(format=format, weight_format=weight_format, targets=targets, method=method,
                      mode_centering=mode_centering, prefill=prefill, calibration_samples=calibration_samples,
@@ -101,8 +103,12 @@ def export(model: str, output: str | os.PathLike, *, format: str = "openvino", w
         ov_model = core.read_model(ir)
         counts = apply_plan(ov_model, new_plan, prefill)
         if fuse and counts["masks"]:
-            log.warning("the ActSparseMatMul extension is not part of this build; "
-                        "writing the unfused reference pattern, which runs on stock OpenVINO")
+            problem = extension_problem()
+            if problem:
+                log.warning("writing the unfused reference pattern (runs on stock OpenVINO, not faster): %s", problem)
+            else:
+                counts.update(fuse_pattern(ov_model, new_plan))
+        new_plan["weight_format"] = weight_format
         new_plan["passes"] = counts
         steps.update()
 

@@ -44,9 +44,15 @@ def test_matches_torch_reference_on_heldout_text(exports):
     hf = resolve_model("smollm2-135m")
     expected = torch_logits(torch_model_with_plan(hf, plan_of(exports["sparse"])), ids)
     got = ov_logits(exports["sparse"], ids, prefill_sparse=True)
-    # a value within float rounding of τ may fall on either side; compare the predictions and the bulk
+    # 60 masks x 64 tokens x ~1000 channels: a few inputs lie within float rounding of τ and fall on
+    # the other side; attention then carries that flip to every later position. So: exact until the
+    # first flip (here after position 30), and close distributions everywhere.
+    np.testing.assert_allclose(got[:, :16], expected[:, :16], atol=1e-3, rtol=1e-3)
     assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.95
-    assert np.median(np.abs(got - expected)) < 1e-3
+    from scipy.special import log_softmax
+
+    log_p, log_q = log_softmax(expected.astype(np.float64), -1), log_softmax(got.astype(np.float64), -1)
+    assert (np.exp(log_p) * (log_p - log_q)).sum(-1).mean() < 5e-3  # mean KL(torch || OpenVINO)
     dense = ov_logits(exports["sparse"], ids)  # prefill dense: the exact dense model
     np.testing.assert_allclose(dense, torch_logits(torch_model_with_plan(hf, {"layers": []}), ids), atol=2e-3, rtol=1e-3)
 

@@ -1,0 +1,105 @@
+"""``actsparse bench``: decode ms/token, prefill ms and peak memory of an export against its dense baseline.
+
+Each measurement runs in its own process (clean peak RSS), alternating sparse and dense so
+that machine noise hits both alike; figures are medians. Both models use the runtime's
+default CPU configuration, optionally with ``INFERENCE_NUM_THREADS``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._common import ActSparseError
+from .calibration.plan import read_plan
+
+BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}
+
+
+def bench(output: str | os.PathLike, baseline: str | os.PathLike, *, prompt_tokens: int = 256,
+          decode_tokens: int = 32, runs: int = 3, threads: int | None = None) -> dict:
+    output, baseline = Path(output), Path(baseline)
+    plan, _ = read_plan(output, with_statistics=False)
+    read_plan(baseline, with_statistics=False)
+    samples: dict[str, list[dict]] = {"sparse": [], "dense": []}
+    for _ in range(runs):
+        for name, folder in (("sparse", output), ("dense", baseline)):
+            samples[name].append(_measure(folder, prompt_tokens, decode_tokens, threads))
+    result = {"model": str(output), "baseline": str(baseline), "prompt_tokens": prompt_tokens,
+              "decode_tokens": decode_tokens, "runs": runs, "threads": threads}
+    for name, rows in samples.items():
+        result[name] = {key: float(np.median([r[key] for r in rows])) for key in rows[0]}
+    result["decode_speedup"] = result["dense"]["decode_ms_per_token"] / result["sparse"]["decode_ms_per_token"]
+    result["prefill_ratio"] = result["sparse"]["prefill_ms"] / result["dense"]["prefill_ms"]
+    result["memory_ratio"] = result["sparse"]["peak_rss_mb"] / result["dense"]["peak_rss_mb"]
+    share = sparsified_share(plan, baseline)
+    result["sparsified_weight_share"] = share
+    result["amdahl_limit"] = 1.0 / (1.0 - share)
+    result["fraction_of_limit"] = (result["decode_speedup"] - 1) / (result["amdahl_limit"] - 1) if share else None
+    return result
+
+
+def sparsified_share(plan: dict, baseline: Path) -> float:
+    """f: expected share of the weight bytes read per decode token that pruning skips.
+
+    Every weight is read once per token (the tied/untied LM head included); the embedding
+    table is only gathered, but the .bin size is a close, slightly pessimistic proxy for small
+    vocabularies, so f is computed against the dense model's weight file.
+    """
+    per_weight = BYTES_PER_WEIGHT.get(plan.get("weight_format", "fp32"), 4)
+    skipped = sum(l["in_features"] * l["out_features"] * per_weight * l["target_sparsity"] for l in plan["layers"])
+    return skipped / (baseline / "openvino_model.bin").stat().st_size
+
+
+def _measure(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int | None) -> dict:
+    cmd = [sys.executable, "-m", "actsparse.benchmark", str(folder), str(prompt_tokens), str(decode_tokens),
+           str(threads or 0)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise ActSparseError(f"benchmark of {folder} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _worker(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int) -> dict:
+    import openvino as ov
+
+    from .calibration.openvino_backend import feed
+    from .runtime_ext import OP_TYPE, register
+
+    core = ov.Core()
+    xml = folder / "openvino_model.xml"
+    if OP_TYPE in xml.read_text(errors="replace"):
+        register(core)
+    compiled = core.compile_model(xml, "CPU", {"INFERENCE_NUM_THREADS": threads} if threads else {})
+    request = compiled.create_infer_request()
+    names = [i.get_any_name() for i in compiled.inputs]
+    vocab = compiled.output("logits").get_partial_shape()[-1].get_length()
+    ids = np.random.default_rng(0).integers(0, vocab, (1, prompt_tokens))
+    prefill, steps = [], []
+    for rep in range(3):  # the first repetition warms up
+        request.reset_state()
+        start = time.perf_counter()
+        request.infer(feed(names, ids))
+        prefill.append(time.perf_counter() - start)
+        token = ids[:, -1:]
+        for pos in range(prompt_tokens, prompt_tokens + decode_tokens):
+            inputs = feed(names, token)
+            inputs["position_ids"] = np.array([[pos]], np.int64)
+            inputs["attention_mask"] = np.ones((1, pos + 1), np.int64)
+            start = time.perf_counter()
+            logits = request.infer(inputs)[compiled.output("logits")]
+            steps.append(time.perf_counter() - start) if rep else None
+            token = logits[:, -1:].argmax(-1).astype(np.int64)
+    return {"prefill_ms": 1e3 * float(np.median(prefill[1:])), "decode_ms_per_token": 1e3 * float(np.median(steps)),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+if __name__ == "__main__":
+    folder, prompt, decode, threads = sys.argv[1:5]
+    print(json.dumps(_worker(Path(folder), int(prompt), int(decode), int(threads))))

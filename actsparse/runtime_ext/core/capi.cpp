@@ -1,0 +1,64 @@
+// extern "C" API for ctypes (tests, benchmarks, Python fallback).
+#include <exception>
+#include <memory>
+#include <string>
+
+#include "actsparse_core.hpp"
+
+namespace {
+thread_local std::string g_error;
+
+// One pool per calling thread and thread count: calls from different Python threads never share state.
+const actsparse::ThreadExecutor& executor(int threads) {
+  thread_local std::unique_ptr<actsparse::ThreadExecutor> ex;
+  if (threads < 1) threads = 1;
+  if (!ex || ex->concurrency() != threads) {
+    ex.reset();
+    ex.reset(new actsparse::ThreadExecutor(threads));
+  }
+  return *ex;
+}
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& e : v) s += (s.empty() ? "" : ",") + e;
+  return s;
+}
+}  // namespace
+
+extern "C" {
+
+__attribute__((visibility("default"))) int actsparse_core_matmul(
+    const float* x, int64_t M, int format, int64_t K, int64_t N, int64_t group_size, const void* data,
+    const float* scale, const float* zero_point, const float* bias, float mode, float threshold, int mask, float* y,
+    int threads, const char* kernel) {
+  try {
+    if (format < 0 || format > 3) throw std::invalid_argument("actsparse: format must be 0..3");
+    const actsparse::PackedWeight w{actsparse::WeightFormat(format), K, N, group_size, data, scale, zero_point};
+    actsparse::Params p;
+    p.mode = mode;
+    p.threshold = threshold;
+    p.mask = mask != 0;
+    actsparse::matmul(x, M, w, bias, p, y, executor(threads), kernel);
+    return 0;
+  } catch (const std::exception& e) {
+    g_error = e.what();
+  } catch (...) {
+    g_error = "actsparse: unknown error";
+  }
+  return 1;
+}
+
+__attribute__((visibility("default"))) const char* actsparse_core_last_error(void) { return g_error.c_str(); }
+
+__attribute__((visibility("default"))) const char* actsparse_core_kernels(void) {
+  static const std::string s = join(actsparse::available_kernels());
+  return s.c_str();
+}
+
+__attribute__((visibility("default"))) const char* actsparse_core_best_kernel(void) {
+  static const std::string s = actsparse::best_kernel();
+  return s.c_str();
+}
+
+}  // extern "C"

@@ -1,0 +1,305 @@
+// Kernel selection and the format-independent driver: live-channel lists, tiling, threading, epilogues.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+
+#include "kernel_ops.hpp"
+
+namespace actsparse {
+namespace {
+
+using detail::Ops;
+
+struct KernelEntry { const char* name; bool (*supported)(); const Ops* (*ops)(); };
+
+const KernelEntry kKernels[] = {
+#define ACTSPARSE_KERNEL(name, check) {#name, [] { return bool(check); }, detail::ops_##name},
+#include "kernels.inc"
+#undef ACTSPARSE_KERNEL
+};
+
+const KernelEntry* find_kernel(const char* name) {
+  if (!name || !*name) {  // best = last supported entry; the CPU does not change, so pick once
+    static const KernelEntry* best = [] {
+      const KernelEntry* b = nullptr;
+      for (const auto& k : kKernels)
+        if (k.supported()) b = &k;
+      return b;
+    }();
+    return best;
+  }
+  for (const auto& k : kKernels)
+    if (std::strcmp(k.name, name) == 0) {
+      if (!k.supported()) throw std::invalid_argument(std::string("kernel not supported on this CPU: ") + name);
+      return &k;
+    }
+  throw std::invalid_argument(std::string("unknown kernel: ") + name);
+}
+
+int64_t row_bytes(WeightFormat f, int64_t n) {
+  return f == WeightFormat::F32 ? 4 * n : f == WeightFormat::F16 ? 2 * n : f == WeightFormat::U8 ? n : (n + 1) / 2;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* s = std::getenv(name);
+  return s && *s ? std::atoll(s) : dflt;
+}
+
+template <class T>
+std::unique_ptr<T[]> scratch(int64_t n) { return std::unique_ptr<T[]>(new T[size_t(std::max<int64_t>(n, 1))]); }
+
+// ---------------------------------------------------------------------------------------------
+// Decode (M small): per row, the list of live channels, then stream only those weight rows.
+
+struct LiveRow {
+  int32_t* idx;
+  float* z;
+  int64_t L = 0;
+  float zsum = 0.f;    // U8
+  int64_t* gpos;       // U4: live positions [gpos[g], gpos[g+1]) belong to group g
+  float* gsum;         // U4: sum of z per group
+};
+
+constexpr int64_t kMaxTile = 2048;
+
+// Columns per L1 accumulator tile: long enough that every live row is read as a >= 1 KiB run.
+int64_t tile_cols(WeightFormat f) {
+  const int64_t t = env_int("ACTSPARSE_TILE_BYTES", 2048);
+  return std::clamp<int64_t>(round_up(t * 2 / std::max<int64_t>(row_bytes(f, 2), 1), 128), 128, kMaxTile);
+}
+
+void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
+            float* y, const Executor& ex) {
+  const WeightFormat f = w.format;
+  const int64_t K = w.K, N = w.N, rb = row_bytes(f, N);
+  const int64_t ng = f == WeightFormat::U4 ? K / w.group_size : 1;
+  auto idx_buf = scratch<int32_t>(M * K);
+  auto z_buf = scratch<float>(M * K);
+  auto gpos_buf = scratch<int64_t>(M * (ng + 1));
+  auto gsum_buf = scratch<float>(M * ng);
+  LiveRow rows[4];
+  int64_t live_total = 0;
+  for (int64_t i = 0; i < M; ++i) {
+    LiveRow& r = rows[i];
+    r.idx = idx_buf.get() + i * K;
+    r.z = z_buf.get() + i * K;
+    r.gpos = gpos_buf.get() + i * (ng + 1);
+    r.gsum = gsum_buf.get() + i * ng;
+    const float* xi = x + i * K;
+    const int64_t gs = f == WeightFormat::U4 ? w.group_size : K;
+    int64_t L = 0;
+    double total = 0.0;
+    for (int64_t g = 0; g < ng; ++g) {
+      r.gpos[g] = L;
+      double s = 0.0;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+        const float v = xi[k] - p.mode;
+        r.idx[L] = int32_t(k);
+        r.z[L] = v;
+        const bool keep = !p.mask || !(std::fabs(v) <= p.threshold);  // NaN/Inf are kept
+        L += keep;
+        s += keep ? v : 0.f;
+      }
+      r.gsum[g] = float(s);
+      total += s;
+    }
+    r.gpos[ng] = L;
+    r.L = L;
+    r.zsum = float(total);
+    live_total += L;
+  }
+
+  const auto* data = static_cast<const uint8_t*>(w.data);
+  const int conc = std::max(1, ex.concurrency());
+  // Below ~128 KiB of weights a thread hand-off costs more than it saves.
+  const bool par = conc > 1 && live_total * rb >= env_int("ACTSPARSE_PAR_BYTES", 128 << 10);
+  const int64_t TN = tile_cols(f);
+
+  // Split-K (each task a slice of live rows over all N, then a reduce) only wins when N is too narrow
+  // to give every thread long row runs; ACTSPARSE_SPLIT=n|k forces a choice for measurement.
+  const char* force = std::getenv("ACTSPARSE_SPLIT");
+  bool split_k = M == 1 && par && N < 512 * conc;
+  if (force && *force == 'k') split_k = M == 1 && par;
+  if (force && *force == 'n') split_k = false;
+
+  auto finish_cols = [&](float* yi, const float* acc, int64_t n0, int64_t n, float zsum) {
+    // y = acc (+bias) for F32/F16; y = scale*(acc - zp*zsum) (+bias) for U8; U4 groups already applied.
+    for (int64_t j = 0; j < n; ++j) {
+      float v = acc[j];
+      if (f == WeightFormat::U8) v = w.scale[n0 + j] * (v - w.zero_point[n0 + j] * zsum);
+      yi[n0 + j] = bias ? v + bias[n0 + j] : v;
+    }
+  };
+
+  // Accumulates live positions [s0, s1) of row r into out[n0, n0+n) (U4: full dequantised contribution,
+  // otherwise raw acc). acc is an L1 tile buffer.
+  auto tile = [&](const LiveRow& r, int64_t s0, int64_t s1, int64_t n0, int64_t n, float* out, float* acc) {
+    const uint8_t* base = data + (f == WeightFormat::U4 ? n0 / 2 : row_bytes(f, n0));
+    if (f != WeightFormat::U4) {
+      ops.rows(f, out, n, base, rb, r.idx + s0, r.z + s0, s1 - s0);
+      return;
+    }
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t a = std::max(s0, r.gpos[g]), b = std::min(s1, r.gpos[g + 1]);
+      if (a >= b) continue;
+      std::memset(acc, 0, sizeof(float) * size_t(n));
+      ops.rows(f, acc, n, base, rb, r.idx + a, r.z + a, b - a);
+      ops.u4_apply(out, acc, n, w.scale + g * N + n0, w.zero_point + g * N + n0, r.gsum[g]);
+    }
+  };
+
+  if (!split_k) {
+    const int64_t ntasks = par ? std::min<int64_t>(conc, ceil_div(N, 128)) : 1;
+    const int64_t chunk = round_up(ceil_div(N, ntasks), 128);
+    ex.parallel(ceil_div(N, chunk), [&](int64_t t) {
+      alignas(64) float acc[kMaxTile], out[kMaxTile];
+      const int64_t c1 = std::min(N, (t + 1) * chunk);
+      for (int64_t n0 = t * chunk; n0 < c1; n0 += TN) {
+        const int64_t n = std::min(TN, c1 - n0);
+        for (int64_t i = 0; i < M; ++i) {
+          std::memset(out, 0, sizeof(float) * size_t(n));
+          tile(rows[i], 0, rows[i].L, n0, n, out, acc);
+          finish_cols(y + i * N, out, n0, n, rows[i].zsum);
+        }
+      }
+    });
+    return;
+  }
+
+  // Split-K, M == 1: slice boundaries on group boundaries for U4 so each group is applied exactly once.
+  const LiveRow& r = rows[0];
+  const int64_t ntasks = std::min<int64_t>(conc, std::max<int64_t>(1, f == WeightFormat::U4 ? ng : r.L));
+  std::vector<int64_t> cut(size_t(ntasks + 1));
+  for (int64_t t = 0; t <= ntasks; ++t) {
+    int64_t c = r.L * t / ntasks;
+    if (f == WeightFormat::U4 && t > 0 && t < ntasks) c = r.gpos[std::upper_bound(r.gpos, r.gpos + ng, c) - r.gpos - 1];
+    cut[size_t(t)] = t == ntasks ? r.L : c;
+  }
+  auto part = scratch<float>(ntasks * N);
+  ex.parallel(ntasks, [&](int64_t t) {
+    alignas(64) float acc[kMaxTile];
+    float* pt = part.get() + t * N;
+    std::memset(pt, 0, sizeof(float) * size_t(N));
+    for (int64_t n0 = 0; n0 < N; n0 += TN) tile(r, cut[size_t(t)], cut[size_t(t + 1)], n0, std::min(TN, N - n0), pt + n0, acc);
+  });
+  const int64_t rchunk = round_up(ceil_div(N, conc), 64);
+  ex.parallel(ceil_div(N, rchunk), [&](int64_t c) {
+    const int64_t n0 = c * rchunk, n = std::min(rchunk, N - n0);
+    float* pt = part.get();
+    for (int64_t t = 1; t < ntasks; ++t)
+      for (int64_t j = n0; j < n0 + n; ++j) pt[j] += pt[t * N + j];
+    finish_cols(y, pt + n0, n0, n, r.zsum);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill (M > 4): masked rows are packed into [K][MR] panels, weights dequantised per [KC x NC] block
+// into a per-task buffer, then an MR x NR register-blocked micro-kernel.
+
+void prefill(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
+             float* y, const Executor& ex) {
+  const int64_t K = w.K, N = w.N, MR = ops.gemm_mr, NR = ops.gemm_nr;
+  const int conc = std::max(1, ex.concurrency());
+  const int64_t nmp = ceil_div(M, MR);
+  auto zp = scratch<float>(nmp * K * MR);
+  ex.parallel(std::min<int64_t>(conc, nmp), [&](int64_t t) {
+    for (int64_t pm = t; pm < nmp; pm += std::min<int64_t>(conc, nmp)) {
+      float* dst = zp.get() + pm * K * MR;
+      for (int64_t i = 0; i < MR; ++i) {
+        const int64_t row = pm * MR + i;
+        if (row >= M) {
+          for (int64_t k = 0; k < K; ++k) dst[k * MR + i] = 0.f;
+          continue;
+        }
+        const float* xi = x + row * K;
+        for (int64_t k = 0; k < K; ++k) {
+          const float v = xi[k] - p.mode;
+          dst[k * MR + i] = (!p.mask || !(std::fabs(v) <= p.threshold)) ? v : 0.f;
+        }
+      }
+    }
+  });
+
+  const int64_t KC = std::min<int64_t>(K, 256);
+  // Enough (M-block, N-block) units to balance the threads; N blocks first, they share the packed rows.
+  int64_t NC = std::min(round_up(N, NR), std::max(NR, round_up(ceil_div(N, 2 * conc), NR)));
+  NC = std::min<int64_t>(NC, 256);
+  const int64_t nnb = ceil_div(N, NC);
+  int64_t nmb = 1;
+  while (nnb * nmb < 2 * conc && ceil_div(nmp, nmb + 1) >= 8) ++nmb;
+  const int64_t MCp = ceil_div(nmp, nmb);  // M panels per unit
+  nmb = ceil_div(nmp, MCp);
+  const int64_t units = nnb * nmb, ntasks = std::min<int64_t>(conc, units);
+  ex.parallel(ntasks, [&](int64_t t) {
+    auto wbuf = scratch<float>(KC * round_up(NC, NR));
+    for (int64_t u = t; u < units; u += ntasks) {
+      const int64_t nb = u % nnb, mb = u / nnb;
+      const int64_t n0 = nb * NC, nc = std::min(NC, N - n0);
+      const int64_t p0 = mb * MCp, p1 = std::min(nmp, p0 + MCp);
+      for (int64_t i = p0 * MR; i < std::min(M, p1 * MR); ++i)
+        for (int64_t j = 0; j < nc; ++j) y[i * N + n0 + j] = bias ? bias[n0 + j] : 0.f;
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0);
+        ops.pack(w, k0, kc, n0, nc, wbuf.get());
+        for (int64_t pm = p0; pm < p1; ++pm) {
+          const float* zpan = zp.get() + (pm * K + k0) * MR;
+          const int64_t mr = std::min(MR, M - pm * MR);
+          for (int64_t j = 0; j < nc; j += NR)
+            ops.gemm(zpan, wbuf.get() + (j / NR) * kc * NR, kc, y + pm * MR * N + n0 + j, N, mr, std::min(NR, nc - j));
+        }
+      }
+    }
+  });
+}
+
+void validate(const float* x, int64_t M, const PackedWeight& w, float* y) {
+  if (M < 0 || w.K < 1 || w.N < 1) throw std::invalid_argument("actsparse: need M >= 0, K >= 1, N >= 1");
+  if (w.K > INT32_MAX) throw std::invalid_argument("actsparse: K too large");
+  if (M > 0 && (!x || !y || !w.data)) throw std::invalid_argument("actsparse: null x, y or weight data");
+  switch (w.format) {
+    case WeightFormat::F32:
+    case WeightFormat::F16: return;
+    case WeightFormat::U8:
+      if (!w.scale || !w.zero_point) throw std::invalid_argument("actsparse: U8 needs scale and zero_point");
+      if (w.group_size != 0 && w.group_size != w.K) throw std::invalid_argument("actsparse: U8 group_size must be K");
+      return;
+    case WeightFormat::U4:
+      if (!w.scale || !w.zero_point) throw std::invalid_argument("actsparse: U4 needs scale and zero_point");
+      if (w.group_size < 1 || w.K % w.group_size != 0)
+        throw std::invalid_argument("actsparse: U4 group_size must divide K");
+      return;
+  }
+  throw std::invalid_argument("actsparse: unknown weight format");
+}
+
+}  // namespace
+
+void matmul(const float* x, int64_t M, const PackedWeight& w, const float* bias, const Params& p, float* y,
+            const Executor& ex, const char* kernel) {
+  const KernelEntry* k = find_kernel(kernel);
+  validate(x, M, w, y);
+  if (M == 0) return;
+  const Ops& ops = *k->ops();
+  if (M <= 4) {
+    decode(ops, x, M, w, bias, p, y, ex);
+  } else {
+    prefill(ops, x, M, w, bias, p, y, ex);
+  }
+}
+
+std::vector<std::string> available_kernels() {
+  std::vector<std::string> out;
+  for (const auto& k : kKernels)
+    if (k.supported()) out.emplace_back(k.name);
+  return out;
+}
+
+std::string best_kernel() { return find_kernel(nullptr)->name; }
+
+}  // namespace actsparse

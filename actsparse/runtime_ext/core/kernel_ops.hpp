@@ -1,0 +1,29 @@
+#pragma once
+// Internal leaf-kernel table. ISA translation units see only this (raw pointers, no std templates),
+// so no COMDAT code compiled with -mavx512f can leak into generic code.
+#include "actsparse_core.hpp"
+
+namespace actsparse {
+namespace detail {
+
+struct Ops {
+  int gemm_mr, gemm_nr;  // prefill micro-tile
+  // Decode: acc[0..n) += sum_r z[r] * Q[idx[r]][0..n), Q the raw stored values (u8/u4 not dequantised).
+  // base points at column 0 of the slice (u4: the slice starts at an even column), rb = row stride in bytes.
+  // U4 acc uses an ISA-private layout; only u4_apply reads it.
+  void (*rows)(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx,
+               const float* z, int64_t R);
+  // y[0..n) += scale * (acc - zp * zsum)   (one U4 group)
+  void (*u4_apply)(float* y, const float* acc, int64_t n, const float* scale, const float* zp, float zsum);
+  // Dequantise W[k0:k0+kc, n0:n0+nc] into panels out[ceil(nc/NR)][kc][NR], zero padded. n0 % NR == 0.
+  void (*pack)(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, float* out);
+  // c[mr x nr] += zpan[kc][MR] * wpan[kc][NR]; c row stride ldc; mr <= MR, nr <= NR valid.
+  void (*gemm)(const float* zpan, const float* wpan, int64_t kc, float* c, int64_t ldc, int64_t mr, int64_t nr);
+};
+
+#define ACTSPARSE_KERNEL(name, check) const Ops* ops_##name();
+#include "kernels.inc"
+#undef ACTSPARSE_KERNEL
+
+}  // namespace detail
+}  // namespace actsparse

@@ -1,0 +1,95 @@
+// Reference kernel: plain loops for every format; also the fallback on CPUs without AVX2.
+#include <cmath>
+#include <cstring>
+
+#include "kernel_ops.hpp"
+
+namespace actsparse {
+namespace detail {
+namespace {
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  float v;
+  if (exp == 0) {
+    v = std::ldexp(float(man), -24);  // zero / subnormal
+  } else if (exp == 31) {
+    v = man ? NAN : INFINITY;
+  } else {
+    v = std::ldexp(float(man | 0x400), int(exp) - 25);
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits |= sign;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+// Raw (not dequantised) value of column j of a stored row.
+float raw(WeightFormat f, const uint8_t* row, int64_t j) {
+  switch (f) {
+    case WeightFormat::F32: { float v; std::memcpy(&v, row + 4 * j, 4); return v; }
+    case WeightFormat::F16: { uint16_t h; std::memcpy(&h, row + 2 * j, 2); return half_to_float(h); }
+    case WeightFormat::U8: return float(row[j]);
+    case WeightFormat::U4: return float((row[j >> 1] >> ((j & 1) * 4)) & 0xf);
+  }
+  return 0.f;
+}
+
+void rows(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx,
+          const float* z, int64_t R) {
+  for (int64_t r = 0; r < R; ++r) {
+    const uint8_t* row = base + int64_t(idx[r]) * rb;
+    for (int64_t j = 0; j < n; ++j) acc[j] += z[r] * raw(f, row, j);
+  }
+}
+
+void u4_apply(float* y, const float* acc, int64_t n, const float* scale, const float* zp, float zsum) {
+  for (int64_t j = 0; j < n; ++j) y[j] += scale[j] * (acc[j] - zp[j] * zsum);
+}
+
+constexpr int MR = 4, NR = 16;
+
+void pack(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, float* out) {
+  const int64_t rb = w.format == WeightFormat::F32 ? 4 * w.N
+                   : w.format == WeightFormat::F16 ? 2 * w.N
+                   : w.format == WeightFormat::U8  ? w.N
+                                                   : (w.N + 1) / 2;
+  const int64_t np = (nc + NR - 1) / NR;
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    const int64_t k = k0 + kk;
+    const uint8_t* row = static_cast<const uint8_t*>(w.data) + k * rb;
+    for (int64_t j = 0; j < np * NR; ++j) {
+      const int64_t n = n0 + j;
+      float v = 0.f;
+      if (j < nc) {
+        v = raw(w.format, row, n);
+        if (w.format == WeightFormat::U8) v = (v - w.zero_point[n]) * w.scale[n];
+        if (w.format == WeightFormat::U4) {
+          const int64_t s = (k / w.group_size) * w.N + n;
+          v = (v - w.zero_point[s]) * w.scale[s];
+        }
+      }
+      out[((j / NR) * kc + kk) * NR + j % NR] = v;
+    }
+  }
+}
+
+void gemm(const float* zpan, const float* wpan, int64_t kc, float* c, int64_t ldc, int64_t mr, int64_t nr) {
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < nr; ++j) {
+      float s = 0.f;
+      for (int64_t k = 0; k < kc; ++k) s += zpan[k * MR + i] * wpan[k * NR + j];
+      c[i * ldc + j] += s;
+    }
+}
+
+}  // namespace
+
+const Ops* ops_scalar() {
+  static const Ops ops{MR, NR, rows, u4_apply, pack, gemm};
+  return &ops;
+}
+
+}  // namespace detail
+}  // namespace actsparse

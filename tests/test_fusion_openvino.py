@@ -1,0 +1,178 @@
+"""ActSparseMatMul in OpenVINO: the fusion pass and the C++ op against the unfused reference and numpy."""
+import subprocess
+import sys
+
+import numpy as np
+import openvino as ov
+import pytest
+from openvino import opset13 as ops
+
+import actsparse
+from actsparse.calibration.openvino_backend import EXACT_CONFIG, find_groups
+from actsparse.passes.openvino import apply_plan, set_prefill_sparse
+from actsparse.passes.openvino_fuse import fuse, read_weight
+from actsparse.runtime_ext import OP_TYPE, extension_problem, register
+from conftest import plan_of
+from reference import ov_logits, pruned_input
+
+pytestmark = pytest.mark.skipif(extension_problem() is not None, reason=f"{extension_problem()}")
+RNG = np.random.default_rng(0)
+NAME = "__module.model.layers.0.mlp.down_proj/aten::linear/MatMul"
+
+
+def _compressed(fmt, n, k, group=32):
+    """A weight subgraph as NNCF writes it, and the dequantised [N, K] matrix it computes."""
+    if fmt == "f32":
+        w = RNG.normal(size=(n, k)).astype(np.float32)
+        return ops.constant(w), w
+    if fmt == "f16":
+        w = RNG.normal(size=(n, k)).astype(np.float16)
+        return ops.convert(ops.constant(w), "f32"), w.astype(np.float32)
+    shape = (n, k) if fmt == "u8" else (n, k // group, group)
+    zshape = (n, 1) if fmt == "u8" else (n, k // group, 1)
+    top = 256 if fmt == "u8" else 16
+    q = RNG.integers(0, top, size=shape).astype(np.uint8)
+    zp = RNG.integers(0, top, size=zshape).astype(np.uint8)
+    scale = RNG.uniform(0.01, 0.1, size=zshape).astype(np.float16)
+    codes, zero = (ops.constant(q), ops.constant(zp)) if fmt == "u8" else (
+        ov.op.Constant(ov.Tensor(q, shape, ov.Type.u4)) if False else ops.constant(q, ov.Type.u4),
+        ops.constant(zp, ov.Type.u4))
+    w = ops.multiply(ops.subtract(ops.convert(codes, "f16"), ops.convert(zero, "f16")), ops.constant(scale))
+    if fmt == "u4":
+        w = ops.reshape(w, ops.constant(np.array([n, k], np.int64)), False)
+    dequant = ((q.astype(np.float32) - zp) * scale.astype(np.float32)).reshape(n, k)
+    return ops.convert(w, "f32"), dequant
+
+
+def _one_matmul(fmt, n, k, mode, tau, prefill):
+    x = ops.parameter([-1, -1, k], np.float32, name="x")
+    h = ops.multiply(x, np.float32(1.0), name="__module.model.layers.0.mlp/aten::mul/Multiply")
+    weight, dequant = _compressed(fmt, n, k)
+    mm = ops.matmul(h, weight, False, True, name=NAME)
+    model = ov.Model([mm], [x])
+    groups = find_groups(model, {"down"})
+    plan = {"layers": [{"module": t.module, "node": t.node, "kind": t.kind, "group": g.name, "in_features": k,
+                        "out_features": n, "mode": mode, "threshold": tau, "target_sparsity": 0.5}
+                       for g in groups for t in g.targets]}
+    apply_plan(model, plan, prefill)
+    return model, plan, dequant
+
+
+def _run(model, x, config=EXACT_CONFIG):
+    core = ov.Core()
+    register(core)
+    compiled = core.compile_model(model, "CPU", config)
+    return np.array(compiled.create_infer_request().infer({"x": x})[compiled.output(0)])
+
+
+@pytest.mark.parametrize("fmt", ["f32", "f16", "u8", "u4"])
+@pytest.mark.parametrize("n,k", [(33, 64), (7, 96), (1, 32)])
+@pytest.mark.parametrize("mode", [0.0, 0.25])
+def test_one_node_matches_numpy_and_the_unfused_pattern(fmt, n, k, mode):
+    tau = 0.6
+    model, plan, dequant = _one_matmul(fmt, n, k, mode, tau, "sparse")
+    x = RNG.normal(size=(2, 3, k)).astype(np.float32)
+    x[0, 0, :4] = mode  # exactly at the mode: pruned
+    unfused = _run(model, x)
+    assert fuse(model, plan) == {"fused": 1, "refused": 0}
+    assert [op.get_type_name() for op in model.get_ordered_ops()].count(OP_TYPE) == 1
+    assert "MatMul" not in [op.get_type_name() for op in model.get_ordered_ops()]
+    fused = _run(model, x)
+    expected = pruned_input(x, mode, tau) @ dequant.T
+    np.testing.assert_allclose(fused, expected, rtol=1e-4, atol=1e-4 * np.abs(x).sum(-1, keepdims=True).max())
+    np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=1e-4 * np.abs(x).sum(-1, keepdims=True).max())
+
+
+def test_dense_prefill_and_decode_and_every_channel_pruned():
+    model, plan, dequant = _one_matmul("f32", 40, 64, -0.2, 0.5, "dense")
+    fuse(model, plan)
+    prompt = RNG.normal(size=(1, 5, 64)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, prompt), prompt @ dequant.T, rtol=1e-4, atol=1e-3)
+    step = RNG.normal(size=(1, 1, 64)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, step), pruned_input(step, -0.2, 0.5) @ dequant.T, rtol=1e-4, atol=1e-3)
+    quiet = np.full((1, 1, 64), -0.2, np.float32)  # every channel at the mode: the output is b' exactly
+    np.testing.assert_allclose(_run(model, quiet), quiet @ dequant.T, rtol=1e-5, atol=1e-4)
+    assert set_prefill_sparse(model) == 1
+    np.testing.assert_allclose(_run(model, prompt), pruned_input(prompt, -0.2, 0.5) @ dequant.T, rtol=1e-4, atol=1e-3)
+
+
+def test_nan_propagates_through_the_op():
+    model, plan, _ = _one_matmul("f32", 8, 32, 0.0, 100.0, "sparse")
+    fuse(model, plan)
+    x = np.zeros((1, 1, 32), np.float32)
+    x[0, 0, 5] = np.nan
+    assert np.isnan(_run(model, x)).all()
+
+
+def test_refuses_what_it_cannot_fuse():
+    x = ops.parameter([-1, -1, 16], np.float32, name="x")
+    w = ops.multiply(ops.convert(ops.constant(RNG.integers(-8, 8, (4, 16)).astype(np.int8)), "f32"),
+                     ops.constant(np.ones((4, 1), np.float32)))
+    assert "not (codes − zero point) · scale" in read_weight(ops.matmul(x, w, False, True))
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tiny_llama, texts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused")
+    common = dict(calibration=str(texts["calibration"]), calibration_samples=8, calibration_seq_len=64,
+                  sparsity={"up": 0.4, "down": 0.5})
+    out = {}
+    for fmt in ("fp32", "int8"):
+        for prefill in ("dense", "sparse"):
+            for fused in (True, False):
+                out[fmt, prefill, fused] = actsparse.export(str(tiny_llama), root / f"{fmt}-{prefill}-{fused}",
+                                                            weight_format=fmt, prefill=prefill, fuse=fused, **common)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+@pytest.mark.parametrize("prefill", ["dense", "sparse"])
+def test_fused_export_matches_unfused(tiny_llama, tiny_exports, fmt, prefill):
+    fused, unfused = tiny_exports[fmt, prefill, True], tiny_exports[fmt, prefill, False]
+    assert plan_of(fused)["passes"]["fused"] == 6 and plan_of(unfused)["passes"].get("fused", 0) == 0
+    ids = np.arange(3, 43, dtype=np.int64)[None]
+    np.testing.assert_allclose(_logits(fused, ids), _logits(unfused, ids), atol=2e-4, rtol=1e-3)
+    np.testing.assert_allclose(_logits(fused, ids[:, :1]), _logits(unfused, ids[:, :1]), atol=2e-4, rtol=1e-3)
+
+
+def _logits(folder, ids):
+    return ov_logits(folder, ids)
+
+
+def test_fused_ir_loads_in_a_fresh_process(tiny_exports):
+    folder = tiny_exports["int8", "dense", True]
+    code = ("import actsparse, sys; m = actsparse.load(sys.argv[1]); "
+            "out = m.generate(input_ids=__import__('torch').tensor([[5, 6, 7]]), max_new_tokens=4, min_new_tokens=4, "
+            "do_sample=False); print(out.shape[1])")
+    proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "7"
+
+
+def test_concurrent_requests_are_independent(tiny_exports):
+    """Several streams and requests in flight at once: every result equals its sequential one."""
+    from actsparse.calibration.openvino_backend import feed
+
+    folder = tiny_exports["fp32", "sparse", True]
+    core = ov.Core()
+    register(core)
+    compiled = core.compile_model(folder / "openvino_model.xml", "CPU",
+                                  {**EXACT_CONFIG, "NUM_STREAMS": "2", "INFERENCE_NUM_THREADS": "2"})
+    names = [i.get_any_name() for i in compiled.inputs]
+    inputs = [feed(names, RNG.integers(0, 300, (1, 1 + i % 3))) for i in range(12)]
+    sequential = []
+    for item in inputs:
+        request = compiled.create_infer_request()
+        sequential.append(np.array(request.infer(item)[compiled.output("logits")]))
+    results = [None] * len(inputs)
+    queue = ov.AsyncInferQueue(compiled, 4)
+
+    def done(request, index):
+        results[index] = np.array(request.get_tensor(compiled.output("logits")).data)
+
+    queue.set_callback(done)
+    for index, item in enumerate(inputs):
+        queue.start_async(item, index)
+    queue.wait_all()
+    for got, expected in zip(results, sequential):
+        np.testing.assert_array_equal(got, expected)
