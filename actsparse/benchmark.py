@@ -70,13 +70,10 @@ def _worker(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int) 
     import openvino as ov
 
     from .calibration.openvino_backend import feed
-    from .runtime_ext import OP_TYPE, register
+    from .runtime_ext import read_model
 
     core = ov.Core()
-    xml = folder / "openvino_model.xml"
-    if OP_TYPE in xml.read_text(errors="replace"):
-        register(core)
-    compiled = core.compile_model(xml, "CPU", {"INFERENCE_NUM_THREADS": threads} if threads else {})
+    compiled = core.compile_model(read_model(core, folder / "openvino_model.xml"), "CPU", {"INFERENCE_NUM_THREADS": threads} if threads else {})
     request = compiled.create_infer_request()
     names = [i.get_any_name() for i in compiled.inputs]
     vocab = compiled.output("logits").get_partial_shape()[-1].get_length()

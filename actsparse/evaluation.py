@@ -24,7 +24,7 @@ def evaluate(output: str | os.PathLike, text: str = "builtin:wiki", samples: int
     from .calibration.text import read_documents, token_chunks
     from .exports.openvino import IR_NAME
     from .passes.openvino import set_prefill_sparse
-    from .runtime_ext import OP_TYPE, register
+    from .runtime_ext import read_model
 
     output = Path(output)
     if not output.is_dir():
@@ -33,9 +33,7 @@ def evaluate(output: str | os.PathLike, text: str = "builtin:wiki", samples: int
     if not (output / IR_NAME).is_file():
         raise ActSparseError(f"{output} has no {IR_NAME}")
     core = ov.Core()
-    if OP_TYPE in (output / IR_NAME).read_text(errors="replace"):
-        register(core)
-    model = core.read_model(output / IR_NAME)
+    model = read_model(core, output / IR_NAME)
     set_prefill_sparse(model)
     # Measured sparsity: the share of |x − m| ≤ τ on each pruned input, computed in the graph.
     tensors = {tensor_name(out): out for op in model.get_ordered_ops() for out in op.outputs()}

@@ -42,11 +42,13 @@ def ov_logits(folder, ids: np.ndarray, prefill_sparse: bool = False) -> np.ndarr
 
     from actsparse.calibration.openvino_backend import EXACT_CONFIG, feed
     from actsparse.passes.openvino import set_prefill_sparse
+    from actsparse.runtime_ext import read_model
 
-    model = ov.Core().read_model(folder / "openvino_model.xml")
+    core = ov.Core()
+    model = read_model(core, folder / "openvino_model.xml")
     if prefill_sparse:
         set_prefill_sparse(model)
-    compiled = ov.Core().compile_model(model, "CPU", EXACT_CONFIG)
+    compiled = core.compile_model(model, "CPU", EXACT_CONFIG)
     request = compiled.create_infer_request()
     result = request.infer(feed([i.get_any_name() for i in compiled.inputs], ids))
     return np.array(result[compiled.output("logits")])

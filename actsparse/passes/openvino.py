@@ -106,7 +106,7 @@ def set_prefill_sparse(model: ov.Model) -> int:
     changed = 0
     for op in model.get_ordered_ops():
         if op.get_friendly_name().endswith(f"/{KEEP_DENSE}"):
-            op.output(0).replace(ops.constant(np.array(False)).output(0))
+            op.output(0).replace(ops.constant(False, ov.Type.boolean).output(0))
             changed += 1
     model.validate_nodes_and_infer_types()
     return changed

@@ -7,8 +7,9 @@ The op computes the same function (see passes/openvino.py), so the fusion is exa
 float summation order. W is re-laid out input-channel-major ``[K, N]`` here, once: a pruned
 input channel is then one contiguous weight row that the kernel never reads. Compressed
 weights keep their integer codes: u8 per output channel, u4 group-wise (two codes a byte,
-low nibble first along N), with f32 scales and zero points. The layout replaces the
-original constant, so the model holds one copy of the weights.
+low nibble first along N), with f32 scales and zero points; f16 weights are stored as their
+raw bytes (u8) so that no plugin widens them to f32. The layout replaces the original
+constant, so the model holds one copy of the weights.
 """
 from __future__ import annotations
 
@@ -88,8 +89,10 @@ def read_weight(matmul: ov.Node):
         if kind not in ("f32", "f16"):
             return f"weight constant of type {kind} without decompression"
         w = node.get_data()
-        data = w.T if matmul.get_attributes()["transpose_b"] else w
-        return kind, np.ascontiguousarray(data), None, None, 0
+        data = np.ascontiguousarray(w.T if matmul.get_attributes()["transpose_b"] else w)
+        # f16 travels as raw bytes (u8 [K, 2N]): the CPU plugin widens f16 constants to f32 at compile
+        # time and has no u16, so any other element type would double the bytes read per token
+        return kind, data.view(np.uint8) if kind == "f16" else data, None, None, 0
     group = k_in
     if node.get_type_name() == "Reshape":  # u4: [N, K/G, G] → [N, K]
         node = node.input_value(0).get_node()
@@ -123,6 +126,18 @@ def read_weight(matmul: ov.Node):
     return "u8", np.ascontiguousarray(codes.T), scale_v, zp, k_in
 
 
+def materialize(model: ov.Model, core: ov.Core) -> ov.Model:
+    """The fused model with the C++ op in place of its Python twin (which cannot run), via IR.
+
+    ``core`` must have the extension registered.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="actsparse-ir-") as tmp:
+        ov.save_model(model, f"{tmp}/model.xml", compress_to_fp16=False)
+        return core.read_model(f"{tmp}/model.xml")
+
+
 def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
     """Replace each planned MatMul (and its fold Add) by one ActSparseMatMul; return counts."""
     nodes = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
@@ -134,7 +149,7 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
         if mask is None:
             continue
         layer = next(l for l in plan["layers"] if l["group"] == group.name)
-        keep_dense = ops.constant(np.array(f"{prefix}/{KEEP_DENSE}" in nodes), name=f"{prefix}/{KEEP_DENSE}")
+        keep_dense = ops.constant(f"{prefix}/{KEEP_DENSE}" in nodes, ov.Type.boolean, name=f"{prefix}/{KEEP_DENSE}")
         shifted = mask.input_value(1)  # x − m, or x itself when m = 0
         x = shifted.get_node().input_value(0) if layer["mode"] != 0 else shifted
         for target in group.targets:
@@ -150,6 +165,7 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
             inputs = [x, ops.constant(data), ops.constant(scale) if scale is not None else empty,
                       ops.constant(zp) if zp is not None else empty, ops.constant(np.float32(layer["mode"])),
                       ops.constant(np.float32(layer["threshold"])), bias, keep_dense]
+            inputs = [i if isinstance(i, ov.Output) else i.output(0) for i in inputs]
             op = ActSparseMatMul(inputs, {"weight_format": fmt, "out_features": target.out_features,
                                           "group_size": int(group_size)})
             op.set_friendly_name(f"{mm.get_friendly_name()}/{OP_TYPE}")

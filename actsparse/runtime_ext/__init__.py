@@ -14,7 +14,6 @@ OP_TYPE = "ActSparseMatMul"
 OPENVINO_OPSET = "actsparse"
 ONNX_DOMAIN = "ai.actsparse"
 OPENVINO_LIBRARY = "libactsparse_openvino.so"
-_registered: set[int] = set()  # ids of the cores that have the extension (pybind objects take no attributes)
 
 
 def library_dir() -> Path:
@@ -41,12 +40,16 @@ def extension_problem() -> str | None:
 
 
 def register(core) -> None:
-    """Add the extension to an ``ov.Core`` (once per core)."""
-    if id(core) in _registered:
-        return
+    """Add the extension to an ``ov.Core`` (adding it twice is harmless)."""
     path = openvino_extension()
     try:
         core.add_extension(path)
     except Exception as err:  # a library built against another OpenVINO fails to load
         raise ActSparseError(f"cannot load {path} into OpenVINO: {str(err).strip().splitlines()[-1]}") from None
-    _registered.add(id(core))
+
+
+def read_model(core, xml):
+    """``core.read_model(xml)``, registering the extension first when the IR uses the op."""
+    if OP_TYPE in Path(xml).read_text(errors="replace"):
+        register(core)
+    return core.read_model(xml)

@@ -1,6 +1,7 @@
 // extern "C" API for ctypes (tests, benchmarks, Python fallback).
 #include <exception>
 #include <memory>
+#include <stdexcept>
 #include <string>
 
 #include "actsparse_core.hpp"

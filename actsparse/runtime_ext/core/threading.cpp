@@ -18,23 +18,18 @@
 
 namespace actsparse {
 
-struct ThreadExecutor::Pool {
-  int threads;
-  std::vector<std::thread> workers;
-  std::mutex submit;  // one parallel() in flight
-  std::mutex m;
-  std::condition_variable cv;
-  int sleepers = 0;
-  bool stop = false;
-  std::atomic<uint64_t> gen{0};
-  std::atomic<int64_t> next{0};
-  std::atomic<int> busy{0};
-  int64_t ntasks = 0;
-  const std::function<void(int64_t)>* fn = nullptr;
+namespace {
+// One job per parallel() call. The caller waits for tasks to finish, not for workers to show up: on an
+// oversubscribed machine a descheduled worker must not hold the call; if it wakes late it finds the
+// job's counter exhausted and touches nothing else.
+struct Job {
+  const std::function<void(int64_t)>* fn;
+  int64_t ntasks;
+  std::atomic<int64_t> next{0}, done{0};
   std::exception_ptr error;
   std::mutex error_m;
 
-  void run_tasks() {
+  void run() {
     for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < ntasks;) {
       try {
         (*fn)(t);
@@ -42,8 +37,22 @@ struct ThreadExecutor::Pool {
         std::lock_guard<std::mutex> lk(error_m);
         if (!error) error = std::current_exception();
       }
+      done.fetch_add(1, std::memory_order_acq_rel);
     }
   }
+};
+}  // namespace
+
+struct ThreadExecutor::Pool {
+  int threads = 1;
+  std::vector<std::thread> workers;
+  std::mutex submit;  // one parallel() in flight
+  std::mutex m;       // guards job, stop, sleepers
+  std::condition_variable cv;
+  std::shared_ptr<Job> job;
+  int sleepers = 0;
+  bool stop = false;
+  std::atomic<uint64_t> gen{0};
 
   void worker() {
     uint64_t seen = 0;
@@ -59,13 +68,14 @@ struct ThreadExecutor::Pool {
           break;
         }
       }
-      seen = gen.load(std::memory_order_acquire);
+      std::shared_ptr<Job> j;
       {
         std::lock_guard<std::mutex> lk(m);
         if (stop) return;
+        seen = gen.load(std::memory_order_acquire);
+        j = job;
       }
-      run_tasks();
-      busy.fetch_sub(1, std::memory_order_acq_rel);
+      if (j) j->run();
     }
   }
 };
@@ -95,24 +105,27 @@ void ThreadExecutor::parallel(int64_t ntasks, const std::function<void(int64_t)>
     return;
   }
   std::lock_guard<std::mutex> guard(p.submit);
-  p.fn = &fn;
-  p.ntasks = ntasks;
-  p.error = nullptr;
-  p.next.store(0, std::memory_order_relaxed);
-  p.busy.store(int(p.workers.size()), std::memory_order_relaxed);
+  auto j = std::make_shared<Job>();
+  j->fn = &fn;
+  j->ntasks = ntasks;
   int sleepers;
   {
     std::lock_guard<std::mutex> lk(p.m);
+    p.job = j;
     p.gen.fetch_add(1, std::memory_order_acq_rel);
     sleepers = p.sleepers;
   }
   if (sleepers) p.cv.notify_all();
-  p.run_tasks();
-  for (int i = 0; p.busy.load(std::memory_order_acquire) != 0; ++i) {
+  j->run();
+  for (int i = 0; j->done.load(std::memory_order_acquire) != ntasks; ++i) {
     if (i < 4096) ACTSPARSE_PAUSE();
     else std::this_thread::yield();
   }
-  if (p.error) std::rethrow_exception(p.error);
+  {
+    std::lock_guard<std::mutex> lk(p.m);
+    p.job.reset();  // fn dies with this call; late workers then find no job
+  }
+  if (j->error) std::rethrow_exception(j->error);
 }
 
 }  // namespace actsparse

@@ -10,7 +10,7 @@ namespace {
 // Runs the core's tasks on OpenVINO's own thread pool (its TBB arena), so the op follows
 // INFERENCE_NUM_THREADS and never oversubscribes the cores.
 struct OpenVINOExecutor final : Executor {
-    int concurrency() const override { return ov::parallel_get_max_threads(); }
+    int concurrency() const override { return parallel_get_max_threads(); }
     void parallel(int64_t ntasks, const std::function<void(int64_t)>& fn) const override {
         ov::parallel_for(ntasks, [&](int64_t task) { fn(task); });
     }
@@ -35,7 +35,11 @@ ActSparseMatMul::ActSparseMatMul(const ov::OutputVector& args, std::string weigh
 void ActSparseMatMul::validate_and_infer_types() {
     NODE_VALIDATION_CHECK(this, get_input_size() == 8, "expects 8 inputs, got ", get_input_size());
     NODE_VALIDATION_CHECK(this, get_input_element_type(0) == ov::element::f32, "x must be f32");
-    parse_format(m_weight_format);
+    const auto format = parse_format(m_weight_format);
+    // f16 weights travel as raw bytes: a plugin would widen an f16 constant to f32
+    const auto weight_type = format == WeightFormat::F32 ? ov::element::f32 : ov::element::u8;
+    NODE_VALIDATION_CHECK(this, get_input_element_type(1) == weight_type, "weight of format ", m_weight_format,
+                          " must be ", weight_type, ", got ", get_input_element_type(1));
     auto shape = get_input_partial_shape(0);
     NODE_VALIDATION_CHECK(this, shape.rank().is_static() && shape.rank().get_length() >= 1, "x needs a static rank");
     shape[shape.rank().get_length() - 1] = m_out_features;

@@ -1,0 +1,148 @@
+"""ctypes wrapper of the C++ kernel core (libactsparse_core_capi.so) plus numpy packers and a reference.
+
+The library is looked up in $ACTSPARSE_EXT_DIR if set, else next to this file (where the wheel installs it).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+FORMATS = {"f32": 0, "f16": 1, "u8": 2, "u4": 3}
+_LIB_NAME = "libactsparse_core_capi.so"
+_lib = None
+
+
+class KernelError(RuntimeError):
+    """The C++ core rejected a call; the message is the core's own."""
+
+
+def library_path() -> Path:
+    d = os.environ.get("ACTSPARSE_EXT_DIR")
+    return (Path(d) if d else Path(__file__).resolve().parent) / _LIB_NAME
+
+
+def _load():
+    global _lib
+    if _lib is None:
+        path = library_path()
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: build actsparse/runtime_ext/core or set ACTSPARSE_EXT_DIR")
+        lib = ctypes.CDLL(str(path))
+        p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        lib.actsparse_core_matmul.argtypes = [p, i64, ctypes.c_int, i64, i64, i64, p, p, p, p, f32, f32,
+                                              ctypes.c_int, p, ctypes.c_int, ctypes.c_char_p]
+        lib.actsparse_core_matmul.restype = ctypes.c_int
+        for name in ("actsparse_core_last_error", "actsparse_core_kernels", "actsparse_core_best_kernel"):
+            getattr(lib, name).argtypes = []
+            getattr(lib, name).restype = ctypes.c_char_p
+        _lib = lib
+    return _lib
+
+
+def available_kernels() -> list[str]:
+    return [k for k in _load().actsparse_core_kernels().decode().split(",") if k]
+
+
+def best_kernel() -> str:
+    return _load().actsparse_core_best_kernel().decode()
+
+
+@dataclass
+class PackedWeight:
+    """Weight [K, N] stored input-channel-major (row k = the N outputs of input channel k)."""
+    format: str                          # 'f32' | 'f16' | 'u8' | 'u4'
+    K: int
+    N: int
+    group_size: int                      # u4: K-group size; u8: K; f32/f16: 0
+    data: np.ndarray                     # f32 [K,N] / uint16 [K,N] / uint8 [K,N] / uint8 [K, ceil(N/2)]
+    scale: Optional[np.ndarray] = None   # u8: [N]; u4: [K/G, N]
+    zero_point: Optional[np.ndarray] = None
+
+    @property
+    def row_bytes(self) -> int:
+        return {"f32": 4 * self.N, "f16": 2 * self.N, "u8": self.N, "u4": (self.N + 1) // 2}[self.format]
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def pack_f32(w_kn) -> PackedWeight:
+    w = _f32(w_kn)
+    return PackedWeight("f32", w.shape[0], w.shape[1], 0, w)
+
+
+def pack_f16(w_kn) -> PackedWeight:
+    w = np.ascontiguousarray(np.asarray(w_kn, dtype=np.float16)).view(np.uint16)
+    return PackedWeight("f16", w.shape[0], w.shape[1], 0, w)
+
+
+def pack_u8(q_kn, scale, zp) -> PackedWeight:
+    q = np.ascontiguousarray(q_kn, dtype=np.uint8)
+    K, N = q.shape
+    return PackedWeight("u8", K, N, K, q, _f32(scale).reshape(N), _f32(zp).reshape(N))
+
+
+def pack_u4(q_kn, scale, zp, group_size: int) -> PackedWeight:
+    q = np.asarray(q_kn, dtype=np.uint8)
+    K, N = q.shape
+    if K % group_size:
+        raise ValueError(f"group_size {group_size} must divide K={K}")
+    if q.size and q.max() > 15:
+        raise ValueError("u4 values must be in 0..15")
+    if N % 2:
+        q = np.concatenate([q, np.zeros((K, 1), np.uint8)], axis=1)
+    packed = np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4))  # even n -> low nibble
+    ng = K // group_size
+    return PackedWeight("u4", K, N, group_size, packed, _f32(scale).reshape(ng, N), _f32(zp).reshape(ng, N))
+
+
+def dequantize(packed: PackedWeight) -> np.ndarray:
+    """Independent numpy reference: float32 [K, N]."""
+    K, N = packed.K, packed.N
+    if packed.format == "f32":
+        return packed.data.astype(np.float32)
+    if packed.format == "f16":
+        return packed.data.view(np.float16).astype(np.float32)
+    if packed.format == "u8":
+        return (packed.data.astype(np.float32) - packed.zero_point[None, :]) * packed.scale[None, :]
+    if packed.format == "u4":
+        q = np.empty((K, 2 * packed.data.shape[1]), np.float32)
+        q[:, 0::2] = packed.data & 0xF
+        q[:, 1::2] = packed.data >> 4
+        g = np.arange(K) // packed.group_size
+        return (q[:, :N] - packed.zero_point[g]) * packed.scale[g]
+    raise ValueError(packed.format)
+
+
+def _ptr(a: Optional[np.ndarray]):
+    return None if a is None else a.ctypes.data
+
+
+def matmul(x, packed: PackedWeight, bias=None, mode=0.0, threshold=0.0, mask=True, threads=1,
+           kernel: Optional[str] = None) -> np.ndarray:
+    lib = _load()
+    x = _f32(x)
+    if x.ndim != 2 or x.shape[1] != packed.K:
+        raise ValueError(f"x must be [M, {packed.K}], got {x.shape}")
+    M = x.shape[0]
+    b = None if bias is None else _f32(bias).reshape(packed.N)
+    data = np.ascontiguousarray(packed.data)
+    expect = (packed.K, packed.row_bytes if packed.format == "u4" else packed.N)
+    if data.shape != expect:
+        raise ValueError(f"{packed.format} data must have shape {expect}, got {data.shape}")
+    sc = None if packed.scale is None else _f32(packed.scale)
+    zp = None if packed.zero_point is None else _f32(packed.zero_point)
+    y = np.empty((M, packed.N), np.float32)
+    rc = lib.actsparse_core_matmul(
+        _ptr(x), M, FORMATS[packed.format], packed.K, packed.N, packed.group_size, _ptr(data), _ptr(sc), _ptr(zp),
+        _ptr(b), float(mode), float(threshold), int(bool(mask)), _ptr(y), int(threads),
+        None if kernel is None else kernel.encode())
+    if rc != 0:
+        raise KernelError(lib.actsparse_core_last_error().decode())
+    return y

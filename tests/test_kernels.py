@@ -1,0 +1,156 @@
+"""Sweep of the C++ kernel core (every available ISA kernel) against numpy and the scalar kernel."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from actsparse.runtime_ext import kernels as ks
+
+try:
+    KERNELS = ks.available_kernels()
+except (FileNotFoundError, OSError) as e:  # library not built
+    pytest.skip(f"actsparse kernel core not built ({e}); build actsparse/runtime_ext/core and set "
+                "ACTSPARSE_EXT_DIR", allow_module_level=True)
+
+FORMATS = ["f32", "f16", "u8", "u4"]
+SHAPES = [(1, 1), (7, 3), (64, 17), (130, 33), (64, 100), (7, 1), (130, 100)]
+U4_SHAPES = [(32, 1), (64, 17), (128, 33), (256, 100), (384, 3)]  # (K, N); G from GROUPS dividing K
+GROUPS = [32, 64, 128]
+
+
+def make_weight(fmt, K, N, G, rng):
+    if fmt == "f32":
+        return ks.pack_f32(rng.standard_normal((K, N)))
+    if fmt == "f16":
+        return ks.pack_f16(rng.standard_normal((K, N)))
+    if fmt == "u8":
+        return ks.pack_u8(rng.integers(0, 256, (K, N)), rng.uniform(0.001, 0.02, N), rng.integers(100, 156, N))
+    ng = K // G
+    return ks.pack_u4(rng.integers(0, 16, (K, N)), rng.uniform(0.01, 0.2, (ng, N)), rng.integers(6, 10, (ng, N)), G)
+
+
+def make_x(M, K, mode, sparsity, rng):
+    """x with the requested fraction of |x - mode| <= tau (tau = 0.5); returns x, tau."""
+    z = rng.uniform(0.6, 2.0, (M, K)) * rng.choice([-1.0, 1.0], (M, K))
+    z[rng.random((M, K)) < sparsity] *= 0.5 / 2.0  # into [-0.5, 0.5]
+    if sparsity >= 1.0:
+        z = rng.uniform(-0.5, 0.5, (M, K))
+    return (z + mode).astype(np.float32), 0.5
+
+
+def reference(x, packed, bias, mode, tau, mask):
+    z = x.astype(np.float64) - np.float32(mode)
+    zp = np.where(~(np.abs(z) <= tau), z, 0.0) if mask else z
+    w = ks.dequantize(packed).astype(np.float64)
+    y = zp @ w + (0.0 if bias is None else bias)
+    scale = np.abs(zp) @ np.abs(w) + (0.0 if bias is None else np.abs(bias))  # sum |terms| per output
+    return y, scale
+
+
+def check(y, ref, scale, what):
+    assert y.shape == ref.shape, what
+    err = np.abs(y - ref)
+    tol = 1e-4 * scale + 1e-6
+    assert np.all(err <= tol), f"{what}: max err {err.max():.3g}, worst ratio {np.max(err / tol):.3g}"
+
+
+def cases():
+    for fmt in FORMATS:
+        shapes = [(K, N, G) for (K, N) in U4_SHAPES for G in GROUPS if K % G == 0] if fmt == "u4" else \
+                 [(K, N, 0) for (K, N) in SHAPES]
+        for (K, N, G), M in itertools.product(shapes, [1, 2, 5, 64]):
+            yield pytest.param(fmt, K, N, G, M, id=f"{fmt}-K{K}-N{N}-G{G}-M{M}")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("fmt,K,N,G,M", list(cases()))
+def test_against_numpy_and_scalar(kernel, fmt, K, N, G, M):
+    rng = np.random.default_rng(K * 1000003 + N * 101 + M + G)
+    packed = make_weight(fmt, K, N, G, rng)
+    bias = rng.standard_normal(N).astype(np.float32)
+    for sparsity, threads, mode, with_bias in [(0.0, 1, 0.0, True), (0.5, 2, 0.3, True), (0.5, 1, -1.2, False),
+                                               (0.9, 2, 0.0, True)]:
+        x, tau = make_x(M, K, mode, sparsity, rng)
+        b = bias if with_bias else None
+        y = ks.matmul(x, packed, b, mode, tau, True, threads, kernel)
+        ref, scale = reference(x, packed, b, mode, tau, True)
+        what = f"{kernel} s={sparsity} t={threads} mode={mode}"
+        check(y, ref, scale, what)
+        ys = ks.matmul(x, packed, b, mode, tau, True, threads, "scalar")
+        check(y, ys, scale, what + " vs scalar")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M", [1, 3, 64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_all_pruned_gives_bias_exactly(kernel, fmt, M, threads):
+    rng = np.random.default_rng(1)
+    K, N = 128, 37
+    packed = make_weight(fmt, K, N, 32, rng)
+    bias = rng.standard_normal(N).astype(np.float32)
+    x, tau = make_x(M, K, 0.7, 1.0, rng)
+    y = ks.matmul(x, packed, bias, 0.7, tau, True, threads, kernel)
+    assert np.array_equal(y, np.broadcast_to(bias, (M, N)))
+    y0 = ks.matmul(x, packed, None, 0.7, tau, True, threads, kernel)
+    assert np.array_equal(y0, np.zeros((M, N), np.float32))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M", [1, 2, 64])
+def test_mask_off_is_dense(kernel, fmt, M):
+    rng = np.random.default_rng(2)
+    K, N = 128, 100
+    packed = make_weight(fmt, K, N, 64, rng)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    y = ks.matmul(x, packed, None, 0.25, 1e30, False, 2, kernel)  # huge tau would prune everything if masked
+    ref, scale = reference(x, packed, None, 0.25, 1e30, False)
+    check(y, ref, scale, f"{kernel} dense")
+    assert np.abs(y).max() > 0
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M", [1, 2, 64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_inputs_propagate(kernel, fmt, M, bad):
+    rng = np.random.default_rng(3)
+    K, N = 64, 33
+    packed = make_weight(fmt, K, N, 32, rng)
+    x, tau = make_x(M, K, 0.0, 0.5, rng)
+    x[M - 1, 5] = bad
+    y = ks.matmul(x, packed, None, 0.0, tau, True, 2, kernel)
+    assert not np.isfinite(y[M - 1]).any(), "non-finite input must reach every output of its row"
+    ref, scale = reference(x[:M - 1], packed, None, 0.0, tau, True)
+    check(y[:M - 1], ref, scale, "other rows unaffected")
+
+
+def test_errors_are_reported():
+    packed = make_weight("u4", 64, 8, 32, np.random.default_rng(0))
+    packed.group_size = 48  # does not divide K
+    with pytest.raises(ks.KernelError, match="group_size"):
+        ks.matmul(np.zeros((1, 64), np.float32), packed)
+    with pytest.raises(ks.KernelError, match="unknown kernel"):
+        ks.matmul(np.zeros((1, 8), np.float32), ks.pack_f32(np.ones((8, 4))), kernel="nope")
+    assert ks.best_kernel() in KERNELS and KERNELS[0] == "scalar"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("split", ["n", "k", ""])
+def test_large_tiled_and_threaded_paths(kernel, fmt, split, monkeypatch):
+    """Shapes spanning several column tiles, K blocks and N blocks, with threading forced on."""
+    monkeypatch.setenv("ACTSPARSE_PAR_BYTES", "0")
+    monkeypatch.setenv("ACTSPARSE_SPLIT", split)
+    rng = np.random.default_rng(4)
+    K, N = (512, 2305) if fmt == "u4" else (520, 2305)
+    packed = make_weight(fmt, K, N, 128, rng)
+    bias = rng.standard_normal(N).astype(np.float32)
+    for M, sparsity in [(1, 0.0), (1, 0.9), (3, 0.5), (37, 0.5)]:
+        x, tau = make_x(M, K, 0.1, sparsity, rng)
+        y = ks.matmul(x, packed, bias, 0.1, tau, True, 2, kernel)
+        ref, scale = reference(x, packed, bias, 0.1, tau, True)
+        check(y, ref, scale, f"{kernel} {fmt} split={split} M={M} s={sparsity}")
