@@ -13,20 +13,22 @@ namespace {
 
 using detail::Ops;
 
-struct KernelEntry { const char* name; bool (*supported)(); const Ops* (*ops)(); };
+struct KernelEntry { const char* name; bool (*supported)(); bool automatic; const Ops* (*ops)(); };
 
 const KernelEntry kKernels[] = {
-#define ACTSPARSE_KERNEL(name, check) {#name, [] { return bool(check); }, detail::ops_##name},
+#define ACTSPARSE_KERNEL(name, check, automatic) {#name, [] { return bool(check); }, automatic, detail::ops_##name},
 #include "kernels.inc"
 #undef ACTSPARSE_KERNEL
 };
 
 const KernelEntry* find_kernel(const char* name) {
-  if (!name || !*name) {  // best = last supported entry; the CPU does not change, so pick once
+  if (!name || !*name) {  // best = last supported automatic entry, or $ACTSPARSE_KERNEL; picked once
     static const KernelEntry* best = [] {
+      const char* forced = std::getenv("ACTSPARSE_KERNEL");
+      if (forced && *forced) return find_kernel(forced);
       const KernelEntry* b = nullptr;
       for (const auto& k : kKernels)
-        if (k.supported()) b = &k;
+        if (k.supported() && k.automatic) b = &k;
       return b;
     }();
     return best;

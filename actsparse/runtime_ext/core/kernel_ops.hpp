@@ -21,7 +21,7 @@ struct Ops {
   void (*gemm)(const float* zpan, const float* wpan, int64_t kc, float* c, int64_t ldc, int64_t mr, int64_t nr);
 };
 
-#define ACTSPARSE_KERNEL(name, check) const Ops* ops_##name();
+#define ACTSPARSE_KERNEL(name, check, automatic) const Ops* ops_##name();
 #include "kernels.inc"
 #undef ACTSPARSE_KERNEL
 
