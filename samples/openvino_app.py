@@ -8,10 +8,13 @@ import numpy as np
 import openvino as ov
 from transformers import AutoTokenizer
 
+import actsparse.runtime_ext
+
 folder = sys.argv[1]
 prompt = sys.argv[2] if len(sys.argv) > 2 else "The capital of France is"
 
 core = ov.Core()
+core.add_extension(actsparse.runtime_ext.openvino_extension())  # ActSparseMatMul (opset "actsparse")
 compiled = core.compile_model(f"{folder}/openvino_model.xml", "CPU")
 request = compiled.create_infer_request()
 tokenizer = AutoTokenizer.from_pretrained(folder)

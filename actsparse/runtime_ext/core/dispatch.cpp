@@ -53,6 +53,14 @@ int64_t env_int(const char* name, int64_t dflt) {
   return s && *s ? std::atoll(s) : dflt;
 }
 
+// Measurement knobs, read once (not on every call of the decode path).
+const int64_t kTileBytes = env_int("ACTSPARSE_TILE_BYTES", 8192);
+const int64_t kParBytes = env_int("ACTSPARSE_PAR_BYTES", 128 << 10);
+const char kForceSplit = [] {
+  const char* s = std::getenv("ACTSPARSE_SPLIT");
+  return s && *s ? *s : '\0';
+}();
+
 template <class T>
 std::unique_ptr<T[]> scratch(int64_t n) { return std::unique_ptr<T[]>(new T[size_t(std::max<int64_t>(n, 1))]); }
 
@@ -72,7 +80,7 @@ constexpr int64_t kMaxTile = 2048;
 
 // Columns per L1 accumulator tile: long runs per live row (measured: 8 KiB f32 runs beat 2 KiB by ~30%).
 int64_t tile_cols(WeightFormat f) {
-  const int64_t t = env_int("ACTSPARSE_TILE_BYTES", 8192);
+  const int64_t t = kTileBytes;
   return std::clamp<int64_t>(round_up(t * 2 / std::max<int64_t>(row_bytes(f, 2), 1), 128), 128, kMaxTile);
 }
 
@@ -120,15 +128,14 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
   const auto* data = static_cast<const uint8_t*>(w.data);
   const int conc = std::max(1, ex.concurrency());
   // Below ~128 KiB of weights a thread hand-off costs more than it saves.
-  const bool par = conc > 1 && live_total * rb >= env_int("ACTSPARSE_PAR_BYTES", 128 << 10);
+  const bool par = conc > 1 && live_total * rb >= kParBytes;
   const int64_t TN = tile_cols(f);
 
   // Split-K (each task a slice of live rows over all N, then a reduce) only wins when N is too narrow
   // to give every thread long row runs; ACTSPARSE_SPLIT=n|k forces a choice for measurement.
-  const char* force = std::getenv("ACTSPARSE_SPLIT");
   bool split_k = M == 1 && par && N < 512 * conc;
-  if (force && *force == 'k') split_k = M == 1 && par;
-  if (force && *force == 'n') split_k = false;
+  if (kForceSplit == 'k') split_k = M == 1 && par;
+  if (kForceSplit == 'n') split_k = false;
 
   auto finish_cols = [&](float* yi, const float* acc, int64_t n0, int64_t n, float zsum) {
     // y = acc (+bias) for F32/F16; y = scale*(acc - zp*zsum) (+bias) for U8; U4 groups already applied.

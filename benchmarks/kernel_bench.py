@@ -1,0 +1,117 @@
+"""ActSparseMatMul against OpenVINO's own FullyConnected on the same weights, in one process. Prints JSON.
+
+For each shape (K x N), weight format and thread count: one decode step (x is [1, 1, K]) of
+- the dense MatMul, weights compressed as the export compresses them (fp16 constant, NNCF
+  int8 asym per channel, NNCF int4 asym group 128), compiled by the CPU plugin, and
+- the fused ActSparseMatMul at sparsity 0/0.3/0.5/0.7/0.9 (threshold = that quantile of |x|).
+Reports median ms over many calls, the ratio against dense (speed-up), the bandwidth limit
+1/(1-s), the effective GB/s of weight bytes read, and the plugin's FullyConnected precision.
+
+    python benchmarks/kernel_bench.py [--quick] [--threads 1 2] [--formats fp32 fp16 int8 int4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import openvino as ov
+from openvino import opset13 as ops
+
+from actsparse.calibration.openvino_backend import find_groups
+from actsparse.passes.openvino import apply_plan
+from actsparse.passes.openvino_fuse import fuse, materialize
+from actsparse.runtime_ext import register
+
+SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (2048, 5632)]
+SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.9]
+BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+NAME = "__module.model.layers.0.mlp.down_proj/aten::linear/MatMul"
+
+
+def dense_model(k: int, n: int, fmt: str, rng) -> ov.Model:
+    x = ops.parameter([-1, -1, k], np.float32, name="x")
+    h = ops.multiply(x, np.float32(1.0), name="__module.model.layers.0.mlp/aten::mul/Multiply")
+    w = rng.standard_normal((n, k), np.float32) * 0.02
+    weight = ops.convert(ops.constant(w.astype(np.float16)), "f32") if fmt == "fp16" else ops.constant(w)
+    model = ov.Model([ops.matmul(h, weight, False, True, name=NAME)], [x])
+    if fmt in ("int8", "int4"):
+        import nncf
+
+        mode = nncf.CompressWeightsMode.INT8_ASYM if fmt == "int8" else nncf.CompressWeightsMode.INT4_ASYM
+        model = nncf.compress_weights(model, mode=mode, **({"group_size": 128, "ratio": 1.0} if fmt == "int4" else {}))
+    return model
+
+
+def fused_model(model: ov.Model, tau: float, core: ov.Core) -> ov.Model:
+    model = model.clone()
+    group = find_groups(model, {"down"})[0]
+    t = group.targets[0]
+    plan = {"layers": [{"module": t.module, "node": t.node, "kind": t.kind, "group": group.name,
+                        "in_features": t.in_features, "out_features": t.out_features, "mode": 0.0,
+                        "threshold": tau, "target_sparsity": 0.5}]}
+    apply_plan(model, plan, "dense")
+    assert fuse(model, plan)["fused"] == 1
+    return materialize(model, core)
+
+
+def time_ms(compiled: ov.CompiledModel, xs: list[np.ndarray], calls: int) -> float:
+    request = compiled.create_infer_request()
+    for x in xs[:3]:
+        request.infer({0: x})
+    times = []
+    for i in range(calls):
+        start = time.perf_counter()
+        request.infer({0: xs[i % len(xs)]})
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def fc_precision(compiled: ov.CompiledModel) -> str:
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == "FullyConnected":
+            return f'{info["runtimePrecision"].astype(str)} ({info["primitiveType"].astype(str)})'
+    return "no FullyConnected"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one shape, fewer calls")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--formats", nargs="+", default=list(BYTES))
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    core = ov.Core()
+    register(core)
+    rows = []
+    for k, n in SHAPES[:1] if args.quick else SHAPES:
+        xs = [rng.standard_normal((1, 1, k)).astype(np.float32) for _ in range(16)]
+        calls = max(20, int(2e9 / (k * n * 4))) if not args.quick else 20
+        for fmt in args.formats:
+            dense = dense_model(k, n, fmt, rng)
+            fused = {s: fused_model(dense, float(np.quantile(np.abs(np.concatenate(xs)), s)), core) for s in SPARSITIES}
+            for threads in args.threads:
+                config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+                compiled = core.compile_model(dense, "CPU", config)
+                dense_ms = time_ms(compiled, xs, calls)
+                row = {"K": k, "N": n, "format": fmt, "threads": threads, "dense_ms": dense_ms,
+                       "dense_fc_precision": fc_precision(compiled),
+                       "dense_gbps": k * n * BYTES[fmt] / dense_ms / 1e6, "sparse": []}
+                for s, model in fused.items():
+                    ms = time_ms(core.compile_model(model, "CPU", config), xs, calls)
+                    row["sparse"].append({"sparsity": s, "ms": ms, "speedup_vs_dense": dense_ms / ms,
+                                          "limit": 1 / (1 - s), "gbps": k * n * (1 - s) * BYTES[fmt] / ms / 1e6})
+                s0 = row["sparse"][0]["ms"]
+                for entry in row["sparse"]:
+                    entry["speedup_vs_own_s0"] = s0 / entry["ms"]
+                rows.append(row)
+                print(f"{k}x{n} {fmt} t{threads}: dense {dense_ms:.2f} ms ({row['dense_fc_precision']}) | " +
+                      " ".join(f"s{e['sparsity']}: {e['ms']:.2f} ({e['speedup_vs_dense']:.2f}x)" for e in row["sparse"]),
+                      file=__import__("sys").stderr)
+    print(json.dumps({"device": "CPU", "openvino": ov.get_version(), "results": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
