@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[1]))  # run from a checkout
 from actsparse.runtime_ext import kernels as ks
 from actsparse.runtime_ext.kernels import PackedWeight
 

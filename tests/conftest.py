@@ -78,6 +78,15 @@ def tiny_gelu(tmp_path_factory, texts) -> Path:
     return folder
 
 
+def skip_without_extension(problem: str | None):
+    """Skip a module whose library is missing, except where ACTSPARSE_REQUIRE_EXTENSION is set (CI)."""
+    if problem is None:
+        return
+    if os.environ.get("ACTSPARSE_REQUIRE_EXTENSION"):
+        raise RuntimeError(f"ACTSPARSE_REQUIRE_EXTENSION is set but {problem}")
+    pytest.skip(problem, allow_module_level=True)
+
+
 def run_cli(*args: str, env: dict | None = None):
     """Run ``python -m actsparse ARGS`` and return the completed process."""
     import subprocess

@@ -12,10 +12,10 @@ from actsparse.calibration.openvino_backend import EXACT_CONFIG, find_groups
 from actsparse.passes.openvino import apply_plan, set_prefill_sparse
 from actsparse.passes.openvino_fuse import fuse, materialize, read_weight
 from actsparse.runtime_ext import OP_TYPE, extension_problem, register
-from conftest import plan_of
+from conftest import plan_of, skip_without_extension
 from reference import ov_logits, pruned_input
 
-pytestmark = pytest.mark.skipif(extension_problem() is not None, reason=f"{extension_problem()}")
+skip_without_extension(extension_problem())
 RNG = np.random.default_rng(0)
 NAME = "__module.model.layers.0.mlp.down_proj/aten::linear/MatMul"
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from actsparse.runtime_ext import kernels as ks
+from conftest import skip_without_extension
 
 try:
     KERNELS = ks.available_kernels()
 except (FileNotFoundError, OSError) as e:  # library not built
-    pytest.skip(f"actsparse kernel core not built ({e}); build actsparse/runtime_ext/core and set "
-                "ACTSPARSE_EXT_DIR", allow_module_level=True)
+    skip_without_extension(f"the kernel core library is not built ({e})")
 
 FORMATS = ["f32", "f16", "u8", "u4"]
 SHAPES = [(1, 1), (7, 3), (64, 17), (130, 33), (64, 100), (7, 1), (130, 100)]
