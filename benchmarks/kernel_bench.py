@@ -56,16 +56,21 @@ def fused_model(model: ov.Model, tau: float, core: ov.Core) -> ov.Model:
     return materialize(model, core)
 
 
-def time_ms(compiled: ov.CompiledModel, xs: list[np.ndarray], calls: int) -> float:
-    request = compiled.create_infer_request()
-    for x in xs[:3]:
-        request.infer({0: x})
-    times = []
-    for i in range(calls):
-        start = time.perf_counter()
-        request.infer({0: xs[i % len(xs)]})
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+def time_ms(models: list[ov.CompiledModel], xs: list[np.ndarray], rounds: int, calls: int = 5) -> list[float]:
+    """Median ms per call of each model, interleaved: every round times each model in turn, so that
+    the noise of a shared machine falls on all of them alike."""
+    requests = [m.create_infer_request() for m in models]
+    for request in requests:
+        for x in xs[:3]:
+            request.infer({0: x})
+    times = [[] for _ in models]
+    for r in range(rounds):
+        for request, samples in zip(requests, times):
+            for i in range(calls):
+                start = time.perf_counter()
+                request.infer({0: xs[(r * calls + i) % len(xs)]})
+                samples.append(time.perf_counter() - start)
+    return [1e3 * float(np.median(t)) for t in times]
 
 
 def fc_precision(compiled: ov.CompiledModel) -> str:
@@ -88,19 +93,19 @@ def main() -> None:
     rows = []
     for k, n in SHAPES[:1] if args.quick else SHAPES:
         xs = [rng.standard_normal((1, 1, k)).astype(np.float32) for _ in range(16)]
-        calls = max(20, int(2e9 / (k * n * 4))) if not args.quick else 20
+        rounds = 6 if args.quick else 12
         for fmt in args.formats:
             dense = dense_model(k, n, fmt, rng)
             fused = {s: fused_model(dense, float(np.quantile(np.abs(np.concatenate(xs)), s)), core) for s in SPARSITIES}
             for threads in args.threads:
                 config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
                 compiled = core.compile_model(dense, "CPU", config)
-                dense_ms = time_ms(compiled, xs, calls)
+                dense_ms, *sparse_ms = time_ms([compiled] + [core.compile_model(m, "CPU", config) for m in fused.values()],
+                                               xs, rounds)
                 row = {"K": k, "N": n, "format": fmt, "threads": threads, "dense_ms": dense_ms,
                        "dense_fc_precision": fc_precision(compiled),
                        "dense_gbps": k * n * BYTES[fmt] / dense_ms / 1e6, "sparse": []}
-                for s, model in fused.items():
-                    ms = time_ms(core.compile_model(model, "CPU", config), xs, calls)
+                for s, ms in zip(fused, sparse_ms):
                     row["sparse"].append({"sparsity": s, "ms": ms, "speedup_vs_dense": dense_ms / ms,
                                           "limit": 1 / (1 - s), "gbps": k * n * (1 - s) * BYTES[fmt] / ms / 1e6})
                 s0 = row["sparse"][0]["ms"]
