@@ -37,8 +37,11 @@ def dense_model(k: int, n: int, fmt: str, rng) -> ov.Model:
     weight = ops.convert(ops.constant(w.astype(np.float16)), "f32") if fmt == "fp16" else ops.constant(w)
     model = ov.Model([ops.matmul(h, weight, False, True, name=NAME)], [x])
     if fmt in ("int8", "int4"):
+        import logging
+
         import nncf
 
+        nncf.set_log_level(logging.ERROR)  # its tables would go to stdout, which carries the JSON
         mode = nncf.CompressWeightsMode.INT8_ASYM if fmt == "int8" else nncf.CompressWeightsMode.INT4_ASYM
         model = nncf.compress_weights(model, mode=mode, **({"group_size": 128, "ratio": 1.0} if fmt == "int4" else {}))
     return model
