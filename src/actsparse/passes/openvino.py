@@ -102,11 +102,20 @@ def apply_plan(model: ov.Model, plan: dict, prefill: str = "dense") -> dict[str,
 
 
 def set_prefill_sparse(model: ov.Model) -> int:
-    """Prune every token, prefill included (the paper's evaluation protocol); return nodes changed."""
+    """Prune every token, prefill included (the paper's evaluation protocol); return nodes changed.
+
+    Works on the reference pattern (its keep_dense condition becomes false) and on fused
+    ActSparseMatMul ops (their ``prefill`` attribute becomes "sparse").
+    """
+    from ..runtime_ext import OP_TYPE
+
     changed = 0
     for op in model.get_ordered_ops():
         if op.get_friendly_name().endswith(f"/{KEEP_DENSE}"):
             op.output(0).replace(ops.constant(False, ov.Type.boolean).output(0))
+            changed += 1
+        elif op.get_type_name() == OP_TYPE and op.get_attributes().get("prefill") == "dense":
+            op.set_attribute("prefill", "sparse")
             changed += 1
     model.validate_nodes_and_infer_types()
     return changed

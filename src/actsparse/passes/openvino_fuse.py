@@ -1,7 +1,7 @@
 """Fuse the reference pattern into ``ActSparseMatMul``, one op per consumer MatMul.
 
     Select(¬(|x − m| ≤ τ) ∨ keep_dense, x − m, 0) → MatMul(·, W) [→ Add(m·rowsum W)]
-        ⇒  ActSparseMatMul(x, pack(W), scale, zero_point, m, τ, b' = m·rowsum W, keep_dense)
+        ⇒  ActSparseMatMul(x, pack(W), [b' = m·rowsum W | scale | zero_point]; m, τ, prefill)
 
 The op computes the same function (see passes/openvino.py), so the fusion is exact up to
 float summation order. W is re-laid out input-channel-major ``[K, N]`` here, once: a pruned
@@ -142,14 +142,13 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
     """Replace each planned MatMul (and its fold Add) by one ActSparseMatMul; return counts."""
     nodes = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
     counts = {"fused": 0, "refused": 0}
-    empty = ops.constant(np.zeros(0, np.float32))
     for group in plan_groups(plan):
         prefix = _prefix(group)
         mask = nodes.get(f"{prefix}/mask")
         if mask is None:
             continue
         layer = next(l for l in plan["layers"] if l["group"] == group.name)
-        keep_dense = ops.constant(f"{prefix}/{KEEP_DENSE}" in nodes, ov.Type.boolean, name=f"{prefix}/{KEEP_DENSE}")
+        prefill = "dense" if f"{prefix}/{KEEP_DENSE}" in nodes else "sparse"
         shifted = mask.input_value(1)  # x − m, or x itself when m = 0
         x = shifted.get_node().input_value(0) if layer["mode"] != 0 else shifted
         for target in group.targets:
@@ -161,13 +160,14 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
                 continue
             fmt, data, scale, zp, group_size = weight
             fold = nodes.get(f"{mm.get_friendly_name()}/actsparse_fold")
-            bias = fold.input_value(1) if fold is not None else empty.output(0)
-            inputs = [x, ops.constant(data), ops.constant(scale) if scale is not None else empty,
-                      ops.constant(zp) if zp is not None else empty, ops.constant(np.float32(layer["mode"])),
-                      ops.constant(np.float32(layer["threshold"])), bias, keep_dense]
-            inputs = [i if isinstance(i, ov.Output) else i.output(0) for i in inputs]
+            bias = fold.input_value(1).get_node().get_data().ravel() if fold is not None else None
+            params = [a.ravel().astype(np.float32) for a in (bias, scale, zp) if a is not None]
+            inputs = [x, ops.constant(data).output(0),
+                      ops.constant(np.concatenate(params) if params else np.zeros(0, np.float32)).output(0)]
             op = ActSparseMatMul(inputs, {"weight_format": fmt, "out_features": target.out_features,
-                                          "group_size": int(group_size)})
+                                          "group_size": int(group_size), "mode": float(layer["mode"]),
+                                          "threshold": float(layer["threshold"]), "prefill": prefill,
+                                          "has_bias": bias is not None})
             op.set_friendly_name(f"{mm.get_friendly_name()}/{OP_TYPE}")
             (fold if fold is not None else mm).output(0).replace(op.output(0))
             counts["fused"] += 1

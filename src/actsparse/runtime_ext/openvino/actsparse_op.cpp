@@ -27,13 +27,22 @@ WeightFormat parse_format(const std::string& name) {
 }  // namespace
 
 ActSparseMatMul::ActSparseMatMul(const ov::OutputVector& args, std::string weight_format, int64_t out_features,
-                                 int64_t group_size)
-    : Op(args), m_weight_format(std::move(weight_format)), m_out_features(out_features), m_group_size(group_size) {
+                                 int64_t group_size, float mode, float threshold, std::string prefill, bool has_bias)
+    : Op(args),
+      m_weight_format(std::move(weight_format)),
+      m_out_features(out_features),
+      m_group_size(group_size),
+      m_mode(mode),
+      m_threshold(threshold),
+      m_prefill(std::move(prefill)),
+      m_has_bias(has_bias) {
     constructor_validate_and_infer_types();
 }
 
 void ActSparseMatMul::validate_and_infer_types() {
-    NODE_VALIDATION_CHECK(this, get_input_size() == 8, "expects 8 inputs, got ", get_input_size());
+    NODE_VALIDATION_CHECK(this, get_input_size() == 3, "expects 3 inputs (x, weight, params), got ", get_input_size());
+    NODE_VALIDATION_CHECK(this, m_prefill == "dense" || m_prefill == "sparse", "prefill must be dense or sparse");
+    NODE_VALIDATION_CHECK(this, get_input_element_type(2) == ov::element::f32, "params must be f32");
     NODE_VALIDATION_CHECK(this, get_input_element_type(0) == ov::element::f32, "x must be f32");
     const auto format = parse_format(m_weight_format);
     // f16 weights travel as raw bytes: a plugin would widen an f16 constant to f32
@@ -47,13 +56,18 @@ void ActSparseMatMul::validate_and_infer_types() {
 }
 
 std::shared_ptr<ov::Node> ActSparseMatMul::clone_with_new_inputs(const ov::OutputVector& new_args) const {
-    return std::make_shared<ActSparseMatMul>(new_args, m_weight_format, m_out_features, m_group_size);
+    return std::make_shared<ActSparseMatMul>(new_args, m_weight_format, m_out_features, m_group_size, m_mode,
+                                             m_threshold, m_prefill, m_has_bias);
 }
 
 bool ActSparseMatMul::visit_attributes(ov::AttributeVisitor& visitor) {
     visitor.on_attribute("weight_format", m_weight_format);
     visitor.on_attribute("out_features", m_out_features);
     visitor.on_attribute("group_size", m_group_size);
+    visitor.on_attribute("mode", m_mode);
+    visitor.on_attribute("threshold", m_threshold);
+    visitor.on_attribute("prefill", m_prefill);
+    visitor.on_attribute("has_bias", m_has_bias);
     return true;
 }
 
@@ -69,16 +83,22 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     // One token per sequence is a decode step: always pruned. Longer inputs are prefill.
     const size_t rank = in_shape.size();
     const bool decode = rank < 2 ? M == 1 : in_shape[rank - 2] == 1;
-    const bool keep_dense = *static_cast<const char*>(inputs[7].data()) != 0;
-    auto optional = [](const ov::Tensor& t) { return t.get_size() ? t.data<const float>() : nullptr; };
 
-    PackedWeight weight{parse_format(m_weight_format), K, m_out_features, m_group_size, inputs[1].data(),
-                        optional(inputs[2]), optional(inputs[3])};
-    Params params;
-    params.mode = *inputs[4].data<const float>();
-    params.threshold = *inputs[5].data<const float>();
-    params.mask = decode || !keep_dense;
-    matmul(x.data<const float>(), M, weight, optional(inputs[6]), params, outputs[0].data<float>(), OpenVINOExecutor{});
+    const auto format = parse_format(m_weight_format);
+    const int64_t N = m_out_features;
+    const int64_t per_channel = format == WeightFormat::U8 ? N : format == WeightFormat::U4 ? K / m_group_size * N : 0;
+    const float* params = inputs[2].data<const float>();
+    OPENVINO_ASSERT(inputs[2].get_size() == size_t((m_has_bias ? N : 0) + 2 * per_channel),
+                    "ActSparseMatMul: params has ", inputs[2].get_size(), " values, expected ",
+                    (m_has_bias ? N : 0) + 2 * per_channel);
+    const float* bias = m_has_bias ? params : nullptr;
+    const float* scale = per_channel ? params + (m_has_bias ? N : 0) : nullptr;
+    PackedWeight weight{format, K, N, m_group_size, inputs[1].data(), scale, scale ? scale + per_channel : nullptr};
+    Params p;
+    p.mode = m_mode;
+    p.threshold = m_threshold;
+    p.mask = decode || m_prefill == "sparse";
+    matmul(x.data<const float>(), M, weight, bias, p, outputs[0].data<float>(), OpenVINOExecutor{});
     return true;
 }
 

@@ -5,16 +5,19 @@
 
 namespace actsparse {
 
-// y = z'·W + bias, z' = (x − m) where ¬(|x − m| ≤ τ) else 0; dense (z' = x − m) on a prefill step
-// when keep_dense is true. Inputs: x [..., K] f32, W (packed [K, N], see PackedWeight), scale,
-// zero_point (f32, empty for f32/f16), mode and threshold (f32 scalars), bias [N] (f32, may be
-// empty), keep_dense (boolean scalar).
+// y = z'·W + bias, z' = (x − m) where ¬(|x − m| ≤ τ) else 0; dense (z' = x − m) on a prefill
+// step (more than one token per sequence) when prefill is "dense".
+// Inputs: x [..., K] f32; W packed [K, N] (f32, or u8 bytes for f16/u8/u4, see PackedWeight);
+// params f32 = [bias (N, when has_bias) | scale | zero_point] (scale and zero point: N each for
+// u8, (K/G)·N each for u4, none for f32/f16). m, τ and the policy are attributes: the CPU plugin
+// re-runs generic shape inference on every call of a custom op, at a cost per input.
 class ActSparseMatMul : public ov::op::Op {
 public:
     OPENVINO_OP("ActSparseMatMul", "actsparse");
 
     ActSparseMatMul() = default;
-    ActSparseMatMul(const ov::OutputVector& args, std::string weight_format, int64_t out_features, int64_t group_size);
+    ActSparseMatMul(const ov::OutputVector& args, std::string weight_format, int64_t out_features, int64_t group_size,
+                    float mode, float threshold, std::string prefill, bool has_bias);
 
     void validate_and_infer_types() override;
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& new_args) const override;
@@ -26,6 +29,10 @@ private:
     std::string m_weight_format = "f32";
     int64_t m_out_features = 0;
     int64_t m_group_size = 0;
+    float m_mode = 0.f;
+    float m_threshold = 0.f;
+    std::string m_prefill = "dense";
+    bool m_has_bias = false;
 };
 
 }  // namespace actsparse

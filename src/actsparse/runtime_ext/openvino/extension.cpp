@@ -12,6 +12,10 @@ OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>({
         "ActSparseMatMul", "ai.actsparse",
         std::map<std::string, std::string>{{"weight_format", "weight_format"},
                                            {"out_features", "out_features"},
-                                           {"group_size", "group_size"}},
+                                           {"group_size", "group_size"},
+                                           {"mode", "mode"},
+                                           {"threshold", "threshold"},
+                                           {"prefill", "prefill"},
+                                           {"has_bias", "has_bias"}},
         std::map<std::string, ov::Any>{}),
 }));
