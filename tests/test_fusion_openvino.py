@@ -11,7 +11,7 @@ import actsparse
 from actsparse.calibration.openvino_backend import EXACT_CONFIG, find_groups
 from actsparse.passes.openvino import apply_plan, set_prefill_sparse
 from actsparse.passes.openvino_fuse import fuse, materialize, read_weight
-from actsparse.runtime_ext import OP_TYPE, extension_problem, register
+from actsparse.runtime_ext import OP_TYPE, extension_problem, read_model, register
 from conftest import plan_of, skip_without_extension
 from reference import ov_logits, pruned_input
 
@@ -83,6 +83,35 @@ def test_one_node_matches_numpy_and_the_unfused_pattern(fmt, n, k, mode):
     np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=1e-4 * np.abs(x).sum(-1, keepdims=True).max())
 
 
+@pytest.mark.parametrize("fmt", ["f32", "f16", "u8", "u4"])
+def test_consumers_of_one_input_become_one_op(fmt):
+    """gate and up (odd widths) → one ActSparseMatMul over both weights, then a VariadicSplit."""
+    k, mode, tau = 64, 0.1, 0.5
+    x = ops.parameter([-1, -1, k], np.float32, name="x")
+    h = ops.multiply(x, np.float32(1.0), name="__module.model.layers.0.post_attention_layernorm/aten::mul/Multiply")
+    (wg, dg), (wu, du) = _compressed(fmt, 33, k), _compressed(fmt, 17, k)
+    gate = ops.matmul(h, wg, False, True, name="__module.model.layers.0.mlp.gate_proj/aten::linear/MatMul")
+    up = ops.matmul(h, wu, False, True, name="__module.model.layers.0.mlp.up_proj/aten::linear/MatMul")
+    model = ov.Model([gate, up], [x])
+    groups = find_groups(model, {"up"})
+    plan = {"layers": [{"module": t.module, "node": t.node, "kind": t.kind, "group": g.name, "in_features": k,
+                        "out_features": t.out_features, "mode": mode, "threshold": tau, "target_sparsity": 0.5}
+                       for g in groups for t in g.targets]}
+    apply_plan(model, plan, "sparse")
+    assert fuse(model, plan) == {"fused": 2, "refused": 0}
+    types = [op.get_type_name() for op in model.get_ordered_ops()]
+    assert types.count(OP_TYPE) == 1 and types.count("VariadicSplit") == 1
+    xs = RNG.normal(size=(1, 3, k)).astype(np.float32)
+    core = ov.Core()
+    register(core)
+    compiled = core.compile_model(materialize(model, core), "CPU", EXACT_CONFIG)
+    result = compiled.create_infer_request().infer({"x": xs})
+    pruned = pruned_input(xs, mode, tau)
+    tol = 1e-4 * np.abs(xs).sum()
+    np.testing.assert_allclose(result[compiled.output(0)], pruned @ dg.T, rtol=1e-4, atol=tol)
+    np.testing.assert_allclose(result[compiled.output(1)], pruned @ du.T, rtol=1e-4, atol=tol)
+
+
 def test_dense_prefill_and_decode_and_every_channel_pruned():
     model, plan, dequant = _one_matmul("f32", 40, 64, -0.2, 0.5, "dense")
     fuse(model, plan)
@@ -129,6 +158,8 @@ def tiny_exports(tiny_llama, texts, tmp_path_factory):
 def test_fused_export_matches_unfused(tiny_exports, fmt):
     fused, unfused = tiny_exports[fmt, True], tiny_exports[fmt, False]
     assert plan_of(fused)["passes"]["fused"] == 6 and "fused" not in plan_of(unfused)["passes"]
+    fused_ops = [op.get_type_name() for op in read_model(ov.Core(), fused / "openvino_model.xml").get_ordered_ops()]
+    assert fused_ops.count(OP_TYPE) == 4  # per layer: gate+up as one op, down
     ops_in = {op.get_type_name() for op in ov.Core().read_model(unfused / "openvino_model.xml").get_ordered_ops()}
     assert OP_TYPE not in ops_in and "Select" in ops_in
     ids = np.arange(3, 43, dtype=np.int64)[None]

@@ -74,7 +74,11 @@ def _const(output: ov.Output, *types: str):
 
 
 def read_weight(matmul: ov.Node):
-    """The MatMul's weight as ``(format, data [K, N…], scale, zero_point, group_size)``, or a refusal reason."""
+    """The MatMul's weight as ``(format, data, scale, zero_point, group_size)``, or a refusal reason.
+
+    ``data`` is input-channel-major ``[K, N]`` (u4: one code a byte, packed by :func:`pack_u4`
+    once the consumers of a group are concatenated; f16: the raw bytes, ``[K, 2N]`` u8).
+    """
     out = matmul.input_value(1)
     node = out.get_node()
     if node.get_type_name() == "Convert":
@@ -117,7 +121,7 @@ def read_weight(matmul: ov.Node):
         codes = _unpack_u4(codes_node.get_data(), n_out * k_in).reshape(n_out, k_in)
         zp = _unpack_u4(zp_node.get_data(), n_out * (k_in // group)).reshape(n_out, k_in // group)
         scale_v = scale_node.get_data().astype(np.float32).reshape(n_out, k_in // group)
-        return "u4", pack_u4(codes.T), np.ascontiguousarray(scale_v.T), np.ascontiguousarray(zp.T.astype(np.float32)), group
+        return "u4", np.ascontiguousarray(codes.T), np.ascontiguousarray(scale_v.T), np.ascontiguousarray(zp.T.astype(np.float32)), group
     codes = codes_node.get_data().reshape(n_out, k_in)
     zp = zp_node.get_data().astype(np.float32).reshape(-1)
     scale_v = scale_node.get_data().astype(np.float32).reshape(-1)
@@ -139,7 +143,12 @@ def materialize(model: ov.Model, core: ov.Core) -> ov.Model:
 
 
 def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
-    """Replace each planned MatMul (and its fold Add) by one ActSparseMatMul; return counts."""
+    """Replace the planned MatMuls (and fold Adds) of each group by one ActSparseMatMul; return counts.
+
+    Consumers of one input (gate+up, q+k+v) become a single op over their weights concatenated
+    along N, followed by a VariadicSplit: one live-channel list and one call per group, since
+    every custom-op call pays the CPU plugin's generic shape inference.
+    """
     nodes = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
     counts = {"fused": 0, "refused": 0}
     for group in plan_groups(plan):
@@ -148,28 +157,42 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
         if mask is None:
             continue
         layer = next(l for l in plan["layers"] if l["group"] == group.name)
-        prefill = "dense" if f"{prefix}/{KEEP_DENSE}" in nodes else "sparse"
         shifted = mask.input_value(1)  # x − m, or x itself when m = 0
         x = shifted.get_node().input_value(0) if layer["mode"] != 0 else shifted
-        for target in group.targets:
-            mm = nodes[target.node]
-            weight = read_weight(mm)
-            if isinstance(weight, str):
-                log.warning("not fusing %s: %s", target.module, weight)
-                counts["refused"] += 1
-                continue
-            fmt, data, scale, zp, group_size = weight
-            fold = nodes.get(f"{mm.get_friendly_name()}/actsparse_fold")
-            bias = fold.input_value(1).get_node().get_data().ravel() if fold is not None else None
-            params = [a.ravel().astype(np.float32) for a in (bias, scale, zp) if a is not None]
-            inputs = [x, ops.constant(data).output(0),
-                      ops.constant(np.concatenate(params) if params else np.zeros(0, np.float32)).output(0)]
-            op = ActSparseMatMul(inputs, {"weight_format": fmt, "out_features": target.out_features,
-                                          "group_size": int(group_size), "mode": float(layer["mode"]),
-                                          "threshold": float(layer["threshold"]), "prefill": prefill,
-                                          "has_bias": bias is not None})
-            op.set_friendly_name(f"{mm.get_friendly_name()}/{OP_TYPE}")
-            (fold if fold is not None else mm).output(0).replace(op.output(0))
-            counts["fused"] += 1
+        matmuls = [nodes[t.node] for t in group.targets]
+        weights = [read_weight(mm) for mm in matmuls]
+        refusals = {t.module: w for t, w in zip(group.targets, weights) if isinstance(w, str)}
+        if not refusals and len({(w[0], w[4]) for w in weights}) > 1:
+            refusals = {group.targets[0].module: "consumers of one input have different weight formats"}
+        if refusals:
+            for module, reason in refusals.items():
+                log.warning("not fusing %s: %s", module, reason)
+            counts["refused"] += len(group.targets)
+            continue
+        folds = [nodes.get(f"{mm.get_friendly_name()}/actsparse_fold") for mm in matmuls]
+        widths = [t.out_features for t in group.targets]
+        fmt, group_size = weights[0][0], weights[0][4]
+        data = np.concatenate([w[1] for w in weights], axis=1)
+        params = []
+        if any(f is not None for f in folds):
+            params.append(np.concatenate([f.input_value(1).get_node().get_data().ravel() if f is not None
+                                          else np.zeros(n, np.float32) for f, n in zip(folds, widths)]))
+        if fmt in ("u8", "u4"):
+            params += [np.concatenate([w[2] for w in weights], axis=-1), np.concatenate([w[3] for w in weights], axis=-1)]
+        params = np.concatenate([p.ravel().astype(np.float32) for p in params]) if params else np.zeros(0, np.float32)
+        op = ActSparseMatMul([x, ops.constant(pack_u4(data) if fmt == "u4" else data).output(0),
+                              ops.constant(params).output(0)],
+                             {"weight_format": fmt, "out_features": int(sum(widths)), "group_size": int(group_size),
+                              "mode": float(layer["mode"]), "threshold": float(layer["threshold"]),
+                              "prefill": "dense" if f"{prefix}/{KEEP_DENSE}" in nodes else "sparse",
+                              "has_bias": any(f is not None for f in folds)})
+        op.set_friendly_name(f"{prefix}/{OP_TYPE}")
+        outputs = [op.output(0)]
+        if len(matmuls) > 1:
+            split = ops.variadic_split(op.output(0), ops.constant(np.int64(-1)), ops.constant(np.array(widths, np.int64)))
+            outputs = split.outputs()
+        for mm, fold, out in zip(matmuls, folds, outputs):
+            (fold if fold is not None else mm).output(0).replace(out)
+        counts["fused"] += len(matmuls)
     model.validate_nodes_and_infer_types()
     return counts
