@@ -19,9 +19,6 @@ import numpy as np
 from ._common import ActSparseError
 from .calibration.plan import read_plan
 
-BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}
-
-
 def bench(output: str | os.PathLike, baseline: str | os.PathLike, *, prompt_tokens: int = 256,
           decode_tokens: int = 32, runs: int = 3, threads: int | None = None) -> dict:
     output, baseline = Path(output), Path(baseline)
@@ -46,15 +43,29 @@ def bench(output: str | os.PathLike, baseline: str | os.PathLike, *, prompt_toke
 
 
 def sparsified_share(plan: dict, baseline: Path) -> float:
-    """f: expected share of the weight bytes read per decode token that pruning skips.
+    """f: the share of the weight bytes read per decode token that the plan's sparsity skips.
 
-    Every weight is read once per token (the tied/untied LM head included); the embedding
-    table is only gathered, but the .bin size is a close, slightly pessimistic proxy for small
-    vocabularies, so f is computed against the dense model's weight file.
+    Every MatMul reads its whole weight (codes, scales and zero points) once per token; an
+    embedding table that is only gathered is not read. Bytes come from the dense IR.
     """
-    per_weight = BYTES_PER_WEIGHT.get(plan.get("weight_format", "fp32"), 4)
-    skipped = sum(l["in_features"] * l["out_features"] * per_weight * l["target_sparsity"] for l in plan["layers"])
-    return skipped / (baseline / "openvino_model.bin").stat().st_size
+    import openvino as ov
+
+    from .calibration.openvino_backend import WEIGHT_PATH_OPS
+
+    per_matmul = {}
+    for op in ov.Core().read_model(baseline / "openvino_model.xml").get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        stack, constants = [op.input_value(1).get_node()], {}
+        while stack and stack[-1].get_type_name() in WEIGHT_PATH_OPS:
+            node = stack.pop()
+            if node.get_type_name() == "Constant":
+                constants[node.get_friendly_name()] = node.get_byte_size()
+            stack.extend(v.get_node() for v in node.input_values())
+        if not stack:  # a weight made of constants only (attention's activation MatMuls are not)
+            per_matmul[op.get_friendly_name()] = sum(constants.values())
+    skipped = sum(per_matmul.get(l["node"], 0) * l["target_sparsity"] for l in plan["layers"])
+    return skipped / sum(per_matmul.values())
 
 
 def _measure(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int | None) -> dict:

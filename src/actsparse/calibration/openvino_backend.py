@@ -17,7 +17,7 @@ log = logging.getLogger("actsparse")
 # Node names from OpenVINO's PyTorch frontend: "__module.model.layers.0.mlp.down_proj/aten::linear/MatMul".
 _MODULE_RE = re.compile(r"^__module\.(?P<module>[\w.]+?)/aten::(?:linear|addmm|matmul|mm)/MatMul")
 # Ops that may stand between a weight constant and the MatMul (decompression of fp16/int8/int4 weights).
-_WEIGHT_PATH_OPS = {"Constant", "Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze"}
+WEIGHT_PATH_OPS = {"Constant", "Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze"}
 # Exact numerics: f32 compute, f32 KV cache, no dynamic quantization of activations.
 EXACT_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32",
                 "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
@@ -35,7 +35,7 @@ def weight_refusal(matmul: ov.Node) -> str | None:
     stack, seen = [weight.get_node()], set()
     while stack:
         node = stack.pop()
-        if node.get_type_name() not in _WEIGHT_PATH_OPS:
+        if node.get_type_name() not in WEIGHT_PATH_OPS:
             return f"weight is not constant (computed by {node.get_type_name()})"
         if id(node) not in seen:
             seen.add(id(node))
