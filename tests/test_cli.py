@@ -113,8 +113,19 @@ def test_existing_output_survives_without_force(tiny_llama, texts, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_optimum_cli_registers_the_export():
-    proc = __import__("subprocess").run([shutil.which("optimum-cli") or "optimum-cli", "export", "actsparse", "--help"],
-                                        capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "--sparsity-down" in proc.stdout and "-m MODEL" in proc.stdout
+def test_optimum_cli_export_actsparse(tiny_llama, texts, tmp_path):
+    import subprocess
+
+    cli = shutil.which("optimum-cli") or "optimum-cli"
+    help_text = subprocess.run([cli, "export", "actsparse", "--help"], capture_output=True, text=True)
+    assert help_text.returncode == 0, help_text.stderr
+    assert "--sparsity-down" in help_text.stdout and "-m MODEL" in help_text.stdout
+    proc = subprocess.run([cli, "export", "actsparse", "-m", str(tiny_llama), str(tmp_path / "out"), "--sparsity", "0.4",
+                           "--calibration", str(texts["calibration"]), "--calibration-samples", "4",
+                           "--calibration-seq-len", "32"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads((tmp_path / "out" / "actsparse.json").read_text())
+    assert {l["target_sparsity"] for l in plan["layers"]} == {0.4}
+    bad = subprocess.run([cli, "export", "actsparse", "-m", "nope-model", str(tmp_path / "bad")], capture_output=True,
+                         text=True)
+    _fails(bad, "unknown built-in model")
