@@ -1,4 +1,5 @@
 """ActSparseMatMul in OpenVINO: the fusion pass and the C++ op against the unfused reference and numpy."""
+import json
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from actsparse.calibration.openvino_backend import EXACT_CONFIG, find_groups
 from actsparse.passes.openvino import apply_plan, set_prefill_sparse
 from actsparse.passes.openvino_fuse import fuse, materialize, read_weight
 from actsparse.runtime_ext import OP_TYPE, extension_problem, read_model, register
-from conftest import plan_of, skip_without_extension
+from conftest import plan_of, run_cli, skip_without_extension
 from reference import ov_logits, pruned_input
 
 skip_without_extension(extension_problem())
@@ -177,6 +178,14 @@ def test_fused_ir_loads_in_a_fresh_process(tiny_exports):
     proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "7"
+
+
+def test_eval_of_a_fused_export_exits_cleanly(tiny_exports, texts):
+    """evaluate() drops its Core before the op's nodes; that segfaulted while the Core unloaded the library."""
+    proc = run_cli("eval", tiny_exports["fp32", True], "--text", texts["evaluation"], "--samples", "2", "--seq-len", "32",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert json.loads(proc.stdout)["sparsity"]["up"] > 0
 
 
 def test_concurrent_requests_are_independent(tiny_exports):

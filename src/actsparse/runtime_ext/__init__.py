@@ -39,10 +39,22 @@ def extension_problem() -> str | None:
     return None
 
 
+_pinned = {}  # libraries held open for the life of the process
+
+
 def register(core) -> None:
-    """Add the extension to an ``ov.Core`` (adding it twice is harmless)."""
+    """Add the extension to an ``ov.Core`` (adding it twice is harmless).
+
+    The library is also held open here: a Core unloads its extensions when it is destroyed,
+    and a node of the op that outlives that Core (a model, an output held in Python) would
+    then run its destructor from unmapped code.
+    """
     path = openvino_extension()
     try:
+        if path not in _pinned:
+            import ctypes
+
+            _pinned[path] = ctypes.CDLL(path)
         core.add_extension(path)
     except Exception as err:  # a library built against another OpenVINO fails to load
         raise ActSparseError(f"cannot load {path} into OpenVINO: {str(err).strip().splitlines()[-1]}") from None
