@@ -13,6 +13,7 @@ PROMPT = "The capital of France is"
 
 
 def demo(output: str | None = None, force: bool = False, model: str = DEFAULT_MODEL, eval_samples: int = 16) -> dict:
+    from .benchmark import bench
     from .evaluation import evaluate
     from .pipeline import export
 
@@ -29,6 +30,8 @@ def demo(output: str | None = None, force: bool = False, model: str = DEFAULT_MO
             print(f"[{name}] evaluating on held-out Wikipedia text")
             runs[name] = {"folder": folder, "export_s": seconds, **evaluate(folder, samples=eval_samples)}
         text = generate(runs["sparse"]["folder"], PROMPT)
+        print("[bench] timing decode, sparse against dense")
+        speed = bench(runs["sparse"]["folder"], runs["dense"]["folder"], runs=1, decode_tokens=16)
 
     dense, sparse = runs["dense"], runs["sparse"]
     print()
@@ -40,10 +43,13 @@ def demo(output: str | None = None, force: bool = False, model: str = DEFAULT_MO
               f"{s.get('up', 0):13.3f}{s.get('down', 0):15.3f}{r['export_s']:10.1f}")
     print(f"  perplexity cost: {sparse['perplexity'] / dense['perplexity']:.3f}x dense "
           f"on {sparse['tokens']} held-out tokens, every token pruned")
+    print(f"  decode: {speed['dense']['decode_ms_per_token']:.1f} -> {speed['sparse']['decode_ms_per_token']:.1f} "
+          f"ms/token = {speed['decode_speedup']:.2f}x dense (limit {speed['amdahl_limit']:.2f}x at this sparsity; "
+          f"one short run: use `actsparse bench` for medians)")
     print(f"  sparse model says: {PROMPT!r} -> {text!r}")
     if output is not None:
         print(f"  exports kept in {root}/dense and {root}/sparse")
-    return {"dense": dense, "sparse": sparse, "generated": text}
+    return {"dense": dense, "sparse": sparse, "generated": text, "bench": speed}
 
 
 def generate(folder: Path, prompt: str, max_new_tokens: int = 24) -> str:
