@@ -52,7 +52,7 @@ def export(model: str, output: str | os.PathLike, *, format: str = "openvino", w
 
     from .calibration.openvino_backend import collect_statistics, find_groups
     from .exports.models import resolve_model
-    from .exports.openvino import export_openvino
+    from .exports.openvino import export_openvino, save_ir_over
     from .passes.openvino import apply_plan
     from .passes.openvino_fuse import fuse as fuse_pattern
     from .runtime_ext import extension_problem
@@ -113,11 +113,7 @@ def export(model: str, output: str | os.PathLike, *, format: str = "openvino", w
         steps.update()
 
         steps.set_postfix_str("save")
-        staged = tmp / "actsparse_staged.xml"
-        ov.save_model(ov_model, staged, compress_to_fp16=False)
-        del ov_model
-        staged.replace(ir)
-        staged.with_suffix(".bin").replace(ir.with_suffix(".bin"))
+        save_ir_over(ov_model, ir)
         write_plan(tmp, new_plan, histograms)
         steps.update()
     return output

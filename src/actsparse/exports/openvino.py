@@ -36,9 +36,18 @@ def compress_weights(ir: Path, weight_format: str, group_size: int) -> None:
         mode = nncf.CompressWeightsMode.INT8_ASYM if weight_format == "int8" else nncf.CompressWeightsMode.INT4_ASYM
         options = {} if weight_format == "int8" else {"group_size": group_size, "ratio": 1.0}
         model = nncf.compress_weights(model, mode=mode, **options)
-    staged = ir.with_name("actsparse_compressed.xml")
-    ov.save_model(model, staged, compress_to_fp16=weight_format == "fp16")
-    del model
+    save_ir_over(model, ir, compress_to_fp16=weight_format == "fp16")
+
+
+def save_ir_over(model, ir: Path, compress_to_fp16: bool = False) -> None:
+    """Save ``model`` in place of the IR at ``ir``, which may still be memory-mapped by ``model``.
+
+    Written beside it, then renamed over it: the old mapping keeps the old inode alive.
+    """
+    import openvino as ov
+
+    staged = ir.with_name("actsparse_staged.xml")
+    ov.save_model(model, staged, compress_to_fp16=compress_to_fp16)
     staged.replace(ir)
     staged.with_suffix(".bin").replace(ir.with_suffix(".bin"))
 
