@@ -60,6 +60,14 @@ def test_zero_sparsity_is_the_plain_dense_model(tiny_llama, texts, llama_exports
                                atol=2e-4, rtol=1e-3)
 
 
+def test_plan_without_sparsity_reapplies_its_own(tiny_llama, llama_exports, tmp_path):
+    old = plan_of(llama_exports["sparse"])
+    out = actsparse.export(str(tiny_llama), tmp_path / "again", plan=llama_exports["sparse"] / "actsparse.json",
+                           sparsity={"sparsity": None, "up": None}, prefill="sparse", calibration="/nonexistent")
+    assert [(l["threshold"], l["target_sparsity"]) for l in plan_of(out)["layers"]] == \
+        [(l["threshold"], l["target_sparsity"]) for l in old["layers"]]
+
+
 def test_plan_reapplies_a_new_sparsity_without_calibrating(tiny_llama, llama_exports, tmp_path):
     old = plan_of(llama_exports["sparse"])
     out = actsparse.export(str(tiny_llama), tmp_path / "replan", sparsity={"up": 0.6, "down": 0.2},

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ._common import ActSparseError, atomic_output_dir
 from .calibration.plan import CENTERING, METHODS, build_plan, check_sparsity, read_plan, write_plan
-from .calibration.targets import SPARSITY_KINDS, TARGET_KINDS
+from .calibration.targets import SPARSITY_KIND, SPARSITY_KINDS, TARGET_KINDS
 from .exports.openvino import IR_NAME, WEIGHT_FORMATS
 
 log = logging.getLogger("actsparse")
@@ -46,7 +46,8 @@ def export(model: str, output: str | os.PathLike, *, format: str = "openvino", w
     """Export ``model`` with activation sparsity into ``output`` and return that folder.
 
     ``sparsity`` maps kinds (up, down, qkv, o) to target sparsities; a missing kind is 0.
-    With ``plan``, thresholds are re-derived from the histograms saved beside that plan.
+    With ``plan``, thresholds are re-derived from the histograms saved beside that plan, at
+    ``sparsity`` or, when none is given, at the plan's own sparsities.
     """
     import openvino as ov
 
@@ -60,8 +61,11 @@ def export(model: str, output: str | os.PathLike, *, format: str = "openvino", w
     validate_options(format=format, weight_format=weight_format, targets=targets, method=method,
                      mode_centering=mode_centering, prefill=prefill, calibration_samples=calibration_samples,
                      calibration_seq_len=calibration_seq_len)
-    sparsity = resolve_sparsity(**(sparsity or {}))
     old_plan = read_plan(plan) if plan is not None else None
+    if old_plan is not None and all(v is None for v in (sparsity or {}).values()):
+        # no sparsity given: re-apply the plan's own, e.g. to export it in another weight format
+        sparsity = {SPARSITY_KIND[l["kind"]]: l["target_sparsity"] for l in old_plan[0]["layers"]}
+    sparsity = resolve_sparsity(**(sparsity or {}))
     output = Path(output)
     if output.exists() and not force:
         raise ActSparseError(f"output folder {output} already exists (use --force to overwrite)")
