@@ -50,20 +50,13 @@ def sparsified_share(plan: dict, baseline: Path) -> float:
     """
     import openvino as ov
 
-    from .calibration.openvino_backend import WEIGHT_PATH_OPS
+    from .calibration.openvino_backend import weight_constants
 
     per_matmul = {}
     for op in ov.Core().read_model(baseline / "openvino_model.xml").get_ordered_ops():
-        if op.get_type_name() != "MatMul":
-            continue
-        stack, constants = [op.input_value(1).get_node()], {}
-        while stack and stack[-1].get_type_name() in WEIGHT_PATH_OPS:
-            node = stack.pop()
-            if node.get_type_name() == "Constant":
-                constants[node.get_friendly_name()] = node.get_byte_size()
-            stack.extend(v.get_node() for v in node.input_values())
-        if not stack:  # a weight made of constants only (attention's activation MatMuls are not)
-            per_matmul[op.get_friendly_name()] = sum(constants.values())
+        constants = weight_constants(op) if op.get_type_name() == "MatMul" else "not a MatMul"
+        if not isinstance(constants, str):  # attention's activation MatMuls have no constant weight
+            per_matmul[op.get_friendly_name()] = sum(c.get_byte_size() for c in constants)
     skipped = sum(per_matmul.get(l["node"], 0) * l["target_sparsity"] for l in plan["layers"])
     return skipped / sum(per_matmul.values())
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ._common import ActSparseError
-from .calibration.plan import plan_groups, read_plan
+from .calibration.plan import group_settings, read_plan
 
 
 def evaluate(output: str | os.PathLike, text: str = "builtin:wiki", samples: int = 32, seq_len: int = 256) -> dict:
@@ -20,7 +20,7 @@ def evaluate(output: str | os.PathLike, text: str = "builtin:wiki", samples: int
     from openvino import opset13 as ops
     from transformers import AutoTokenizer
 
-    from .calibration.openvino_backend import EXACT_CONFIG, run_chunks, tensor_name
+    from .calibration.openvino_backend import EXACT_CONFIG, run_chunks, tensors_by_name
     from .calibration.text import read_documents, token_chunks
     from .exports.openvino import IR_NAME
     from .passes.openvino import set_prefill_sparse
@@ -36,9 +36,8 @@ def evaluate(output: str | os.PathLike, text: str = "builtin:wiki", samples: int
     model = read_model(core, output / IR_NAME)
     set_prefill_sparse(model)
     # Measured sparsity: the share of |x − m| ≤ τ on each pruned input, computed in the graph.
-    tensors = {tensor_name(out): out for op in model.get_ordered_ops() for out in op.outputs()}
-    applied = [(g, next(l for l in plan["layers"] if l["group"] == g.name)) for g in plan_groups(plan)]
-    applied = [(g, l) for g, l in applied if l["target_sparsity"] > 0 and g.name in tensors]
+    tensors = tensors_by_name(model)
+    applied = [(g, l) for g, l in group_settings(plan) if l["target_sparsity"] > 0 and g.name in tensors]
     keeps = {}
     for group, layer in applied:
         x = tensors[group.name]
@@ -66,7 +65,7 @@ def evaluate(output: str | os.PathLike, text: str = "builtin:wiki", samples: int
     measured = dict(zip(keeps, pruned_share / len(chunks)))
     by_kind: dict[str, list[float]] = {}
     layers = {}
-    for group in plan_groups(plan):
+    for group, _ in applied:
         if group.name in measured:
             by_kind.setdefault(group.sparsity_kind, []).append(measured[group.name])
             for target in group.targets:

@@ -27,19 +27,33 @@ def tensor_name(output: ov.Output) -> str:
     return f"{output.get_node().get_friendly_name()}:{output.get_index()}"
 
 
-def weight_refusal(matmul: ov.Node) -> str | None:
-    """Why the weight of ``matmul`` cannot be rewritten, or None: it must be constant and not shared."""
-    weight = matmul.input_value(1)
-    if len(weight.get_target_inputs()) != 1:
-        return "weight is shared with other consumers"
-    stack, seen = [weight.get_node()], set()
+def tensors_by_name(model: ov.Model) -> dict[str, ov.Output]:
+    """Every tensor of ``model`` under its :func:`tensor_name`."""
+    return {tensor_name(out): out for op in model.get_ordered_ops() for out in op.outputs()}
+
+
+def weight_constants(matmul: ov.Node) -> list[ov.Node] | str:
+    """The constants (codes, scales, zero points) that make the MatMul's weight, or why there are none."""
+    stack, seen, constants = [matmul.input_value(1).get_node()], set(), []
     while stack:
         node = stack.pop()
         if node.get_type_name() not in WEIGHT_PATH_OPS:
             return f"weight is not constant (computed by {node.get_type_name()})"
         if id(node) not in seen:
             seen.add(id(node))
+            constants += [node] if node.get_type_name() == "Constant" else []
             stack.extend(v.get_node() for v in node.input_values())
+    return constants
+
+
+def weight_refusal(matmul: ov.Node) -> str | None:
+    """Why the weight of ``matmul`` cannot be rewritten, or None: it must be constant and not shared."""
+    weight = matmul.input_value(1)
+    if len(weight.get_target_inputs()) != 1:
+        return "weight is shared with other consumers"
+    constants = weight_constants(matmul)
+    if isinstance(constants, str):
+        return constants
     if not weight.get_partial_shape().is_static or len(weight.get_partial_shape()) != 2:
         return "weight is not a static 2-D matrix"
     return None
@@ -96,10 +110,7 @@ def collect_statistics(model: ov.Model, groups: list[Group], chunks: np.ndarray,
 
     The probes are extra outputs of the exported graph itself; ``model`` is modified.
     """
-    by_name = {}
-    for op in model.get_ordered_ops():
-        for out in op.outputs():
-            by_name[tensor_name(out)] = out
+    by_name = tensors_by_name(model)
     first = len(model.outputs)
     model.add_outputs([by_name[g.name] for g in groups])
     compiled = (core or ov.Core()).compile_model(model, "CPU", EXACT_CONFIG)

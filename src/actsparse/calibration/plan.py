@@ -66,10 +66,15 @@ def build_plan(groups: list[Group], histograms: dict[str, StreamingHistogram], s
 
 def plan_groups(plan: dict) -> list[Group]:
     """The groups of a plan's layers, in order."""
-    groups: dict[str, Group] = {}
+    return [group for group, _ in group_settings(plan)]
+
+
+def group_settings(plan: dict) -> list[tuple[Group, dict]]:
+    """Each group of a plan with the layer entry that carries its shared mode, threshold and sparsity."""
+    groups: dict[str, tuple[Group, dict]] = {}
     for layer in plan["layers"]:
         target = Target(layer["module"], layer["node"], layer["kind"], layer["in_features"], layer["out_features"])
-        groups.setdefault(layer["group"], Group(layer["group"])).targets.append(target)
+        groups.setdefault(layer["group"], (Group(layer["group"]), layer))[0].targets.append(target)
     return list(groups.values())
 
 

@@ -19,7 +19,7 @@ from openvino import opset13 as ops
 
 from .._common import ActSparseError
 from ..calibration.openvino_backend import EXACT_CONFIG, tensor_name, weight_refusal
-from ..calibration.plan import plan_groups
+from ..calibration.plan import group_settings
 
 KEEP_DENSE = "keep_dense"
 
@@ -50,11 +50,9 @@ def apply_plan(model: ov.Model, plan: dict, prefill: str = "dense") -> dict[str,
     if prefill not in ("dense", "sparse"):
         raise ActSparseError(f"unknown prefill policy {prefill!r} (dense or sparse)")
     nodes = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
-    layers = {layer["node"]: layer for layer in plan["layers"]}
     counts = {"masks": 0, "shifts": 0, "folds": 0}
     work = []
-    for group in plan_groups(plan):
-        first = layers[group.targets[0].node]
+    for group, first in group_settings(plan):
         if first["target_sparsity"] <= 0:
             continue
         matmuls = []

@@ -7,7 +7,7 @@ The op computes the same function (see passes/openvino.py), so the fusion is exa
 float summation order. W is re-laid out input-channel-major ``[K, N]`` here, once: a pruned
 input channel is then one contiguous weight row that the kernel never reads. Compressed
 weights keep their integer codes: u8 per output channel, u4 group-wise (two codes a byte,
-low nibble first along N), with f32 scales and zero points; f16 weights are stored as their
+low nibble first along N; the kernels' own packer), with f32 scales and zero points; f16 weights are stored as their
 raw bytes (u8) so that no plugin widens them to f32. The layout replaces the original
 constant, so the model holds one copy of the weights.
 """
@@ -19,8 +19,9 @@ import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
-from ..calibration.plan import plan_groups
+from ..calibration.plan import group_settings
 from ..runtime_ext import OP_TYPE, OPENVINO_OPSET
+from ..runtime_ext.kernels import pack_u4
 from .openvino import KEEP_DENSE, _prefix
 
 log = logging.getLogger("actsparse")
@@ -56,14 +57,6 @@ def _unpack_u4(packed: np.ndarray, count: int) -> np.ndarray:
     return out[:count]
 
 
-def pack_u4(codes_kn: np.ndarray) -> np.ndarray:
-    """``[K, N]`` codes 0..15 → ``[K, ceil(N/2)]`` bytes, even n in the low nibble."""
-    k, n = codes_kn.shape
-    padded = np.zeros((k, n + n % 2), np.uint8)
-    padded[:, :n] = codes_kn
-    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
-
-
 def _const(output: ov.Output, *types: str):
     node = output.get_node()
     if node.get_type_name() == "Convert":
@@ -76,8 +69,8 @@ def _const(output: ov.Output, *types: str):
 def read_weight(matmul: ov.Node):
     """The MatMul's weight as ``(format, data, scale, zero_point, group_size)``, or a refusal reason.
 
-    ``data`` is input-channel-major ``[K, N]`` (u4: one code a byte, packed by :func:`pack_u4`
-    once the consumers of a group are concatenated; f16: the raw bytes, ``[K, 2N]`` u8).
+    ``data`` is input-channel-major ``[K, N]`` (u4: one code a byte, packed by the kernels'
+    ``pack_u4`` once the consumers of a group are concatenated; f16: the raw bytes, ``[K, 2N]`` u8).
     """
     out = matmul.input_value(1)
     node = out.get_node()
@@ -151,12 +144,11 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
     """
     nodes = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
     counts = {"fused": 0, "refused": 0}
-    for group in plan_groups(plan):
+    for group, layer in group_settings(plan):
         prefix = _prefix(group)
         mask = nodes.get(f"{prefix}/mask")
         if mask is None:
             continue
-        layer = next(l for l in plan["layers"] if l["group"] == group.name)
         shifted = mask.input_value(1)  # x − m, or x itself when m = 0
         x = shifted.get_node().input_value(0) if layer["mode"] != 0 else shifted
         matmuls = [nodes[t.node] for t in group.targets]
@@ -178,9 +170,12 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
             params.append(np.concatenate([f.input_value(1).get_node().get_data().ravel() if f is not None
                                           else np.zeros(n, np.float32) for f, n in zip(folds, widths)]))
         if fmt in ("u8", "u4"):
-            params += [np.concatenate([w[2] for w in weights], axis=-1), np.concatenate([w[3] for w in weights], axis=-1)]
+            scale, zero_point = (np.concatenate([w[i] for w in weights], axis=-1) for i in (2, 3))
+            params += [scale, zero_point]
+            if fmt == "u4":
+                data = pack_u4(data, scale, zero_point, group_size).data
         params = np.concatenate([p.ravel().astype(np.float32) for p in params]) if params else np.zeros(0, np.float32)
-        op = ActSparseMatMul([x, ops.constant(pack_u4(data) if fmt == "u4" else data).output(0),
+        op = ActSparseMatMul([x, ops.constant(data).output(0),
                               ops.constant(params).output(0)],
                              {"weight_format": fmt, "out_features": int(sum(widths)), "group_size": int(group_size),
                               "mode": float(layer["mode"]), "threshold": float(layer["threshold"]),

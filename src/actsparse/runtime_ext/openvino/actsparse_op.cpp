@@ -2,8 +2,6 @@
 
 #include <openvino/core/parallel.hpp>
 
-#include "actsparse_core.hpp"
-
 namespace actsparse {
 namespace {
 
@@ -44,7 +42,9 @@ void ActSparseMatMul::validate_and_infer_types() {
     NODE_VALIDATION_CHECK(this, m_prefill == "dense" || m_prefill == "sparse", "prefill must be dense or sparse");
     NODE_VALIDATION_CHECK(this, get_input_element_type(2) == ov::element::f32, "params must be f32");
     NODE_VALIDATION_CHECK(this, get_input_element_type(0) == ov::element::f32, "x must be f32");
-    const auto format = parse_format(m_weight_format);
+    m_format = parse_format(m_weight_format);
+    m_prune_prefill = m_prefill == "sparse";
+    const auto format = m_format;
     // f16 weights travel as raw bytes: a plugin would widen an f16 constant to f32
     const auto weight_type = format == WeightFormat::F32 ? ov::element::f32 : ov::element::u8;
     NODE_VALIDATION_CHECK(this, get_input_element_type(1) == weight_type, "weight of format ", m_weight_format,
@@ -84,7 +84,7 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     const size_t rank = in_shape.size();
     const bool decode = rank < 2 ? M == 1 : in_shape[rank - 2] == 1;
 
-    const auto format = parse_format(m_weight_format);
+    const auto format = m_format;
     const int64_t N = m_out_features;
     const int64_t per_channel = format == WeightFormat::U8 ? N : format == WeightFormat::U4 ? K / m_group_size * N : 0;
     const float* params = inputs[2].data<const float>();
@@ -97,7 +97,7 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     Params p;
     p.mode = m_mode;
     p.threshold = m_threshold;
-    p.mask = decode || m_prefill == "sparse";
+    p.mask = decode || m_prune_prefill;
     matmul(x.data<const float>(), M, weight, bias, p, outputs[0].data<float>(), OpenVINOExecutor{});
     return true;
 }

@@ -3,6 +3,8 @@
 
 #include <openvino/op/op.hpp>
 
+#include "actsparse_core.hpp"
+
 namespace actsparse {
 
 // y = z'·W + bias, z' = (x − m) where ¬(|x − m| ≤ τ) else 0; dense (z' = x − m) on a prefill
@@ -33,6 +35,9 @@ private:
     float m_threshold = 0.f;
     std::string m_prefill = "dense";
     bool m_has_bias = false;
+    // Derived from the attributes in validate_and_infer_types, so evaluate compares no strings.
+    WeightFormat m_format = WeightFormat::F32;
+    bool m_prune_prefill = false;
 };
 
 }  // namespace actsparse
