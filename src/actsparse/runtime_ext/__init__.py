@@ -65,3 +65,41 @@ def read_model(core, xml):
     if OP_TYPE in Path(xml).read_text(errors="replace"):
         register(core)
     return core.read_model(xml)
+
+
+ONNXRUNTIME_LIBRARY = "libactsparse_onnxruntime.so"
+
+
+def onnxruntime_library() -> str:
+    """Path of the ONNX Runtime custom-op library, for ``SessionOptions.register_custom_ops_library``."""
+    path = library_dir() / ONNXRUNTIME_LIBRARY
+    if not path.is_file():
+        raise ActSparseError(f"the ActSparseMatMul ONNX Runtime library {ONNXRUNTIME_LIBRARY} was not built "
+                             f"(looked in {path.parent}); reinstall actsparse with a C++17 compiler and apt-get "
+                             "(or ORT_INCLUDE_DIR) available")
+    return str(path)
+
+
+def onnxruntime_problem() -> str | None:
+    """Why the ONNX Runtime custom-op library cannot be used here, or None."""
+    try:
+        session_options()
+    except ActSparseError as err:
+        return str(err)
+    return None
+
+
+def session_options(threads: int | None = None):
+    """An ``onnxruntime.SessionOptions`` with the custom-op library registered (and ``threads``
+    intra-op threads when given), for sessions over models that use ai.actsparse::ActSparseMatMul."""
+    import onnxruntime as ort
+
+    path = onnxruntime_library()
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    try:
+        options.register_custom_ops_library(path)
+    except Exception as err:  # e.g. a runtime older than the headers the library was built with
+        raise ActSparseError(f"cannot load {path} into ONNX Runtime: {str(err).strip().splitlines()[-1]}") from None
+    return options

@@ -1,0 +1,150 @@
+"""ActSparseMatMul in ONNX Runtime against ORT's own dense ops on the same weights, in one process. Prints JSON.
+
+For each shape (K x N), weight format and intra-op thread count: one decode step (x is [1, 1, K]) of
+- ORT's dense baseline: fp32 -> MatMul with the [K, N] initializer; int8 -> com.microsoft::MatMulNBits
+  bits=8 (block 128 with the per-channel scale repeated, so the weights are identical); int4 -> MatMulNBits
+  bits=4 with the same block size as ours. MatMulNBits is timed at accuracy_level 0 (fp32 activations, as
+  ours) and 4 (int8 activations, ORT's fastest CPU path), and
+- the custom op (libactsparse_onnxruntime.so) at sparsity 0/0.3/0.5/0.7/0.9 (threshold = that quantile of |x|).
+Sessions are timed in interleaved rounds (the noise of a shared machine falls on all alike); reports median
+ms per call, dense/ours time ratio, the bandwidth limit 1/(1-s), and effective GB/s of weight codes read
+((1-s) of them for ours; scales and zero points not counted).
+
+    python benchmarks/ort_kernel_bench.py [--quick] [--threads 1 2] [--formats fp32 int8 int4-g32 int4-g64 int4-g128]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from actsparse.runtime_ext import kernels as ks
+from actsparse.runtime_ext import session_options
+
+SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (2048, 5632)]
+SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.9]
+FORMATS = ["fp32", "int8", "int4-g32", "int4-g64", "int4-g128"]
+INT8_BLOCK = 128  # divides every K above
+
+
+def model(node, k: int, inits: dict, domain: str | None = None) -> bytes:
+    graph = helper.make_graph([node], "bench", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, name) for name, v in inits.items()])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+def nibbles(a: np.ndarray) -> np.ndarray:
+    """Pairs along the last axis into bytes, the first of each pair in the low nibble (MatMulNBits' order)."""
+    if a.shape[-1] % 2:
+        a = np.concatenate([a, np.zeros((*a.shape[:-1], 1), np.uint8)], axis=-1)
+    return (a[..., 0::2] | (a[..., 1::2] << 4)).astype(np.uint8)
+
+
+def weights(fmt: str, k: int, n: int, rng):
+    """Our packed weight, and the dense baseline's models by name (same dequantised weights)."""
+    if fmt == "fp32":
+        packed = ks.pack_f32(rng.standard_normal((k, n), np.float32) * 0.02)
+        return packed, {"MatMul": model(helper.make_node("MatMul", ["x", "w"], ["y"]), k, {"w": packed.data})}
+    bits, block = (8, INT8_BLOCK) if fmt == "int8" else (4, int(fmt.split("-g")[1]))
+    q = rng.integers(0, 1 << bits, (k, n)).astype(np.uint8)
+    nb = k // block
+    if bits == 8:  # ours is per output channel: repeat its scale and zero point over the blocks
+        scale, zp = rng.uniform(0.0005, 0.001, n).astype(np.float32), rng.integers(100, 156, n).astype(np.uint8)
+        packed = ks.pack_u8(q, scale, zp)
+        scales, zps = np.repeat(scale[:, None], nb, 1), np.repeat(zp[:, None], nb, 1)
+        blob = q.T.reshape(n, nb, block)
+    else:
+        scale, zp = rng.uniform(0.01, 0.03, (nb, n)).astype(np.float32), rng.integers(6, 10, (nb, n)).astype(np.uint8)
+        packed = ks.pack_u4(q, scale, zp, block)
+        scales, zps = scale.T, nibbles(zp.T)
+        blob = nibbles(q.T).reshape(n, nb, block // 2)
+    inits = {"B": np.ascontiguousarray(blob), "scales": np.ascontiguousarray(scales).reshape(-1),
+             "zp": np.ascontiguousarray(zps).reshape(-1)}
+    dense = {}
+    for level in (0, 4):
+        node = helper.make_node("MatMulNBits", ["x", "B", "scales", "zp"], ["y"], domain="com.microsoft", K=k, N=n,
+                                bits=bits, block_size=block, accuracy_level=level)
+        dense[f"MatMulNBits(bits={bits},block={block},acc={level})"] = model(node, k, inits, "com.microsoft")
+    return packed, dense
+
+
+def ours(packed: ks.PackedWeight, tau: float) -> bytes:
+    data = packed.data.view(np.uint8) if packed.format == "f16" else packed.data
+    params = [p.reshape(-1) for p in (packed.scale, packed.zero_point) if p is not None]
+    params = np.concatenate(params).astype(np.float32) if params else np.zeros(0, np.float32)
+    node = helper.make_node("ActSparseMatMul", ["x", "weight", "params"], ["y"], domain="ai.actsparse",
+                            weight_format=packed.format, out_features=packed.N, group_size=packed.group_size,
+                            mode=0.0, threshold=tau, prefill="dense", has_bias=0)
+    return model(node, packed.K, {"weight": data, "params": params}, "ai.actsparse")
+
+
+def time_ms(sessions: list, xs: list[np.ndarray], rounds: int, calls: int = 5) -> list[float]:
+    """Median ms per call of each session, interleaved: every round times each session in turn."""
+    for s in sessions:
+        for x in xs[:3]:
+            s.run(None, {"x": x})
+    times = [[] for _ in sessions]
+    for r in range(rounds):
+        for s, samples in zip(sessions, times):
+            for i in range(calls):
+                x = xs[(r * calls + i) % len(xs)]
+                start = time.perf_counter()
+                s.run(None, {"x": x})
+                samples.append(time.perf_counter() - start)
+    return [1e3 * float(np.median(t)) for t in times]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one shape, fewer rounds")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    rows = []
+    for k, n in SHAPES[:1] if args.quick else SHAPES:
+        xs = [rng.standard_normal((1, 1, k)).astype(np.float32) for _ in range(16)]
+        taus = [0.0 if s == 0 else float(np.quantile(np.abs(np.concatenate(xs)), s)) for s in SPARSITIES]
+        for fmt in args.formats:
+            packed, dense = weights(fmt, k, n, rng)
+            code_bytes = k * packed.row_bytes
+            sparse_models = [ours(packed, tau) for tau in taus]
+            for threads in args.threads:
+                plain = ort.SessionOptions()
+                plain.intra_op_num_threads = threads
+                dense_s = [ort.InferenceSession(m, plain, providers=["CPUExecutionProvider"]) for m in dense.values()]
+                ours_s = [ort.InferenceSession(m, session_options(threads), providers=["CPUExecutionProvider"])
+                          for m in sparse_models]
+                # same weights: at s=0 (no channel pruned) ours must match every dense baseline
+                y0 = ours_s[0].run(None, {"x": xs[0]})[0]
+                agree = {}
+                for name, s in zip(dense, dense_s):
+                    yd = s.run(None, {"x": xs[0]})[0]
+                    agree[name] = float(np.abs(yd - y0).max() / np.abs(yd).max())
+                ms = time_ms(dense_s + ours_s, xs, 6 if args.quick else 12)
+                dense_ms = dict(zip(dense, ms[:len(dense)]))
+                row = {"K": k, "N": n, "format": fmt, "ours_weight_format": packed.format, "threads": threads,
+                       "dense_ms": dense_ms, "dense_gbps": {d: code_bytes / t / 1e6 for d, t in dense_ms.items()},
+                       "max_rel_diff_at_s0": agree, "sparse": []}
+                for s, t in zip(SPARSITIES, ms[len(dense):]):
+                    row["sparse"].append({"sparsity": s, "ms": t, "limit": 1 / (1 - s),
+                                          "gbps": code_bytes * (1 - s) / t / 1e6,
+                                          "dense_over_ours": {d: dt / t for d, dt in dense_ms.items()}})
+                rows.append(row)
+                first = next(iter(dense_ms))
+                print(f"{k}x{n} {fmt} t{threads}: " + " ".join(f"{d} {t:.2f} ms" for d, t in dense_ms.items()) + " | " +
+                      " ".join(f"s{e['sparsity']}: {e['ms']:.2f} ({e['dense_over_ours'][first]:.2f}x)"
+                               for e in row["sparse"]), file=sys.stderr)
+    print(json.dumps({"device": "CPU", "onnxruntime": ort.__version__, "kernel": ks.best_kernel(), "results": rows},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+// ActSparseMatMul for ONNX Runtime: ai.actsparse::ActSparseMatMul as a custom-op library, a thin
+// adapter over the kernel core (actsparse_core.hpp) with the OpenVINO op's semantics
+// (openvino/actsparse_op.hpp). The library takes the API from ORT at registration and links no
+// libonnxruntime, so one build serves every runtime at least as new as its headers.
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <exception>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "actsparse_core.hpp"
+
+namespace actsparse {
+namespace {
+
+constexpr const char* kDomain = "ai.actsparse";
+constexpr const char* kOpType = "ActSparseMatMul";
+
+[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument(std::string(kOpType) + ": " + what); }
+
+// Runs a C++ callable on ORT's intra-op pool, which hands it plain function pointers. The first
+// exception of any task is kept and rethrown on the calling thread: none may cross ORT's C frames.
+struct Job {
+  const std::function<void(int64_t)>* fn;
+  std::mutex mutex;
+  std::exception_ptr error;
+
+  static void run(void* self, size_t task) {
+    auto* job = static_cast<Job*>(self);
+    try {
+      (*job->fn)(int64_t(task));
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(job->mutex);
+      if (!job->error) job->error = std::current_exception();
+    }
+  }
+};
+
+#if ORT_API_VERSION >= 17  // KernelContext_ParallelFor appeared in 1.17
+void parallel_for(const OrtKernelContext* ctx, size_t ntasks, Job& job) {
+  // num_batch 0: every task is an item of ORT's own dynamic scheduling over its threads.
+  Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(ctx, &Job::run, ntasks, 0, &job));
+}
+
+// ORT tells a custom op nothing about its pool, so measure it: hold every task until all have
+// started or 2 ms have passed; the most tasks ever running at once is the pool's width (1 when
+// the session has one intra-op thread: ORT then runs the tasks one after another on the caller).
+int pool_width(const OrtKernelContext* ctx) {
+  const int most = int(std::max(1u, std::thread::hardware_concurrency()));
+  if (most == 1) return 1;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(2);
+  std::atomic<int> running{0}, peak{0};
+  const std::function<void(int64_t)> hold = [&](int64_t) {
+    const int now = ++running;
+    for (int p = peak.load(); p < now && !peak.compare_exchange_weak(p, now);) {}
+    while (peak.load() < most && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+    --running;
+  };
+  Job job{&hold, {}, {}};
+  parallel_for(ctx, size_t(most), job);
+  return std::max(1, peak.load());
+}
+#endif
+
+// The core's tasks on the session's intra-op pool (so intra_op_num_threads is respected and two
+// pools never compete). Built per Compute call: it holds nothing shared between calls.
+struct OrtExecutor final : Executor {
+  const OrtKernelContext* ctx;
+  int width;
+  OrtExecutor(const OrtKernelContext* c, int w) : ctx(c), width(w) {}
+  int concurrency() const override { return width; }
+  void parallel(int64_t ntasks, const std::function<void(int64_t)>& fn) const override {
+    Job job{&fn, {}, {}};
+#if ORT_API_VERSION >= 17
+    if (width > 1 && ntasks > 1) {
+      parallel_for(ctx, size_t(ntasks), job);
+    } else
+#endif
+      for (int64_t t = 0; t < ntasks; ++t) Job::run(&job, size_t(t));
+    if (job.error) std::rethrow_exception(job.error);
+  }
+};
+
+WeightFormat parse_format(const std::string& name) {
+  if (name == "f32") return WeightFormat::F32;
+  if (name == "f16") return WeightFormat::F16;
+  if (name == "u8") return WeightFormat::U8;
+  if (name == "u4") return WeightFormat::U4;
+  fail("unknown weight_format '" + name + "' (f32, f16, u8 or u4)");
+}
+
+// Bytes of one weight row (an input channel's N outputs), as PackedWeight stores them.
+int64_t row_bytes(WeightFormat f, int64_t n) {
+  return f == WeightFormat::F32 ? 4 * n : f == WeightFormat::F16 ? 2 * n : f == WeightFormat::U8 ? n : (n + 1) / 2;
+}
+
+size_t element_size(ONNXTensorElementDataType t) { return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 1; }
+
+// Attributes are parsed once, when ORT creates the kernel for a node.
+struct Kernel {
+  WeightFormat format;
+  int64_t N, group_size;
+  float mode, threshold;
+  bool prune_prefill, has_bias;
+  std::atomic<int> width{0};  // the pool's width, measured on the first call (0: not yet)
+
+  explicit Kernel(const OrtKernelInfo* raw) {
+    Ort::ConstKernelInfo info(raw);
+    format = parse_format(info.GetAttribute<std::string>("weight_format"));
+    N = info.GetAttribute<int64_t>("out_features");
+    group_size = info.GetAttribute<int64_t>("group_size");
+    mode = info.GetAttribute<float>("mode");
+    threshold = info.GetAttribute<float>("threshold");
+    const std::string prefill = info.GetAttribute<std::string>("prefill");
+    has_bias = info.GetAttribute<int64_t>("has_bias") != 0;
+    if (prefill != "dense" && prefill != "sparse") fail("prefill must be dense or sparse, got '" + prefill + "'");
+    if (N < 1) fail("out_features must be >= 1");
+    if (format == WeightFormat::U4 && group_size < 1) fail("u4 needs group_size >= 1");
+    prune_prefill = prefill == "sparse";
+  }
+
+  void compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    const auto x = ctx.GetInput(0), weight = ctx.GetInput(1), params = ctx.GetInput(2);
+    const auto x_info = x.GetTensorTypeAndShapeInfo();  // x and params: float32, as GetInputType declares
+    std::vector<int64_t> shape = x_info.GetShape();
+    if (shape.empty()) fail("x needs rank >= 1");
+    const int64_t K = shape.back();
+    if (K < 1) fail("x has no input channels (last dim 0)");
+    const int64_t M = int64_t(x_info.GetElementCount()) / K;
+
+    const auto w_info = weight.GetTensorTypeAndShapeInfo();
+    const auto w_type =
+        format == WeightFormat::F32 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    if (w_info.GetElementType() != w_type)
+      fail(std::string("weight must be ") + (w_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? "float32" : "uint8") +
+           " for this weight_format");
+    const int64_t w_bytes = int64_t(w_info.GetElementCount() * element_size(w_type));
+    if (w_bytes != K * row_bytes(format, N))
+      fail("weight has " + std::to_string(w_bytes) + " bytes, expected " + std::to_string(K * row_bytes(format, N)) +
+           " for K=" + std::to_string(K) + ", N=" + std::to_string(N));
+
+    // params = [bias (N) | scale | zero_point], scale and zero point per output (u8) or per group (u4)
+    if (format == WeightFormat::U4 && K % group_size) fail("group_size must divide K=" + std::to_string(K));
+    const int64_t per_channel = format == WeightFormat::U8 ? N : format == WeightFormat::U4 ? K / group_size * N : 0;
+    const int64_t expect = (has_bias ? N : 0) + 2 * per_channel;
+    const auto p_info = params.GetTensorTypeAndShapeInfo();
+    if (int64_t(p_info.GetElementCount()) != expect)
+      fail("params has " + std::to_string(p_info.GetElementCount()) + " values, expected " + std::to_string(expect));
+
+    shape.back() = N;
+    auto y = ctx.GetOutput(0, shape);
+    if (M == 0) return;
+    const float* p = params.GetTensorData<float>();
+    const float* bias = has_bias ? p : nullptr;
+    const float* scale = per_channel ? p + (has_bias ? N : 0) : nullptr;
+    const float* zero_point = scale ? scale + per_channel : nullptr;
+    const PackedWeight w{format, K, N, group_size, weight.GetTensorRawData(), scale, zero_point};
+
+    // One token per sequence is a decode step: always pruned. Longer inputs are prefill.
+    const size_t rank = shape.size();
+    Params prm;
+    prm.mode = mode;
+    prm.threshold = threshold;
+    prm.mask = (rank < 2 ? M == 1 : shape[rank - 2] == 1) || prune_prefill;
+
+    int conc = width.load();
+#if ORT_API_VERSION >= 17
+    if (conc == 0) {  // concurrent first calls may each measure: keep the largest
+      const int measured = pool_width(raw);
+      for (conc = width.load(); conc < measured && !width.compare_exchange_weak(conc, measured);) {}
+      conc = std::max(conc, measured);
+    }
+#endif
+    matmul(x.GetTensorData<float>(), M, w, bias, prm, y.GetTensorMutableData<float>(),
+           OrtExecutor(raw, std::max(conc, 1)));
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    try {
+      compute(ctx);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    }
+  }
+};
+
+struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new Kernel(info);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kOpType) + " attributes: " + e.what()).c_str());
+    }
+  }
+  const char* GetName() const { return kOpType; }
+  size_t GetInputTypeCount() const { return 3; }
+  // The weight is float32 or uint8 depending on weight_format: checked per call.
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+  // y has x's shape with the last dim replaced by out_features, so ORT plans the graph's shapes.
+  // Named dims go back as -1 (unknown): the 1.21 wrapper would send them as -2, which ORT 1.32 rejects.
+  static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
+    try {
+      auto shape = ctx.GetInputShape(0);
+      if (shape.empty()) return nullptr;  // rank unknown here; a scalar x fails at run time
+      for (auto& dim : shape)
+        if (!dim.IsInt()) dim = Ort::ShapeInferContext::SymbolicInteger(int64_t(-1));
+      shape.back() = Ort::ShapeInferContext::SymbolicInteger(ctx.GetAttrInt("out_features"));
+      return ctx.SetOutputShape(0, shape).release();
+    } catch (const std::exception& e) {
+      return Ort::Status(e).release();
+    }
+  }
+};
+
+}  // namespace
+}  // namespace actsparse
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                         const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (!api)  // a runtime older than these headers: say so through the oldest API, which every runtime has
+    return api_base->GetApi(1)->CreateStatus(ORT_FAIL, "libactsparse_onnxruntime needs a newer onnxruntime");
+  Ort::InitApi(api);
+  try {
+    // One domain for the process: sessions keep pointers to it and to the op.
+    static actsparse::Op op;
+    static Ort::CustomOpDomain domain = [] {
+      Ort::CustomOpDomain d(actsparse::kDomain);
+      d.Add(&op);
+      return d;
+    }();
+    Ort::UnownedSessionOptions(options).Add(domain);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+}
