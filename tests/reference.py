@@ -10,7 +10,11 @@ def pruned_input(x: np.ndarray, mode: float, tau: float) -> np.ndarray:
 
 
 def torch_model_with_plan(hf_dir, plan: dict):
-    """The Hugging Face model, with forward pre-hooks that prune each planned Linear's input."""
+    """The Hugging Face model, with forward pre-hooks that prune each planned Linear's input.
+
+    A layer with a ``mask_source`` (cats) is masked where |SiLU(gate)| ≤ τ instead: a forward
+    hook on the MLP's ``act_fn`` keeps its output for the down projection's pre-hook.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -20,10 +24,18 @@ def torch_model_with_plan(hf_dir, plan: dict):
         if layer["target_sparsity"] <= 0:
             continue
         mode, tau = layer["mode"], layer["threshold"]
+        if "mask_source" in layer:
+            seen = {}
+            act = modules[layer["module"].rsplit(".", 1)[0] + ".act_fn"]
+            act.register_forward_hook(lambda module, args, out, seen=seen: seen.update(out=out))
 
-        def hook(module, args, mode=mode, tau=tau):
-            x = args[0]
-            return (torch.where((x - mode).abs() <= tau, torch.full_like(x, mode), x),)
+            def hook(module, args, tau=tau, seen=seen):
+                x = args[0]
+                return (torch.where(seen["out"].abs() <= tau, torch.zeros_like(x), x),)
+        else:
+            def hook(module, args, mode=mode, tau=tau):
+                x = args[0]
+                return (torch.where((x - mode).abs() <= tau, torch.full_like(x, mode), x),)
 
         modules[layer["module"]].register_forward_pre_hook(hook)
     return model
@@ -68,3 +80,17 @@ def assert_close_through_flips(got: np.ndarray, expected: np.ndarray, exact_posi
     assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.95
     log_p, log_q = log_softmax(expected.astype(np.float64), -1), log_softmax(got.astype(np.float64), -1)
     assert (np.exp(log_p) * (log_p - log_q)).sum(-1).mean() < 0.02
+
+
+def make_weight(fmt: str, K: int, N: int, G: int, rng):
+    """A random packed weight ``[K, N]`` of format ``fmt`` (u4: group size ``G``), NNCF-like codes."""
+    from actsparse.runtime_ext import kernels as ks
+
+    if fmt == "f32":
+        return ks.pack_f32(rng.standard_normal((K, N)))
+    if fmt == "f16":
+        return ks.pack_f16(rng.standard_normal((K, N)))
+    if fmt == "u8":
+        return ks.pack_u8(rng.integers(0, 256, (K, N)), rng.uniform(0.001, 0.02, N), rng.integers(100, 156, N))
+    ng = K // G
+    return ks.pack_u4(rng.integers(0, 16, (K, N)), rng.uniform(0.01, 0.2, (ng, N)), rng.integers(6, 10, (ng, N)), G)

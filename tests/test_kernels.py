@@ -8,6 +8,7 @@ import pytest
 
 from actsparse.runtime_ext import kernels as ks
 from conftest import skip_without_extension
+from reference import make_weight
 
 try:
     KERNELS = ks.available_kernels()
@@ -18,17 +19,6 @@ FORMATS = ["f32", "f16", "u8", "u4"]
 SHAPES = [(1, 1), (7, 3), (64, 17), (130, 33), (64, 100), (7, 1), (130, 100)]
 U4_SHAPES = [(32, 1), (64, 17), (128, 33), (256, 100), (384, 3)]  # (K, N); G from GROUPS dividing K
 GROUPS = [32, 64, 128]
-
-
-def make_weight(fmt, K, N, G, rng):
-    if fmt == "f32":
-        return ks.pack_f32(rng.standard_normal((K, N)))
-    if fmt == "f16":
-        return ks.pack_f16(rng.standard_normal((K, N)))
-    if fmt == "u8":
-        return ks.pack_u8(rng.integers(0, 256, (K, N)), rng.uniform(0.001, 0.02, N), rng.integers(100, 156, N))
-    ng = K // G
-    return ks.pack_u4(rng.integers(0, 16, (K, N)), rng.uniform(0.01, 0.2, (ng, N)), rng.integers(6, 10, (ng, N)), G)
 
 
 def make_x(M, K, mode, sparsity, rng):

@@ -24,15 +24,24 @@ def evaluate(output: str | os.PathLike, **options) -> dict:
 
 
 def load(output: str | os.PathLike, device: str = "CPU", **kwargs):
-    """Load an actsparse output folder as an optimum-intel ``OVModelForCausalLM``.
+    """Load an actsparse output folder as an optimum-intel ``OVModelForCausalLM`` (or, for an ONNX
+    output, an optimum ``ORTModelForCausalLM`` on the CPU; ``device`` is then ignored).
 
     A fused model needs the ActSparseMatMul extension: it is registered with the Cores that
-    optimum-intel reads and compiles models with.
+    optimum-intel reads and compiles models with, or with the ONNX Runtime session.
     """
+    from pathlib import Path
+
     from .calibration.plan import read_plan
-    from .runtime_ext import register
+    from .runtime_ext import register, session_options
 
     plan, _ = read_plan(output, with_statistics=False)
+    if (Path(output) / "model.onnx").is_file():
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        fused = plan.get("passes", {}).get("fused")
+        return ORTModelForCausalLM.from_pretrained(output, session_options=session_options() if fused else None,
+                                                   **kwargs)
     from optimum.intel import OVModelForCausalLM
     from optimum.intel.openvino import modeling_base, modeling_decoder
 

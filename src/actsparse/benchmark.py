@@ -48,6 +48,16 @@ def sparsified_share(plan: dict, baseline: Path) -> float:
     Every MatMul reads its whole weight (codes, scales and zero points) once per token; an
     embedding table that is only gathered is not read. Bytes come from the dense IR.
     """
+    per_matmul = _weight_bytes(baseline)
+    skipped = sum(per_matmul.get(l["node"], 0) * l["target_sparsity"] for l in plan["layers"])
+    return skipped / sum(per_matmul.values())
+
+
+def _weight_bytes(baseline: Path) -> dict[str, int]:
+    if (baseline / "model.onnx").is_file():
+        from .calibration.onnx_backend import matmul_weight_bytes
+
+        return matmul_weight_bytes(baseline / "model.onnx")
     import openvino as ov
 
     from .calibration.openvino_backend import weight_constants
@@ -57,8 +67,7 @@ def sparsified_share(plan: dict, baseline: Path) -> float:
         constants = weight_constants(op) if op.get_type_name() == "MatMul" else "not a MatMul"
         if not isinstance(constants, str):  # attention's activation MatMuls have no constant weight
             per_matmul[op.get_friendly_name()] = sum(c.get_byte_size() for c in constants)
-    skipped = sum(per_matmul.get(l["node"], 0) * l["target_sparsity"] for l in plan["layers"])
-    return skipped / sum(per_matmul.values())
+    return per_matmul
 
 
 def _measure(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int | None) -> dict:
@@ -71,6 +80,11 @@ def _measure(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int 
 
 
 def _worker(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int) -> dict:
+    if (folder / "model.onnx").is_file():
+        from .calibration.onnx_backend import time_decode
+
+        return {**time_decode(folder, prompt_tokens, decode_tokens, threads or None),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     import openvino as ov
 
     from .calibration.openvino_backend import feed

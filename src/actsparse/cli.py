@@ -37,7 +37,7 @@ def _positive(text: str) -> int:
 
 def add_export_arguments(parser: argparse.ArgumentParser, model_flag: bool = False) -> None:
     """Arguments of ``actsparse export``; ``model_flag`` takes MODEL as ``-m`` (optimum-cli's style)."""
-    from .calibration.plan import CENTERING, METHODS
+    from .calibration.plan import ALLOCATIONS, CENTERING, METHODS
     from .exports.openvino import WEIGHT_FORMATS
     from .pipeline import FORMATS
 
@@ -56,7 +56,10 @@ def add_export_arguments(parser: argparse.ArgumentParser, model_flag: bool = Fal
         sp.add_argument(f"--sparsity-{kind}", type=_sparsity, default=None, help=f"target sparsity of the {what}")
     sp.add_argument("--targets", default="mlp", choices=("mlp", "all"))
     sp.add_argument("--method", default="scap", choices=METHODS)
-    sp.add_argument("--mode-centering", default="auto", choices=CENTERING)
+    sp.add_argument("--mode-centering", default="auto", choices=CENTERING,
+                    help="auto: centre on the mode only where it lowers the layer's output error")
+    sp.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+                    help="greedy: spread the parameter-weighted sparsity budget over layers by output error")
     sp.add_argument("--prefill", default="dense", choices=("dense", "sparse"),
                     help="dense: prune only one-token decode steps (default)")
     cal = parser.add_argument_group("calibration")
@@ -75,7 +78,7 @@ def run_export(args: argparse.Namespace) -> int:
                 "qkv": args.sparsity_qkv, "o": args.sparsity_o}
     out = export(args.model, args.output, format=args.format, weight_format=args.weight_format,
                  sparsity=sparsity, targets=args.targets, method=args.method,
-                 mode_centering=args.mode_centering, calibration=args.calibration,
+                 mode_centering=args.mode_centering, allocation=args.allocation, calibration=args.calibration,
                  calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
                  plan=args.plan, prefill=args.prefill, fuse=not args.no_fuse, force=args.force)
     print(f"wrote {out}")
@@ -89,8 +92,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"perplexity {result['perplexity']:.3f}   next-token accuracy {result['next_token_accuracy']:.4f}"
-              f"   ({result['tokens']} tokens of {result['text']})")
+        quality = (f"perplexity {result['perplexity']:.3f}   next-token accuracy {result['next_token_accuracy']:.4f}"
+                   if "perplexity" in result else
+                   f"embedding cosine mean {result['mean_cosine']:.4f}   min {result['min_cosine']:.4f}")
+        print(f"{quality}   ({result['tokens']} tokens of {result['text']})")
         for kind, s in result["sparsity"].items():
             print(f"measured sparsity {kind:5s} {s:.3f}")
     return 0
@@ -127,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model with calibrated activation sparsity")
     add_export_arguments(p)
     p.set_defaults(func=run_export)
-    p = sub.add_parser("eval", help="perplexity and measured sparsity of an export (every token pruned)")
+    p = sub.add_parser("eval", help="quality (perplexity, or embedding cosine for encoders) and measured sparsity "
+                                    "of an export (every token pruned)")
     p.add_argument("output", help="folder written by actsparse export")
     p.add_argument("--text", default="builtin:wiki", help=".txt file, folder of .txt, or builtin:wiki (held-out split)")
     p.add_argument("--samples", type=_positive, default=32)

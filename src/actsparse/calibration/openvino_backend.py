@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import openvino as ov
+from openvino import opset13 as ops
 from tqdm.auto import tqdm
 
-from .stats import StreamingHistogram
+from .._common import ActSparseError
+from .stats import SAMPLE_ROWS, RowSampler, StreamingHistogram
 from .targets import Group, Target, group_targets, kind_of
 
 log = logging.getLogger("actsparse")
@@ -82,6 +85,27 @@ def find_groups(model: ov.Model, kinds: set[str]) -> list[Group]:
     return group_targets(found, kinds)
 
 
+def cats_sources(model: ov.Model, groups: list[Group]) -> dict[str, str]:
+    """For CATS: the SiLU(gate) tensor whose magnitude masks each down-projection group's input.
+
+    The down input of a SiLU-gated MLP is ``Multiply(Swish(gate), up)``; anything else (a GELU
+    MLP, say) is refused.
+    """
+    by_name = tensors_by_name(model)
+    sources = {}
+    for group in groups:
+        if group.sparsity_kind != "down":
+            continue
+        product = by_name[group.name].get_node()
+        swish = [v for v in product.input_values() if v.get_node().get_type_name() == "Swish"]
+        if product.get_type_name() != "Multiply" or len(swish) != 1:
+            raise ActSparseError(f"--method cats needs a SiLU-gated MLP (down_proj input = SiLU(gate)·up); "
+                                 f"the input of {group.targets[0].module} is computed by "
+                                 f"{product.get_type_name()}")
+        sources[group.name] = tensor_name(swish[0])
+    return sources
+
+
 def feed(model_inputs: list[str], ids: np.ndarray) -> dict[str, np.ndarray]:
     """Inputs of an optimum-exported graph for a ``[batch, seq]`` block of token ids, from position 0."""
     batch, seq = ids.shape
@@ -104,18 +128,111 @@ def run_chunks(compiled: ov.CompiledModel, chunks: np.ndarray, desc: str) -> Ite
         yield row, request
 
 
-def collect_statistics(model: ov.Model, groups: list[Group], chunks: np.ndarray,
-                       core: ov.Core | None = None) -> dict[str, StreamingHistogram]:
-    """Stream every group's input tensor over ``chunks`` into one histogram per group.
+def collect_statistics(model: ov.Model | str | Path, groups: list[Group], chunks: np.ndarray,
+                       core: ov.Core | None = None, sample_rows: int = SAMPLE_ROWS
+                       ) -> tuple[dict[str, StreamingHistogram], dict[str, np.ndarray]]:
+    """Stream every group's input tensor over ``chunks`` into one histogram per group, and keep
+    ``sample_rows`` token rows of it (``[rows, K]``) for output-error estimates.
 
-    The probes are extra outputs of the exported graph itself; ``model`` is modified.
+    The probes are extra outputs of the exported graph itself; a given ``model`` is modified.
     """
+    core = core or ov.Core()
+    model = model if isinstance(model, ov.Model) else core.read_model(model)
     by_name = tensors_by_name(model)
     first = len(model.outputs)
     model.add_outputs([by_name[g.name] for g in groups])
-    compiled = (core or ov.Core()).compile_model(model, "CPU", EXACT_CONFIG)
+    compiled = core.compile_model(model, "CPU", EXACT_CONFIG)
     histograms = {g.name: StreamingHistogram() for g in groups}
+    sampler = RowSampler(sample_rows, len(chunks))
     for _, request in run_chunks(compiled, chunks, "calibrating"):
         for i, group in enumerate(groups):
-            histograms[group.name].update(request.get_output_tensor(first + i).data)
-    return histograms
+            x = request.get_output_tensor(first + i).data
+            histograms[group.name].update(x)
+            sampler.update(group.name, x)
+    return histograms, sampler.samples()
+
+
+def dense_weight(model: ov.Model, target: Target) -> np.ndarray:
+    """The target MatMul's weight as f32 ``[K, N]``, decompressed (for output-error estimates)."""
+    node = next(op for op in model.get_ordered_ops() if op.get_friendly_name() == target.node)
+    weight = next(o for o in node.input_value(1).get_node().outputs())
+    const = ov.Model([ops.result(weight)], [], "weight")  # the decompression subgraph alone
+    value = ov.Core().compile_model(const, "CPU", EXACT_CONFIG)({})[0]
+    return np.ascontiguousarray(value.T if node.get_attributes()["transpose_b"] else value, np.float32)
+
+
+def model_error_curves(path: str | Path, groups: list[Group], chunks: np.ndarray, settings, grid: np.ndarray,
+                       sources: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """The model's own output error when one group alone is pruned, at each sparsity of ``grid``.
+
+    ``settings(group, s) -> (m, τ)``. Each group's m and τ become inputs of one compiled graph
+    (τ < 0 keeps every channel), so the whole table costs one compilation and
+    ``len(groups) · len(grid) · len(chunks)`` inferences. The error is the KL divergence of the
+    next-token distribution from the dense one (decoders), or 1 − cosine of the mean-pooled
+    embeddings (encoders), averaged over ``chunks``.
+    """
+    from ..passes.openvino import weight_rowsums
+
+    sources = sources or {}
+    core = ov.Core()
+    model = core.read_model(path)
+    by_name, nodes = tensors_by_name(model), {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    matmuls = [nodes[t.node] for g in groups for t in g.targets]
+    rowsums = dict(zip((id(mm) for mm in matmuls), weight_rowsums(matmuls)))
+    knobs = []
+    for i, group in enumerate(groups):
+        m, tau = (ops.parameter([], ov.Type.f32, name=f"actsparse_{name}_{i}") for name in ("m", "tau"))
+        for knob in (m, tau):
+            knob.output(0).get_tensor().set_names({knob.get_friendly_name()})
+        z = ops.subtract(by_name[group.name], m)
+        magnitude = ops.abs(by_name[sources[group.name]] if group.name in sources else z)
+        pruned = ops.select(ops.logical_not(ops.less_equal(magnitude, tau)), z, np.float32(0))
+        for target in group.targets:
+            mm = nodes[target.node]
+            consumers = list(mm.output(0).get_target_inputs())
+            mm.input(0).replace_source_output(pruned.output(0))
+            fold = ops.add(mm.output(0), ops.multiply(m, ops.constant(rowsums[id(mm)].astype(np.float32))))
+            for consumer in consumers:
+                consumer.replace_source_output(fold.output(0))
+        knobs.append((m, tau))
+    model.add_parameters([p for pair in knobs for p in pair])
+    model.validate_nodes_and_infer_types()
+    compiled = core.compile_model(model, "CPU", EXACT_CONFIG)
+    decoder = any("logits" in o.get_names() for o in compiled.outputs)
+    output = compiled.output("logits" if decoder else "last_hidden_state")
+    request = compiled.create_infer_request()
+    names = [i.get_any_name() for i in compiled.inputs if not i.get_any_name().startswith("actsparse_")]
+    knob_values = {f"actsparse_{n}_{i}": np.float32(0 if n == "m" else -1) for i in range(len(groups)) for n in ("m", "tau")}
+
+    def outputs() -> list[np.ndarray]:
+        result = []
+        for row in chunks:
+            request.reset_state()
+            y = request.infer({**feed(names, row[None]), **knob_values})[output][0].astype(np.float64)
+            if decoder:
+                y = y - y.max(axis=-1, keepdims=True)
+                y = y - np.log(np.exp(y).sum(axis=-1, keepdims=True))  # log-probabilities
+            else:
+                y = y.mean(axis=0)
+            result.append(y)
+        return result
+
+    def distance(dense: np.ndarray, y: np.ndarray) -> float:
+        if decoder:  # KL(dense ‖ pruned), mean over tokens
+            return float(np.mean(np.sum(np.exp(dense) * (dense - y), axis=-1)))
+        return float(1 - dense @ y / (np.linalg.norm(dense) * np.linalg.norm(y)))
+
+    dense = outputs()
+    curves = {}
+    with tqdm(total=len(groups) * len(grid), desc="model error", unit="probe", leave=False) as bar:
+        for i, group in enumerate(groups):
+            curve = np.zeros(len(grid))
+            for j, s in enumerate(grid):
+                if s > 0:
+                    m, tau = settings(group, float(s))
+                    knob_values.update({f"actsparse_m_{i}": np.float32(m), f"actsparse_tau_{i}": np.float32(tau)})
+                    curve[j] = np.mean([distance(d, y) for d, y in zip(dense, outputs())])
+                bar.update()
+            knob_values.update({f"actsparse_m_{i}": np.float32(0), f"actsparse_tau_{i}": np.float32(-1)})
+            curves[group.name] = curve
+    return curves

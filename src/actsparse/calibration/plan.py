@@ -2,13 +2,15 @@
 
 For each group of layers reading one tensor x at target sparsity s:
 
-    m = mode(x) when centred, else 0
+    m = centre of x at s when centred, else 0   (the midpoint of the shortest interval holding a
+                                                share s of x: the mode of x as s → 0)
     τ = quantile(|x − m|, s)
 
-``auto`` centring keeps the mode only where it lowers the pruned input energy
-``E[(x − m)² · 1{|x − m| ≤ τ}]`` (the output error of the layer, up to its weights) by more
-than ``AUTO_MARGIN``; gated-SiLU inputs, already centred, stay at m = 0.
-The histograms are saved beside the plan so a new sparsity is re-planned without calibrating.
+``auto`` centring keeps the mode only where it lowers the layer's output error on calibration
+samples (``error.py``) by more than ``AUTO_MARGIN``; gated-SiLU inputs, already centred, stay
+at m = 0. ``greedy`` allocation spreads a parameter-weighted budget over the groups by the same
+error curves. The histograms and error curves are saved beside the plan, so a new sparsity is
+re-planned without calibrating.
 """
 from __future__ import annotations
 
@@ -18,39 +20,96 @@ from pathlib import Path
 import numpy as np
 
 from .._common import ActSparseError
+from .error import error_at, greedy_allocation
 from .stats import StreamingHistogram
 from .targets import SPARSITY_KIND, SPARSITY_KINDS, Group, Target
 
 FORMAT_VERSION = 1
 PLAN_FILE = "actsparse.json"
 STATS_FILE = "actsparse_stats.npz"
+CURVE = "error_curve:"  # key prefixes of the layer and model error curves in STATS_FILE
+MODEL_CURVE = "model_error:"
 AUTO_MARGIN = 0.05
-METHODS = ("scap", "teal")
+METHODS = ("scap", "teal", "cats")
 CENTERING = ("auto", "on", "off")
+ALLOCATIONS = ("uniform", "greedy")
 
 
-def choose_mode(hist: StreamingHistogram, sparsity: float, centering: str) -> float:
+def _centred(curve: np.ndarray, sparsity: float) -> bool:
+    return error_at(curve[1], sparsity) < (1 - AUTO_MARGIN) * error_at(curve[0], sparsity)
+
+
+def choose_mode(hist: StreamingHistogram, sparsity: float, centering: str, curve: np.ndarray | None = None) -> float:
+    """m for one group: 0, the centre at ``sparsity``, or (auto) that centre where it lowers the
+    output error ``curve`` (without a curve, the pruned input energy stands in for it)."""
     if centering == "off" or sparsity <= 0:
         return 0.0
-    mode = hist.mode()
+    mode = hist.centre(sparsity)
     if centering == "on":
         return mode
+    if curve is not None:
+        return mode if _centred(curve, sparsity) else 0.0
     plain = hist.pruned_energy(0.0, hist.threshold(0.0, sparsity))
     centred = hist.pruned_energy(mode, hist.threshold(mode, sparsity))
     return mode if centred < (1 - AUTO_MARGIN) * plain else 0.0
 
 
+def group_params(group: Group) -> int:
+    return sum(t.in_features * t.out_features for t in group.targets)
+
+
+def layer_costs(curves: dict[str, np.ndarray], centering: str) -> dict[str, np.ndarray]:
+    """Each group's layer output error along GRID, centred as ``centering`` would decide."""
+    return {name: {"off": plain, "on": centred}.get(centering, np.where(centred < (1 - AUTO_MARGIN) * plain,
+                                                                      centred, plain))
+            for name, (plain, centred) in curves.items()}
+
+
+def allocate(groups: list[Group], sparsity: dict[str, float], costs: dict[str, np.ndarray]) -> tuple[dict[str, float], dict]:
+    """Greedy per-group sparsities for the parameter-weighted budget of ``sparsity``, and a record.
+
+    ``costs`` are error curves along GRID. The greedy result is kept only if its objective (the
+    summed error) is no worse than the uniform one at the same budget; the record says which.
+    """
+    params = {g.name: group_params(g) for g in groups}
+    uniform = {g.name: float(sparsity.get(g.sparsity_kind, 0.0)) for g in groups}
+    budget = sum(params[n] * s for n, s in uniform.items()) / sum(params.values())
+    greedy = greedy_allocation(costs, params, budget)
+    objective = {name: sum(error_at(costs[n], s[n]) for n in s) for name, s in (("greedy", greedy), ("uniform", uniform))}
+    chosen = greedy if objective["greedy"] <= objective["uniform"] else uniform
+    record = {"allocation": "greedy", "budget": round(budget, 6), "objective": objective,
+              "kept": "greedy" if chosen is greedy else "uniform"}
+    return chosen, record
+
+
 def build_plan(groups: list[Group], histograms: dict[str, StreamingHistogram], sparsity: dict[str, float],
                *, method: str = "scap", centering: str = "auto", targets: str = "mlp",
-               prefill: str = "dense", source_model: str = "", calibration: dict | None = None) -> dict:
-    """Thresholds for every group at the sparsity of its kind (``sparsity[kind]``, default 0)."""
-    if method == "teal":
+               prefill: str = "dense", source_model: str = "", calibration: dict | None = None,
+               curves: dict[str, np.ndarray] | None = None, allocation: str = "uniform",
+               fixed: dict[str, float] | None = None, mask_sources: dict[str, str] | None = None,
+               model_curves: dict[str, np.ndarray] | None = None) -> dict:
+    """Thresholds for every group at the sparsity of its kind (``sparsity[kind]``, default 0), or
+    (greedy) at sparsities spread by output error over the same parameter-weighted budget, or
+    at the ``fixed`` sparsity of each group's first module (re-applying a plan as it was).
+    ``mask_sources`` (cats) names, per group, the tensor whose magnitude is thresholded instead of x.
+    Greedy allocation spends the budget by ``model_curves`` (the model's output error, one group
+    pruned at a time) when given, else by the layers' own output error ``curves``."""
+    mask_sources = mask_sources or {}
+    if method in ("teal", "cats"):
         centering = "off"
+    per_group, record = {g.name: float(sparsity.get(g.sparsity_kind, 0.0)) for g in groups}, {"allocation": allocation}
+    if fixed is not None:
+        per_group = {g.name: float(fixed[g.targets[0].module]) for g in groups}
+    elif allocation == "greedy":
+        if not curves and not model_curves:
+            raise ActSparseError("greedy allocation needs the error curves of a calibration (re-calibrate)")
+        per_group, record = allocate(groups, sparsity, model_curves or layer_costs(curves, centering))
+        record["objective_of"] = "model output" if model_curves else "layer outputs"
     layers = []
     for group in groups:
         hist = histograms[group.name]
-        s = float(sparsity.get(group.sparsity_kind, 0.0))
-        mode = choose_mode(hist, s, centering)
+        s = per_group[group.name]
+        mode = choose_mode(hist, s, centering, (curves or {}).get(group.name))
         tau = hist.threshold(mode, s)
         for t in group.targets:
             layers.append({
@@ -58,10 +117,11 @@ def build_plan(groups: list[Group], histograms: dict[str, StreamingHistogram], s
                 "in_features": t.in_features, "out_features": t.out_features,
                 "mode": mode, "threshold": tau, "target_sparsity": s,
                 "calibrated_sparsity": round(hist.sparsity(mode, tau), 6) if s > 0 else 0.0,
+                **({"mask_source": mask_sources[group.name]} if group.name in mask_sources else {}),
             })
     return {"format_version": FORMAT_VERSION, "method": method, "mode_centering": centering,
             "targets": targets, "prefill": prefill, "source_model": source_model,
-            "calibration": calibration or {}, "statistics": STATS_FILE, "layers": layers}
+            "calibration": calibration or {}, "statistics": STATS_FILE, **record, "layers": layers}
 
 
 def plan_groups(plan: dict) -> list[Group]:
@@ -78,11 +138,24 @@ def group_settings(plan: dict) -> list[tuple[Group, dict]]:
     return list(groups.values())
 
 
-def write_plan(folder: Path, plan: dict, histograms: dict[str, StreamingHistogram]) -> None:
+def write_plan(folder: Path, plan: dict, histograms: dict[str, StreamingHistogram],
+               curves: dict[str, np.ndarray] | None = None, model_curves: dict[str, np.ndarray] | None = None) -> None:
     (folder / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
     first = next(iter(histograms.values()), StreamingHistogram())
     np.savez_compressed(folder / STATS_FILE, __meta__=np.array([first.bins, first.scale, first.limit]),
-                        **{name: h.counts for name, h in histograms.items()})
+                        **{name: h.counts for name, h in histograms.items()},
+                        **{CURVE + name: c for name, c in (curves or {}).items()},
+                        **{MODEL_CURVE + name: c for name, c in (model_curves or {}).items()})
+
+
+def read_curves(path: str | Path, prefix: str = CURVE) -> dict[str, np.ndarray]:
+    """The error curves (layer, or with ``MODEL_CURVE`` model) saved beside a plan, if any."""
+    path = Path(path)
+    stats = (path if path.is_dir() else path.parent) / STATS_FILE
+    if not stats.is_file():
+        return {}
+    with np.load(stats) as data:
+        return {key[len(prefix):]: data[key] for key in data.files if key.startswith(prefix)}
 
 
 def read_plan(path: str | Path, with_statistics: bool = True) -> tuple[dict, dict[str, StreamingHistogram]]:

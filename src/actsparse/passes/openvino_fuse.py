@@ -149,6 +149,10 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
         mask = nodes.get(f"{prefix}/mask")
         if mask is None:
             continue
+        if layer.get("mask_source"):  # the op masks x by x itself
+            log.warning("not fusing %s: its mask comes from another tensor (cats)", group.targets[0].module)
+            counts["refused"] += len(group.targets)
+            continue
         shifted = mask.input_value(1)  # x − m, or x itself when m = 0
         x = shifted.get_node().input_value(0) if layer["mode"] != 0 else shifted
         matmuls = [nodes[t.node] for t in group.targets]

@@ -213,18 +213,52 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 
+  Op() { OrtCustomOp::InferOutputShapeFn = infer_shape; }
+
   // y has x's shape with the last dim replaced by out_features, so ORT plans the graph's shapes.
-  // Named dims go back as -1 (unknown): the 1.21 wrapper would send them as -2, which ORT 1.32 rejects.
-  static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
+  // Written on the C API: the 1.21 C++ wrapper sends a named dim as -2, which ORT 1.32 rejects,
+  // and a dim sent as an unnamed -1 comes back as a known -1 (two of them then break a later
+  // Reshape's check). So every dynamic dim goes back as -1 with a name: x's, or a fresh one.
+  static OrtStatusPtr infer_shape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+    const OrtApi& api = Ort::GetApi();
     try {
-      auto shape = ctx.GetInputShape(0);
-      if (shape.empty()) return nullptr;  // rank unknown here; a scalar x fails at run time
-      for (auto& dim : shape)
-        if (!dim.IsInt()) dim = Ort::ShapeInferContext::SymbolicInteger(int64_t(-1));
-      shape.back() = Ort::ShapeInferContext::SymbolicInteger(ctx.GetAttrInt("out_features"));
-      return ctx.SetOutputShape(0, shape).release();
+      const OrtOpAttr* attr = nullptr;
+      int64_t n = 0;
+      size_t size = 0;
+      Ort::ThrowOnError(api.ShapeInferContext_GetAttribute(ctx, "out_features", &attr));
+      Ort::ThrowOnError(api.ReadOpAttr(attr, ORT_OP_ATTR_INT, &n, sizeof(n), &size));
+      // Not wrapped in an owning Ort:: object: releasing it here frees it twice in ORT 1.32.
+      OrtTensorTypeAndShapeInfo* raw = nullptr;
+      Ort::ThrowOnError(api.ShapeInferContext_GetInputTypeShape(ctx, 0, &raw));
+      Ort::ConstTensorTypeAndShapeInfo x(raw);
+      auto dims = x.GetShape();
+      if (dims.empty()) return nullptr;  // rank unknown here; a scalar x fails at run time
+      std::vector<const char*> names(dims.size(), nullptr);
+      x.GetSymbolicDimensions(names.data(), names.size());
+      static std::atomic<int64_t> unknown{0};
+      std::vector<std::string> fresh(dims.size());
+      for (size_t i = 0; i < dims.size(); ++i) {
+        if (dims[i] >= 0) {
+          names[i] = "";
+        } else if (!names[i] || !*names[i]) {
+          fresh[i] = "actsparse_unk_" + std::to_string(unknown++);
+          names[i] = fresh[i].c_str();
+        }
+        dims[i] = dims[i] >= 0 ? dims[i] : -1;
+      }
+      dims.back() = n;
+      names.back() = "";
+      OrtTensorTypeAndShapeInfo* out_raw = nullptr;
+      Ort::ThrowOnError(api.CreateTensorTypeAndShapeInfo(&out_raw));
+      Ort::TensorTypeAndShapeInfo out(out_raw);
+      Ort::ThrowOnError(api.SetTensorElementType(out_raw, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
+      Ort::ThrowOnError(api.SetDimensions(out_raw, dims.data(), dims.size()));
+      Ort::ThrowOnError(api.SetSymbolicDimensions(out_raw, names.data(), names.size()));
+      return api.ShapeInferContext_SetOutputTypeShape(ctx, 0, out_raw);
+    } catch (const Ort::Exception& e) {
+      return api.CreateStatus(e.GetOrtErrorCode(), e.what());
     } catch (const std::exception& e) {
-      return Ort::Status(e).release();
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
     }
   }
 };
