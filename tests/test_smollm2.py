@@ -21,7 +21,7 @@ def exports(tmp_path_factory):
 
 def test_heldout_sparsity_and_quality(exports):
     plan = plan_of(exports["sparse"])
-    assert plan["calibration"] == {"source": "builtin:wiki", "samples": 64, "seq_len": 256}
+    assert plan["calibration"] == {"source": "builtin:wiki", "samples": 64, "seq_len": 256, "error_rows": 512}
     assert len(plan["layers"]) == 90 and all(l["mode"] == 0 for l in plan["layers"])  # SiLU-gated: no centring
     sparse = actsparse.evaluate(exports["sparse"], samples=8)
     dense = actsparse.evaluate(exports["dense"], samples=8)
