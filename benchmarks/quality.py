@@ -58,7 +58,7 @@ def main() -> None:
             results["models"][name] = sweep_model(name, Path(work), args)
             if name in earlier:
                 ran = {(r["method"], r["allocation"], r["centering"]) for r in results["models"][name]["rows"]}
-                swept = {s for s in SWEEP[name][2]}
+                swept = set(SWEEP[name][2])
                 kept = [r for r in earlier[name]["rows"] if (r["method"], r["allocation"], r["centering"]) in swept - ran]
                 results["models"][name]["rows"] = kept + results["models"][name]["rows"]
             if args.sensitivity and name == "smollm2-135m":
@@ -196,7 +196,8 @@ def table(results: dict) -> str:
                   "| method | allocation | centring | FFN sparsity (planned / measured) | "
                   + ("mean / min cosine |" if encoder else "perplexity (× dense) |"),
                   "|---|---|---|---|---|"]
-        for row in r["rows"]:
+        for row in sorted(r["rows"], key=lambda row: (["scap", "teal", "cats"].index(row["method"]), row["allocation"],
+                                                      row["centering"] == "off", row["ffn_sparsity"])):
             quality = (f"{row['mean_cosine']:.4f} / {row['min_cosine']:.4f}" if encoder
                        else f"{row['perplexity']:.2f} ({row['perplexity_ratio']:.3f}×)")
             lines.append(f"| {row['method']} | {row['allocation']} | {row['centering']} "
