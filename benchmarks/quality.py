@@ -229,7 +229,9 @@ def plot(results: dict, path: Path) -> None:
             ax.plot(xs, ys, marker="o", label=label)
         ax.set_title(name)
         ax.set_xlabel("FFN sparsity, parameter-weighted (measured)")
-        ax.set_ylabel("1 − mean cosine to dense" if encoder else "perplexity / dense")
+        ax.set_ylabel("1 − mean cosine to dense" if encoder else "perplexity / dense (log)")
+        if not encoder:  # cats runs away at high sparsity
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
