@@ -55,7 +55,8 @@ def evaluate_model(core, model, plan: dict, tokenizer_dir: str | os.PathLike, te
     from .passes.openvino import set_dense, set_prefill_sparse
 
     set_prefill_sparse(model)
-    dense = model.clone()
+    decoder = any("logits" in o.get_names() for o in model.outputs)
+    dense = None if decoder else model.clone()  # an encoder is compared with its own dense twin
     # Measured sparsity: the share of |x − m| ≤ τ on each pruned input, computed in the graph.
     tensors = tensors_by_name(model)
     applied = [(g, l) for g, l in group_settings(plan) if l["target_sparsity"] > 0 and g.name in tensors]
@@ -67,7 +68,6 @@ def evaluate_model(core, model, plan: dict, tokenizer_dir: str | os.PathLike, te
     first = len(model.outputs)
     model.add_outputs([k.output(0) for k in keeps.values()])
     compiled = core.compile_model(model, "CPU", EXACT_CONFIG)
-    decoder = any("logits" in o.get_names() for o in compiled.outputs)
     if decoder:
         logits_index = next(i for i, o in enumerate(compiled.outputs) if "logits" in o.get_names())
     else:  # an encoder: its embeddings are compared with those of the same graph with every channel kept

@@ -171,7 +171,7 @@ def model_error_curves(path: str | Path, groups: list[Group], chunks: np.ndarray
     next-token distribution from the dense one (decoders), or 1 − cosine of the mean-pooled
     embeddings (encoders), averaged over ``chunks``.
     """
-    from ..passes.openvino import weight_rowsums
+    from ..passes.openvino import insert_mask, weight_rowsums
 
     sources = sources or {}
     core = ov.Core()
@@ -184,16 +184,10 @@ def model_error_curves(path: str | Path, groups: list[Group], chunks: np.ndarray
         m, tau = (ops.parameter([], ov.Type.f32, name=f"actsparse_{name}_{i}") for name in ("m", "tau"))
         for knob in (m, tau):
             knob.output(0).get_tensor().set_names({knob.get_friendly_name()})
-        z = ops.subtract(by_name[group.name], m)
-        magnitude = ops.abs(by_name[sources[group.name]] if group.name in sources else z)
-        pruned = ops.select(ops.logical_not(ops.less_equal(magnitude, tau)), z, np.float32(0))
-        for target in group.targets:
-            mm = nodes[target.node]
-            consumers = list(mm.output(0).get_target_inputs())
-            mm.input(0).replace_source_output(pruned.output(0))
-            fold = ops.add(mm.output(0), ops.multiply(m, ops.constant(rowsums[id(mm)].astype(np.float32))))
-            for consumer in consumers:
-                consumer.replace_source_output(fold.output(0))
+        group_matmuls = [nodes[t.node] for t in group.targets]
+        bias = {id(mm): ops.multiply(m, ops.constant(rowsums[id(mm)].astype(np.float32))) for mm in group_matmuls}
+        insert_mask(by_name[group.name], group_matmuls, m, tau, bias, by_name.get(sources.get(group.name)),
+                    name=f"actsparse.probe{i}")
         knobs.append((m, tau))
     model.add_parameters([p for pair in knobs for p in pair])
     model.validate_nodes_and_infer_types()

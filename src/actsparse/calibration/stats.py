@@ -22,20 +22,18 @@ class RowSampler:
 
     def __init__(self, rows: int, chunks: int, seed: int = 0):
         self.per_chunk = -(-rows // max(chunks, 1)) if rows else 0
-        self.rows, self.rng, self.positions = rows, np.random.default_rng(seed), None
+        self.rows, self.rng = rows, np.random.default_rng(seed)
+        self.positions: list[np.ndarray] = []  # rows taken from each chunk, drawn once for every name
         self.parts: dict[str, list[np.ndarray]] = {}
-        self.seen: dict[str, int] = {}
 
     def update(self, name: str, x: np.ndarray) -> None:
         if not self.per_chunk:
             return
         x = np.asarray(x, np.float32).reshape(-1, np.shape(x)[-1])
-        count = self.seen.get(name, 0)
-        self.seen[name] = count + 1
-        if self.positions is None or len(self.positions) <= count:  # one draw per chunk, shared by every name
-            take = self.rng.choice(len(x), min(self.per_chunk, len(x)), replace=False)
-            self.positions = (self.positions or []) + [np.sort(take)]
-        self.parts.setdefault(name, []).append(x[self.positions[count]])
+        parts = self.parts.setdefault(name, [])
+        if len(self.positions) <= len(parts):
+            self.positions.append(np.sort(self.rng.choice(len(x), min(self.per_chunk, len(x)), replace=False)))
+        parts.append(x[self.positions[len(parts)]])
 
     def samples(self) -> dict[str, np.ndarray]:
         return {name: np.concatenate(parts)[:self.rows] for name, parts in self.parts.items()}
@@ -49,6 +47,7 @@ class StreamingHistogram:
         self.counts = np.zeros(bins, np.int64) if counts is None else np.asarray(counts, np.int64)
         if self.counts.shape != (bins,):
             raise ValueError(f"expected {bins} counts, got {self.counts.shape}")
+        self._cum = None
         u_edges = np.linspace(-self.u_max, self.u_max, bins + 1)
         self.edges = scale * np.sinh(u_edges)  # bin edges in x
 
@@ -63,11 +62,12 @@ class StreamingHistogram:
         idx = ((u + self.u_max) * (self.bins / (2 * self.u_max))).astype(np.int64)
         np.clip(idx, 0, self.bins - 1, out=idx)
         self.counts += np.bincount(idx, minlength=self.bins)
+        self._cum = None
 
     def _cumulative(self) -> np.ndarray:
-        if getattr(self, "_cum_of", None) is not self.counts or self._cum_total != self.total:
+        """The CDF at the bin edges, kept until the next update."""
+        if self._cum is None:
             self._cum = np.concatenate([[0], np.cumsum(self.counts)]) / max(self.total, 1)
-            self._cum_of, self._cum_total = self.counts, self.total
         return self._cum
 
     def cdf(self, v) -> np.ndarray:

@@ -46,6 +46,27 @@ def weight_rowsums(matmuls: list[ov.Node]) -> list[np.ndarray]:
     return values
 
 
+def insert_mask(x: ov.Output, matmuls: list[ov.Node], shift, tau, bias: dict, source=None, keep_dense=None,
+                name: str = "actsparse") -> None:
+    """Insert the pattern in front of ``matmuls`` (which read x): ``shift`` (m, or None for no
+    Subtract), ``tau`` and each MatMul's fold ``bias[id(mm)]`` (m·rowsum W; none: no Add) are graph
+    values, constants or inputs; ``source`` replaces z in the magnitude test (cats);
+    ``keep_dense`` is OR-ed into the keep mask."""
+    z = x if shift is None else ops.subtract(x, shift, name=f"{name}/shift").output(0)
+    # ¬(|z| ≤ τ) rather than |z| > τ: a NaN input is kept and propagates, as in a dense MatMul
+    keep = ops.logical_not(ops.less_equal(ops.abs(z if source is None else source), tau), name=f"{name}/keep")
+    if keep_dense is not None:
+        keep = ops.logical_or(keep, keep_dense)
+    pruned = ops.select(keep, z, _scalar(0.0, x), name=f"{name}/mask")
+    for mm in matmuls:
+        mm.input(0).replace_source_output(pruned.output(0))
+        if id(mm) in bias:
+            consumers = list(mm.output(0).get_target_inputs())
+            fold = ops.add(mm.output(0), bias[id(mm)], name=f"{mm.get_friendly_name()}/actsparse_fold")
+            for consumer in consumers:
+                consumer.replace_source_output(fold.output(0))
+
+
 def apply_plan(model: ov.Model, plan: dict, prefill: str = "dense") -> dict[str, int]:
     """Insert the reference pattern for every group whose sparsity is above 0; return pass counts."""
     if prefill not in ("dense", "sparse"):
@@ -79,29 +100,17 @@ def apply_plan(model: ov.Model, plan: dict, prefill: str = "dense") -> dict[str,
     for group, matmuls, m, tau, source in work:
         name = _prefix(group)
         x = matmuls[0].input_value(0)
-        z = x
-        if m != 0:
-            z = ops.subtract(x, _scalar(m, x), name=f"{name}/shift").output(0)
-            counts["shifts"] += 1
-        # ¬(|z| ≤ τ) rather than |z| > τ: a NaN input is kept and propagates, as in a dense MatMul
-        # cats: the magnitude of another tensor (SiLU(gate)) decides which channels of x are kept
-        magnitude = ops.abs(z if source is None else source)
-        keep = ops.logical_not(ops.less_equal(magnitude, _scalar(tau, x)), name=f"{name}/keep")
+        shift = _scalar(m, x) if m != 0 else None
+        keep_dense = None
         if prefill == "dense":
             tokens = ops.gather(ops.shape_of(x), ops.constant(np.array(-2, np.int64)), ops.constant(np.array(0, np.int64)))
             keep_dense = ops.not_equal(tokens, ops.constant(np.array(1, np.int64)), name=f"{name}/{KEEP_DENSE}")
-            keep = ops.logical_or(keep, keep_dense)
-        pruned = ops.select(keep, z, _scalar(0.0, x), name=f"{name}/mask")
+        bias = {id(mm): ops.constant((m * rowsums[id(mm)]).astype(x.get_element_type().to_dtype()))
+                for mm in matmuls} if m != 0 else {}
+        insert_mask(x, matmuls, shift, _scalar(tau, x), bias, source, keep_dense, name)
         counts["masks"] += 1
-        for mm in matmuls:
-            mm.input(0).replace_source_output(pruned.output(0))
-            if m != 0:
-                consumers = list(mm.output(0).get_target_inputs())
-                bias = ops.constant((m * rowsums[id(mm)]).astype(x.get_element_type().to_dtype()))
-                fold = ops.add(mm.output(0), bias, name=f"{mm.get_friendly_name()}/actsparse_fold")
-                for consumer in consumers:
-                    consumer.replace_source_output(fold.output(0))
-                counts["folds"] += 1
+        counts["shifts"] += m != 0
+        counts["folds"] += len(bias)
     model.validate_nodes_and_infer_types()
     return counts
 
