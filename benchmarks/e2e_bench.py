@@ -5,11 +5,16 @@ intermediate 5632, 8 layers, 32 query / 4 KV heads, SmolLM2's tokenizer). Each e
 once into --work and reused.
 
     python benchmarks/e2e_bench.py [--work DIR] [--models smollm2-135m tinyllama-8l]
-                                   [--formats fp32 int8] [--up 0.5 --down 0.5] [--threads 2]
+                                   [--runtimes openvino onnx] [--formats fp32 int8]
+                                   [--up 0.5 --down 0.5] [--threads 2] [--export-only]
+
+``--runtimes openvino onnx`` puts OpenVINO and ONNX Runtime side by side on the same model,
+weights and sparsity (each against its own dense export in the same runtime).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -45,28 +50,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="e2e-work")
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "tinyllama-8l"])
+    parser.add_argument("--runtimes", nargs="+", default=["openvino"], choices=["openvino", "onnx"])
     parser.add_argument("--formats", nargs="+", default=["fp32", "int8"])
     parser.add_argument("--up", type=float, default=0.5)
     parser.add_argument("--down", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--export-only", action="store_true", help="make the exports, measure nothing")
     args = parser.parse_args()
     work = Path(args.work)
     results = []
     for name in args.models:
         model = str(tinyllama(work / "tinyllama-8l-hf")) if name == "tinyllama-8l" else name
-        for fmt in args.formats:
-            dense, sparse = work / f"{name}-{fmt}-dense", work / f"{name}-{fmt}-up{args.up}-down{args.down}"
+        for runtime, fmt in itertools.product(args.runtimes, args.formats):
+            stem = work / (f"{name}-{fmt}" if runtime == "openvino" else f"{name}-{runtime}-{fmt}")
+            dense, sparse = Path(f"{stem}-dense"), Path(f"{stem}-up{args.up}-down{args.down}")
             if not dense.exists():
-                cli("export", model, dense, "--weight-format", fmt, "--sparsity", 0)
+                cli("export", model, dense, "--format", runtime, "--weight-format", fmt, "--sparsity", 0)
             if not sparse.exists():
-                cli("export", model, sparse, "--weight-format", fmt, "--sparsity-up", args.up, "--sparsity-down",
-                    args.down, "--calibration-samples", 16)
+                cli("export", model, sparse, "--format", runtime, "--weight-format", fmt, "--sparsity-up", args.up,
+                    "--sparsity-down", args.down, "--calibration-samples", 16)
+            if args.export_only:
+                continue
             extra = ["--threads", args.threads] if args.threads else []
             result = json.loads(cli("bench", sparse, "--baseline", dense, "--json", "--runs", args.runs, *extra))
-            result.update(model_name=name, weight_format=fmt, up=args.up, down=args.down)
+            result.update(model_name=name, runtime=runtime, weight_format=fmt, up=args.up, down=args.down)
             results.append(result)
-            print(f"{name} {fmt}: decode {result['dense']['decode_ms_per_token']:.2f} -> "
+            print(f"{name} {runtime} {fmt}: decode {result['dense']['decode_ms_per_token']:.2f} -> "
                   f"{result['sparse']['decode_ms_per_token']:.2f} ms/token = {result['decode_speedup']:.3f}x "
                   f"(limit {result['amdahl_limit']:.3f}x), prefill {result['prefill_ratio']:.2f}x, "
                   f"memory {result['memory_ratio']:.2f}x", file=sys.stderr)

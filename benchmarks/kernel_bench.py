@@ -12,7 +12,9 @@ Reports median ms over many calls, the ratio against dense (speed-up), the bandw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import time
 
 import numpy as np
@@ -43,7 +45,8 @@ def dense_model(k: int, n: int, fmt: str, rng) -> ov.Model:
 
         nncf.set_log_level(logging.ERROR)  # its tables would go to stdout, which carries the JSON
         mode = nncf.CompressWeightsMode.INT8_ASYM if fmt == "int8" else nncf.CompressWeightsMode.INT4_ASYM
-        model = nncf.compress_weights(model, mode=mode, **({"group_size": 128, "ratio": 1.0} if fmt == "int4" else {}))
+        with contextlib.redirect_stdout(sys.stderr):  # its progress bar too
+            model = nncf.compress_weights(model, mode=mode, **({"group_size": 128, "ratio": 1.0} if fmt == "int4" else {}))
     return model
 
 

@@ -6,7 +6,8 @@ For each shape (K x N), weight format and intra-op thread count: one decode step
   bits=4 with the same block size as ours. MatMulNBits is timed at accuracy_level 0 (fp32 activations, as
   ours) and 4 (int8 activations, ORT's fastest CPU path), and
 - the custom op (libactsparse_onnxruntime.so) at sparsity 0/0.3/0.5/0.7/0.9 (threshold = that quantile of |x|).
-Sessions are timed in interleaved rounds (the noise of a shared machine falls on all alike); reports median
+Sessions are timed in interleaved rounds (the noise of a shared machine falls on all alike), with thread
+spinning off in every session (several pools in one process would otherwise steal each other's cores); reports median
 ms per call, dense/ours time ratio, the bandwidth limit 1/(1-s), and effective GB/s of weight codes read
 ((1-s) of them for ours; scales and zero points not counted).
 
@@ -119,9 +120,14 @@ def main() -> None:
             for threads in args.threads:
                 plain = ort.SessionOptions()
                 plain.intra_op_num_threads = threads
+                sparse_options = [session_options(threads) for _ in sparse_models]
+                for options in [plain, *sparse_options]:
+                    # Every session has its own intra-op pool; idle workers of the session timed
+                    # before would spin on the cores the next one needs (measured: 2x slower).
+                    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 dense_s = [ort.InferenceSession(m, plain, providers=["CPUExecutionProvider"]) for m in dense.values()]
-                ours_s = [ort.InferenceSession(m, session_options(threads), providers=["CPUExecutionProvider"])
-                          for m in sparse_models]
+                ours_s = [ort.InferenceSession(m, o, providers=["CPUExecutionProvider"])
+                          for m, o in zip(sparse_models, sparse_options)]
                 # same weights: at s=0 (no channel pruned) ours must match every dense baseline
                 y0 = ours_s[0].run(None, {"x": xs[0]})[0]
                 agree = {}

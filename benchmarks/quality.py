@@ -53,6 +53,7 @@ def main() -> None:
                "calibration": {"text": "builtin:wiki (calibration split)", "samples": args.calibration_samples,
                                "seq_len": args.calibration_seq_len}, "models": {}}
     earlier = json.loads(Path(args.merge).read_text())["models"] if args.merge else {}
+    results["models"].update((name, rows) for name, rows in earlier.items() if name not in args.models)
     with tempfile.TemporaryDirectory(prefix="actsparse-quality-") as work:
         for name in args.models:
             results["models"][name] = sweep_model(name, Path(work), args)
@@ -63,6 +64,7 @@ def main() -> None:
                 results["models"][name]["rows"] = kept + results["models"][name]["rows"]
             if args.sensitivity and name == "smollm2-135m":
                 results["models"][name]["sensitivity"] = sensitivity(name, Path(work), args)
+    results["models"] = {name: results["models"][name] for name in SWEEP if name in results["models"]}
     (out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "quality.md").write_text(table(results))
     plot(results, out / "quality.png")

@@ -262,3 +262,18 @@ def test_bench_weight_share_counts_every_linear(tiny_llama, exports):
     plan = plan_of(exports["sparse"])
     expected = sum(linears[l["module"]] * l["target_sparsity"] for l in plan["layers"]) / sum(linears.values())
     assert sparsified_share(plan, exports["dense"]) == pytest.approx(expected)
+
+
+def test_bench_reports_ratios_against_the_dense_baseline(exports):
+    from actsparse.benchmark import bench, sparsified_share
+
+    result = bench(exports["sparse"], exports["dense"], prompt_tokens=8, decode_tokens=2, runs=1)
+    for side in ("sparse", "dense"):
+        assert result[side]["decode_ms_per_token"] > 0 and result[side]["prefill_ms"] > 0
+        assert result[side]["peak_rss_mb"] > 50
+    assert result["decode_speedup"] == pytest.approx(result["dense"]["decode_ms_per_token"]
+                                                     / result["sparse"]["decode_ms_per_token"])
+    share = sparsified_share(plan_of(exports["sparse"]), exports["dense"])
+    assert 0 < share < 1 and result["amdahl_limit"] == pytest.approx(1 / (1 - share))
+    assert result["of_limit"] == pytest.approx(result["decode_speedup"] * (1 - share))
+    assert result["prefill_ratio"] == pytest.approx(result["sparse"]["prefill_ms"] / result["dense"]["prefill_ms"])

@@ -60,6 +60,39 @@ def test_centre_is_the_middle_of_the_shortest_window():
     assert hist.centre(0.6) > hist.mode() + 0.02  # inside the pruned bulk, not on its edge
 
 
+def test_model_error_curves_are_the_torch_kl(tiny_llama, texts, tmp_path):
+    """Greedy's model error, one group pruned at a time, is KL(dense ‖ pruned) of the next-token
+    distributions, here against the torch model with the same m and τ on that group alone."""
+    import openvino as ov
+    import torch
+    from transformers import AutoTokenizer
+
+    from actsparse.calibration.openvino_backend import find_groups, model_error_curves
+    from actsparse.calibration.targets import TARGET_KINDS
+    from actsparse.exports.openvino import export_openvino
+
+    ir = export_openvino(tiny_llama, tmp_path / "ir")
+    groups = find_groups(ov.Core().read_model(ir), TARGET_KINDS["mlp"])[:3]
+    tokens = AutoTokenizer.from_pretrained(tiny_llama)(texts["evaluation"].read_text()[:4000])["input_ids"]
+    chunks = np.array([tokens[:40], tokens[40:80]])
+
+    def settings(group, s):  # an arbitrary centre and threshold per group and sparsity
+        return 0.01 * groups.index(group), 5.0 * s
+
+    curves = model_error_curves(ir, groups, chunks, settings, np.array([0.0, 0.3, 0.6]))
+    dense = torch.log_softmax(torch.tensor(torch_logits(torch_model_with_plan(tiny_llama, {"layers": []}), chunks)), -1)
+    for group in groups:
+        assert curves[group.name][0] == 0
+        for j, s in ((1, 0.3), (2, 0.6)):
+            m, tau = settings(group, s)
+            plan = {"layers": [{"module": t.module, "mode": m, "threshold": tau, "target_sparsity": s}
+                               for t in group.targets]}
+            pruned = torch.log_softmax(torch.tensor(torch_logits(torch_model_with_plan(tiny_llama, plan), chunks)), -1)
+            kl = float((dense.exp() * (dense - pruned)).sum(-1).mean())
+            assert kl > 1e-6
+            assert curves[group.name][j] == pytest.approx(kl, rel=1e-3)
+
+
 @pytest.fixture(scope="module")
 def greedy_export(tiny_llama, texts, tmp_path_factory):
     return actsparse.export(str(tiny_llama), tmp_path_factory.mktemp("greedy") / "out", sparsity={"sparsity": 0.4},

@@ -20,7 +20,7 @@ from .stats import StreamingHistogram
 GRID = np.round(np.linspace(0.0, 0.95, 20), 4)
 # Sparsities at which greedy allocation probes the whole model, one group at a time (then
 # interpolated onto GRID), and the calibration samples and tokens it probes with.
-MODEL_GRID = np.array([0.0, 0.2, 0.4, 0.6, 0.8, 0.95])
+MODEL_GRID = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.95])
 MODEL_PROBE = (4, 128)
 
 

@@ -202,21 +202,25 @@ def model_error_curves(path: str | Path, groups: list[Group], chunks: np.ndarray
         result = []
         for row in chunks:
             request.reset_state()
-            y = request.infer({**feed(names, row[None]), **knob_values})[output][0].astype(np.float64)
-            if decoder:
+            y = request.infer({**feed(names, row[None]), **knob_values})[output][0]
+            if decoder:  # log-probabilities (f32: a probe's KL is far above its rounding, ~1e-8)
                 y = y - y.max(axis=-1, keepdims=True)
-                y = y - np.log(np.exp(y).sum(axis=-1, keepdims=True))  # log-probabilities
+                y = y - np.log(np.exp(y).sum(axis=-1, keepdims=True))
             else:
-                y = y.mean(axis=0)
+                y = y.mean(axis=0, dtype=np.float64)
             result.append(y)
         return result
 
-    def distance(dense: np.ndarray, y: np.ndarray) -> float:
-        if decoder:  # KL(dense ‖ pruned), mean over tokens
-            return float(np.mean(np.sum(np.exp(dense) * (dense - y), axis=-1)))
-        return float(1 - dense @ y / (np.linalg.norm(dense) * np.linalg.norm(y)))
-
     dense = outputs()
+    # KL(dense ‖ pruned) per token = Σ p·log p − Σ p·log q: the first term and p are computed once
+    probs = [np.exp(d) for d in dense] if decoder else []
+    entropy = [np.einsum("ij,ij->i", p, d, dtype=np.float64) for p, d in zip(probs, dense)]
+
+    def distance(i: int, y: np.ndarray) -> float:
+        if decoder:  # mean over tokens
+            return float(np.mean(entropy[i] - np.einsum("ij,ij->i", probs[i], y, dtype=np.float64)))
+        return float(1 - dense[i] @ y / (np.linalg.norm(dense[i]) * np.linalg.norm(y)))
+
     curves = {}
     with tqdm(total=len(groups) * len(grid), desc="model error", unit="probe", leave=False) as bar:
         for i, group in enumerate(groups):
@@ -225,7 +229,7 @@ def model_error_curves(path: str | Path, groups: list[Group], chunks: np.ndarray
                 if s > 0:
                     m, tau = settings(group, float(s))
                     knob_values.update({f"actsparse_m_{i}": np.float32(m), f"actsparse_tau_{i}": np.float32(tau)})
-                    curve[j] = np.mean([distance(d, y) for d, y in zip(dense, outputs())])
+                    curve[j] = np.mean([distance(k, y) for k, y in enumerate(outputs())])
                 bar.update()
             knob_values.update({f"actsparse_m_{i}": np.float32(0), f"actsparse_tau_{i}": np.float32(-1)})
             curves[group.name] = curve
