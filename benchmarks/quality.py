@@ -86,7 +86,7 @@ class Model:
         from actsparse.pipeline import _backend
 
         self.folder = work / name
-        self.folder.mkdir()
+        self.folder.mkdir(parents=True)
         self.core, self.backend = ov.Core(), _backend("openvino")
         self.ir = export_openvino(resolve_model(name), self.folder)
         self.groups = find_groups(self.core.read_model(self.ir), TARGET_KINDS.get(kinds, {kinds}))

@@ -68,9 +68,13 @@ def layer_costs(curves: dict[str, np.ndarray], centering: str) -> dict[str, np.n
 def allocate(groups: list[Group], sparsity: dict[str, float], costs: dict[str, np.ndarray]) -> tuple[dict[str, float], dict]:
     """Greedy per-group sparsities for the parameter-weighted budget of ``sparsity``, and a record.
 
-    ``costs`` are error curves along GRID. The greedy result is kept only if its objective (the
-    summed error) is no worse than the uniform one at the same budget; the record says which.
+    ``costs`` are error curves along GRID, each measured with its group alone pruned. Such errors
+    compound rather than add up when every group is pruned at once, so the objective is the sum
+    of their squares, which spreads the budget more evenly than their sum (SmolLM2 at 40 %:
+    perplexity ×1.089 against ×1.104). The greedy result is kept only if its objective is no
+    worse than the uniform one at the same budget; the record says which.
     """
+    costs = {name: np.square(curve) for name, curve in costs.items()}
     params = {g.name: group_params(g) for g in groups}
     uniform = {g.name: float(sparsity.get(g.sparsity_kind, 0.0)) for g in groups}
     budget = sum(params[n] * s for n, s in uniform.items()) / sum(params.values())
