@@ -110,10 +110,15 @@ class Model:
         from actsparse.evaluation import evaluate_model
         from actsparse.passes.openvino import apply_plan
 
-        histograms, curves, model_curves, sources = self.calibrate(method == "cats",
-                                                                   centering if allocation == "greedy" else None)
-        plan = build_plan(self.groups, histograms, sparsity, method=method, centering=centering, curves=curves,
-                          allocation=allocation, mask_sources=sources, model_curves=model_curves)
+        if any(sparsity.values()):
+            histograms, curves, model_curves, sources = self.calibrate(method == "cats",
+                                                                       centering if allocation == "greedy" else None)
+            plan = build_plan(self.groups, histograms, sparsity, method=method, centering=centering, curves=curves,
+                              allocation=allocation, mask_sources=sources, model_curves=model_curves)
+        else:  # the dense baseline needs no calibration
+            from actsparse.pipeline import _plan
+
+            plan, sources = _plan(self.groups, {}, {}), {}
         model = self.core.read_model(self.ir)
         apply_plan(model, plan, "sparse")
         start = time.perf_counter()
@@ -207,6 +212,13 @@ def table(results: dict) -> str:
                          f"{row['ffn_sparsity_measured']:.3f} | {quality} |")
         for method, reason in r["refused"].items():
             lines.append(f"\n{method} refused: {reason}")
+        if r.get("note"):
+            lines.append(f"\nNote: {r['note']}.")
+        if r.get("sensitivity"):
+            lines += ["", "Calibration sensitivity (scap uniform, FFN sparsity 0.4):", "",
+                      "| calibration samples × tokens | perplexity (× dense) | FFN sparsity measured |", "|---|---|---|"]
+            lines += [f"| {x['calibration_samples']} × {x['calibration_seq_len']} | {x['perplexity']:.2f} "
+                      f"({x['perplexity_ratio']:.3f}×) | {x['ffn_sparsity_measured']:.3f} |" for x in r["sensitivity"]]
     return "\n".join(lines) + "\n"
 
 
