@@ -63,8 +63,8 @@ def main() -> None:
     for name in args.models:
         model = str(tinyllama(work / "tinyllama-8l-hf")) if name == "tinyllama-8l" else name
         for runtime, fmt in itertools.product(args.runtimes, args.formats):
-            stem = work / (f"{name}-{fmt}" if runtime == "openvino" else f"{name}-{runtime}-{fmt}")
-            dense, sparse = Path(f"{stem}-dense"), Path(f"{stem}-up{args.up}-down{args.down}")
+            stem = f"{name}-{runtime}-{fmt}"
+            dense, sparse = work / f"{stem}-dense", work / f"{stem}-up{args.up}-down{args.down}"
             if not dense.exists():
                 cli("export", model, dense, "--format", runtime, "--weight-format", fmt, "--sparsity", 0)
             if not sparse.exists():

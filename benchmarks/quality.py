@@ -53,7 +53,7 @@ def main() -> None:
                "calibration": {"text": "builtin:wiki (calibration split)", "samples": args.calibration_samples,
                                "seq_len": args.calibration_seq_len}, "models": {}}
     earlier = json.loads(Path(args.merge).read_text())["models"] if args.merge else {}
-    results["models"].update((name, rows) for name, rows in earlier.items() if name not in args.models)
+    results["models"].update((name, entry) for name, entry in earlier.items() if name not in args.models)
     with tempfile.TemporaryDirectory(prefix="actsparse-quality-") as work:
         for name in args.models:
             results["models"][name] = sweep_model(name, Path(work), args)
@@ -95,15 +95,18 @@ class Model:
         self.stats = {}
 
     def calibrate(self, cats: bool, greedy_centring: str | None):
-        """Statistics (and, for greedy allocation, model error curves with that centring), once each."""
-        from actsparse.pipeline import _calibrate
+        """Statistics once per mask kind, and (for greedy allocation) model error curves once per centring."""
+        from actsparse.pipeline import _calibrate, _model_curves
 
-        key = (cats, greedy_centring)
-        if key not in self.stats:
+        if cats not in self.stats:
             sources = self.backend.cats_sources(self.core.read_model(self.ir), self.groups) if cats else {}
-            self.stats[key] = (*_calibrate(self.backend, self.ir, self.groups, self.chunks, sources, greedy_centring),
-                               sources)
-        return self.stats[key]
+            histograms, curves, _ = _calibrate(self.backend, self.ir, self.groups, self.chunks, sources)
+            self.stats[cats] = (histograms, curves, sources, {})
+        histograms, curves, sources, model_curves = self.stats[cats]
+        if greedy_centring is not None and greedy_centring not in model_curves:
+            model_curves[greedy_centring] = _model_curves(self.backend, self.ir, self.groups, self.chunks, sources,
+                                                          histograms, curves, greedy_centring)
+        return histograms, curves, model_curves.get(greedy_centring, {}), sources
 
     def evaluate(self, method: str, allocation: str, centering: str, sparsity: dict, args) -> dict:
         from actsparse.calibration.plan import build_plan, group_params

@@ -197,8 +197,7 @@ def _calibrate(backend, path, groups, chunks, sources, model_error_for: str | No
     A group masked by another tensor (cats) gets that tensor's histogram."""
     import numpy as np
 
-    from .calibration.error import GRID, MODEL_GRID, MODEL_PROBE, error_curves
-    from .calibration.plan import choose_mode
+    from .calibration.error import error_curves
     from .calibration.targets import Group
 
     probes = groups + [Group(source) for source in sources.values()]
@@ -211,17 +210,30 @@ def _calibrate(backend, path, groups, chunks, sources, model_error_for: str | No
         source = sources.get(group.name)
         curves[group.name] = error_curves(histograms[group.name], samples[group.name], weight, centred=not source,
                                           mask_rows=samples[source] if source else None)
-    model_curves = {}
-    if model_error_for is not None and hasattr(backend, "model_error_curves"):
-        def settings(group, s):
-            hist = histograms[group.name]
-            m = choose_mode(hist, s, model_error_for, curves[group.name])
-            return m, hist.threshold(m, s)
-
-        samples_, tokens = MODEL_PROBE
-        coarse = backend.model_error_curves(path, groups, chunks[:samples_, :tokens], settings, MODEL_GRID, sources)
-        model_curves = {name: np.interp(GRID, MODEL_GRID, c) for name, c in coarse.items()}
+    model_curves = ({} if model_error_for is None else
+                    _model_curves(backend, path, groups, chunks, sources, histograms, curves, model_error_for))
     return histograms, curves, model_curves
+
+
+def _model_curves(backend, path, groups, chunks, sources, histograms, curves, centering: str) -> dict:
+    """The model's output error with one group pruned at a time, along GRID (calibration.error),
+    each group centred as ``centering`` decides; empty where the backend cannot probe the model."""
+    import numpy as np
+
+    from .calibration.error import GRID, MODEL_GRID, MODEL_PROBE
+    from .calibration.plan import choose_mode
+
+    if not hasattr(backend, "model_error_curves"):
+        return {}
+
+    def settings(group, s):
+        hist = histograms[group.name]
+        m = choose_mode(hist, s, centering, curves[group.name])
+        return m, hist.threshold(m, s)
+
+    samples, tokens = MODEL_PROBE
+    coarse = backend.model_error_curves(path, groups, chunks[:samples, :tokens], settings, MODEL_GRID, sources)
+    return {name: np.interp(GRID, MODEL_GRID, c) for name, c in coarse.items()}
 
 
 def _plan(groups, histograms, sparsity, **kwargs) -> dict:
