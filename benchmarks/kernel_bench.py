@@ -4,6 +4,10 @@ For each shape (K x N), weight format and thread count: one decode step (x is [1
 - the dense MatMul, weights compressed as the export compresses them (fp16 constant, NNCF
   int8 asym per channel, NNCF int4 asym group 128), compiled by the CPU plugin, and
 - the fused ActSparseMatMul at sparsity 0/0.3/0.5/0.7/0.9 (threshold = that quantile of |x|).
+fp32 is compiled with INFERENCE_PRECISION_HINT f32, so both sides read f32 weights; bf16 is the fp32
+model under the plugin's default precision (bf16 on CPUs with AVX512-BF16 or AMX, which rounds the
+weights to bf16 at compile time) against our op with bf16 weights (export --weight-format bf16);
+the other formats use the default precision too. Each row records the precision the plugin ran.
 Reports median ms over many calls, the ratio against dense (speed-up), the bandwidth limit
 1/(1-s), the effective GB/s of weight bytes read, and the plugin's FullyConnected precision.
 
@@ -28,7 +32,7 @@ from actsparse.runtime_ext import register
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (2048, 5632)]
 SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.9]
-BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 NAME = "__module.model.layers.0.mlp.down_proj/aten::linear/MatMul"
 
 
@@ -50,11 +54,11 @@ def dense_model(k: int, n: int, fmt: str, rng) -> ov.Model:
     return model
 
 
-def fused_model(model: ov.Model, tau: float, core: ov.Core) -> ov.Model:
+def fused_model(model: ov.Model, tau: float, core: ov.Core, fmt: str) -> ov.Model:
     model = model.clone()
     group = find_groups(model, {"down"})[0]
     t = group.targets[0]
-    plan = {"layers": [{"module": t.module, "node": t.node, "kind": t.kind, "group": group.name,
+    plan = {"weight_format": fmt, "layers": [{"module": t.module, "node": t.node, "kind": t.kind, "group": group.name,
                         "in_features": t.in_features, "out_features": t.out_features, "mode": 0.0,
                         "threshold": tau, "target_sparsity": 0.5}]}
     apply_plan(model, plan, "dense")
@@ -62,9 +66,12 @@ def fused_model(model: ov.Model, tau: float, core: ov.Core) -> ov.Model:
     return materialize(model, core)
 
 
-def time_ms(models: list[ov.CompiledModel], xs: list[np.ndarray], rounds: int, calls: int = 5) -> list[float]:
+def time_ms(models: list[ov.CompiledModel], xs: list[np.ndarray], rounds: int, calls: int = 5, warm: int = 3) -> list[float]:
     """Median ms per call of each model, interleaved: every round times each model in turn, so that
-    the noise of a shared machine falls on all of them alike."""
+    the noise of a shared machine falls on all of them alike. Each model's turn starts with `warm`
+    untimed calls: every compiled model has its own TBB arena, and OpenVINO's worker threads take a
+    few calls to move to the arena that now needs them (timed without them, a 2-thread op ran at
+    about 1.5 threads' speed)."""
     requests = [m.create_infer_request() for m in models]
     for request in requests:
         for x in xs[:3]:
@@ -72,6 +79,8 @@ def time_ms(models: list[ov.CompiledModel], xs: list[np.ndarray], rounds: int, c
     times = [[] for _ in models]
     for r in range(rounds):
         for request, samples in zip(requests, times):
+            for i in range(warm):
+                request.infer({0: xs[i]})
             for i in range(calls):
                 start = time.perf_counter()
                 request.infer({0: xs[(r * calls + i) % len(xs)]})
@@ -102,13 +111,17 @@ def main() -> None:
         rounds = 6 if args.quick else 12
         for fmt in args.formats:
             dense = dense_model(k, n, fmt, rng)
-            fused = {s: fused_model(dense, float(np.quantile(np.abs(np.concatenate(xs)), s)), core) for s in SPARSITIES}
+            fused = {s: fused_model(dense, float(np.quantile(np.abs(np.concatenate(xs)), s)), core, fmt)
+                     for s in SPARSITIES}
             for threads in args.threads:
                 config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+                if fmt == "fp32":
+                    config["INFERENCE_PRECISION_HINT"] = "f32"
                 compiled = core.compile_model(dense, "CPU", config)
                 dense_ms, *sparse_ms = time_ms([compiled] + [core.compile_model(m, "CPU", config) for m in fused.values()],
                                                xs, rounds)
                 row = {"K": k, "N": n, "format": fmt, "threads": threads, "dense_ms": dense_ms,
+                       "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
                        "dense_fc_precision": fc_precision(compiled),
                        "dense_gbps": k * n * BYTES[fmt] / dense_ms / 1e6, "sparse": []}
                 for s, ms in zip(fused, sparse_ms):

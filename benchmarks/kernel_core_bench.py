@@ -16,7 +16,7 @@ from actsparse.runtime_ext import kernels as ks
 from actsparse.runtime_ext.kernels import PackedWeight
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (2048, 5632)]
-FORMATS = ["f32", "f16", "u8", "u4"]
+FORMATS = ["f32", "bf16", "f16", "u8", "u4"]
 SPARSITIES = [0.0, 0.5, 0.9]
 G = 128
 
@@ -24,8 +24,8 @@ G = 128
 def make(fmt, K, N, rng):
     if fmt == "f32":
         return ks.pack_f32(rng.standard_normal((K, N), np.float32))
-    if fmt == "f16":
-        return ks.pack_f16(rng.standard_normal((K, N), np.float32))
+    if fmt in ("f16", "bf16"):
+        return (ks.pack_f16 if fmt == "f16" else ks.pack_bf16)(rng.standard_normal((K, N), np.float32))
     if fmt == "u8":
         return ks.pack_u8(rng.integers(0, 256, (K, N), np.uint8), np.full(N, 0.01), np.full(N, 128.0))
     return ks.pack_u4(rng.integers(0, 16, (K, N), np.uint8), np.full((K // G, N), 0.1), np.full((K // G, N), 8.0), G)

@@ -71,15 +71,17 @@ def assert_close_through_flips(got: np.ndarray, expected: np.ndarray, exact_posi
 
     Inputs within float rounding of τ may be pruned in one and kept in the other; attention
     then carries such a flip to every later position. So: equal to float tolerance over the
-    first positions, and the same predictions and close distributions (mean KL < 0.02; a flip
-    costs about 0.01–0.05 per later position, a real error is far larger) everywhere.
+    first positions, and the same predictions and close distributions everywhere: mean KL < 0.045.
+    Measured on SmolLM2 (64 tokens, up 0.3 / down 0.5): one flip at position 20 costs a mean KL
+    of 0.025 (OpenVINO's stock unfused pattern against torch, on a Zen 5 CPU); thresholds 10 % off
+    cost 0.07–0.11, no pruning at all 0.094.
     """
     from scipy.special import log_softmax
 
     np.testing.assert_allclose(got[:, :exact_positions], expected[:, :exact_positions], atol=1e-3, rtol=1e-3)
     assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.95
     log_p, log_q = log_softmax(expected.astype(np.float64), -1), log_softmax(got.astype(np.float64), -1)
-    assert (np.exp(log_p) * (log_p - log_q)).sum(-1).mean() < 0.02
+    assert (np.exp(log_p) * (log_p - log_q)).sum(-1).mean() < 0.045
 
 
 def make_weight(fmt: str, K: int, N: int, G: int, rng):
@@ -90,6 +92,8 @@ def make_weight(fmt: str, K: int, N: int, G: int, rng):
         return ks.pack_f32(rng.standard_normal((K, N)))
     if fmt == "f16":
         return ks.pack_f16(rng.standard_normal((K, N)))
+    if fmt == "bf16":
+        return ks.pack_bf16(rng.standard_normal((K, N)))
     if fmt == "u8":
         return ks.pack_u8(rng.integers(0, 256, (K, N)), rng.uniform(0.001, 0.02, N), rng.integers(100, 156, N))
     ng = K // G

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import openvino as ov
 import pytest
+import torch
 from openvino import opset13 as ops
 
 import actsparse
@@ -82,6 +83,26 @@ def test_one_node_matches_numpy_and_the_unfused_pattern(fmt, n, k, mode):
     expected = pruned_input(x, mode, tau) @ dequant.T
     np.testing.assert_allclose(fused, expected, rtol=1e-4, atol=1e-4 * np.abs(x).sum(-1, keepdims=True).max())
     np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=1e-4 * np.abs(x).sum(-1, keepdims=True).max())
+
+
+def test_bf16_plan_stores_fused_weights_in_bf16():
+    """weight format bf16: the fused op holds W rounded to bf16 (half the bytes) and computes with it."""
+    k, n, mode, tau = 96, 2100, 0.25, 0.6  # n spans two stored column tiles
+    model, plan, dequant = _one_matmul("f32", n, k, mode, tau, "sparse")
+    plan["weight_format"] = "bf16"
+    x = RNG.normal(size=(2, 3, k)).astype(np.float32)
+    unfused = _run(model, x)
+    assert fuse(model, plan) == {"fused": 1, "refused": 0}
+    op = next(o for o in model.get_ordered_ops() if o.get_type_name() == OP_TYPE)
+    assert op.get_attributes()["weight_format"] == "bf16"
+    assert op.input_value(1).get_node().get_byte_size() == 2 * k * n
+    fused = _run(model, x)
+    w_bf16 = torch.from_numpy(dequant).to(torch.bfloat16).float().numpy()  # torch's rounding, not ours
+    atol = 1e-4 * np.abs(x).sum(-1, keepdims=True).max()
+    # z'·W in bf16; the folded bias m·rowsum(W) keeps the f32 weights
+    expected = (pruned_input(x, mode, tau) - np.float32(mode)) @ w_bf16.T + mode * dequant.sum(1)
+    np.testing.assert_allclose(fused, expected, rtol=1e-4, atol=atol)
+    assert np.abs(fused - unfused).max() < 2 ** -8 * (np.abs(pruned_input(x, mode, tau)) @ np.abs(dequant.T)).max()
 
 
 @pytest.mark.parametrize("fmt", ["f32", "f16", "u8", "u4"])

@@ -15,9 +15,10 @@ try:
 except (FileNotFoundError, OSError) as e:  # library not built
     skip_without_extension(f"the kernel core library is not built ({e})")
 
-FORMATS = ["f32", "f16", "u8", "u4"]
-SHAPES = [(1, 1), (7, 3), (64, 17), (130, 33), (64, 100), (7, 1), (130, 100)]
-U4_SHAPES = [(32, 1), (64, 17), (128, 33), (256, 100), (384, 3)]  # (K, N); G from GROUPS dividing K
+FORMATS = ["f32", "f16", "bf16", "u8", "u4"]
+# (K, N); N > 2048 spans several stored column tiles (ks.TILE_COLS), the last one partial
+SHAPES = [(1, 1), (7, 3), (64, 17), (130, 33), (64, 100), (7, 1), (130, 100), (33, 4500)]
+U4_SHAPES = [(32, 1), (64, 17), (128, 33), (256, 100), (384, 3), (64, 4101)]  # G from GROUPS dividing K
 GROUPS = [32, 64, 128]
 
 
@@ -52,6 +53,27 @@ def cases():
                  [(K, N, 0) for (K, N) in SHAPES]
         for (K, N, G), M in itertools.product(shapes, [1, 2, 5, 64]):
             yield pytest.param(fmt, K, N, G, M, id=f"{fmt}-K{K}-N{N}-G{G}-M{M}")
+
+
+def test_tile_major_layout():
+    """Stored bytes: tile t (TILE_COLS columns, the last one narrower) holds rows 0..K-1 of its columns."""
+    a = np.arange(3 * 4200, dtype=np.float32).reshape(3, 4200)
+    tiled = ks.pack_f32(a).data
+    expect = np.concatenate([a[:, :2048].ravel(), a[:, 2048:4096].ravel(), a[:, 4096:].ravel()])
+    assert ks.TILE_COLS == 2048 and tiled.shape == a.shape
+    np.testing.assert_array_equal(tiled.ravel(), expect)
+    np.testing.assert_array_equal(ks.from_tiles(tiled, "f32"), a)
+    q = np.arange(2 * 4101).reshape(2, 4101) % 16
+    np.testing.assert_array_equal(ks.dequantize(ks.pack_u4(q, np.ones((1, 4101)), np.zeros((1, 4101)), 2)), q)
+
+
+def test_bf16_rounding_is_torch_s():
+    torch = pytest.importorskip("torch")
+    w = np.concatenate([np.random.default_rng(0).standard_normal(10000) * 10.0 ** np.arange(-20, 20, 0.004),
+                        [0.0, -0.0, np.inf, -np.inf, 3.4e38, 1e-40]]).astype(np.float32)
+    expect = torch.from_numpy(w).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(ks.to_bf16(w), expect)
+    assert np.isnan(ks.dequantize(ks.pack_bf16(np.full((1, 3), np.nan, np.float32)))).all()
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -19,13 +19,14 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-SHAPES = [(1, 1), (7, 3), (64, 17), (130, 33), (1, 40), (100, 1)]  # (K, N): not multiples of the vector width
+# (K, N): not multiples of the vector width; N > 2048 spans several stored column tiles
+SHAPES = [(1, 1), (7, 3), (64, 17), (130, 33), (1, 40), (100, 1), (9, 4500)]
 U4_SHAPES = [(32, 1), (64, 17), (128, 33), (256, 100), (384, 3)]
 GROUPS = [32, 64, 128]
 
 
 def weight_cases():
-    for fmt in ("f32", "f16", "u8"):
+    for fmt in ("f32", "f16", "bf16", "u8"):
         for K, N in SHAPES:
             yield pytest.param(fmt, K, N, 0, id=f"{fmt}-K{K}-N{N}")
     for K, N in U4_SHAPES:
@@ -35,8 +36,8 @@ def weight_cases():
 
 
 def make_model(packed, bias, mode, tau, prefill="dense", rank=3) -> bytes:
-    """One ActSparseMatMul node; the weight (raw bytes for f16/u8/u4) and params are initializers."""
-    data = packed.data.view(np.uint8) if packed.format == "f16" else packed.data
+    """One ActSparseMatMul node; the weight (raw bytes for f16/bf16/u8/u4) and params are initializers."""
+    data = packed.data.view(np.uint8) if packed.format in ("f16", "bf16") else packed.data
     params = [p.reshape(-1) for p in (bias, packed.scale, packed.zero_point) if p is not None]
     params = np.concatenate(params).astype(np.float32) if params else np.zeros(0, np.float32)
     node = helper.make_node("ActSparseMatMul", ["x", "weight", "params"], ["y"], domain="ai.actsparse",
@@ -98,7 +99,7 @@ def test_formats_and_shapes(fmt, K, N, G):
             check(y, ref, scale, f"{fmt} x{shape} threads={threads}")
 
 
-@pytest.mark.parametrize("fmt", ["f32", "f16", "u8", "u4"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "u8", "u4"])
 def test_prefill_dense_and_sparse(fmt):
     rng = np.random.default_rng(1)
     packed = make_weight(fmt, 256, 130, 64, rng)
@@ -113,7 +114,7 @@ def test_prefill_dense_and_sparse(fmt):
     assert np.abs(ref - dense).max() > 1e-3, "the sparse case must differ from dense to test anything"
 
 
-@pytest.mark.parametrize("fmt", ["f32", "f16", "u8", "u4"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "u8", "u4"])
 def test_all_pruned_gives_bias_and_none_pruned_is_dense(fmt):
     rng = np.random.default_rng(2)
     packed = make_weight(fmt, 128, 37, 32, rng)
@@ -127,7 +128,7 @@ def test_all_pruned_gives_bias_and_none_pruned_is_dense(fmt):
         check(y, ref, scale, f"{fmt} τ=0 threads={threads}")
 
 
-@pytest.mark.parametrize("fmt", ["f32", "f16", "u8", "u4"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "u8", "u4"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nonfinite_inputs_propagate(fmt, bad):
     rng = np.random.default_rng(3)
@@ -178,7 +179,7 @@ def test_concurrent_runs_on_one_and_two_sessions():
     assert not errors, errors[0]
 
 
-@pytest.mark.parametrize("fmt,G", [("f32", 0), ("f16", 0), ("u8", 0), ("u4", 32), ("u4", 64), ("u4", 128)])
+@pytest.mark.parametrize("fmt,G", [("f32", 0), ("f16", 0), ("bf16", 0), ("u8", 0), ("u4", 32), ("u4", 64), ("u4", 128)])
 @pytest.mark.parametrize("prefill", ["dense", "sparse"])
 def test_openvino_reads_the_same_onnx(tmp_path, fmt, G, prefill):
     import openvino as ov

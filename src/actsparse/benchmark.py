@@ -31,7 +31,8 @@ def bench(output: str | os.PathLike, baseline: str | os.PathLike, *, prompt_toke
     result = {"model": str(output), "baseline": str(baseline), "prompt_tokens": prompt_tokens,
               "decode_tokens": decode_tokens, "runs": runs, "threads": threads}
     for name, rows in samples.items():
-        result[name] = {key: float(np.median([r[key] for r in rows])) for key in rows[0]}
+        result[name] = {key: rows[0][key] if isinstance(rows[0][key], str) else float(np.median([r[key] for r in rows]))
+                        for key in rows[0]}
     result["decode_speedup"] = result["dense"]["decode_ms_per_token"] / result["sparse"]["decode_ms_per_token"]
     result["prefill_ratio"] = result["sparse"]["prefill_ms"] / result["dense"]["prefill_ms"]
     result["memory_ratio"] = result["sparse"]["peak_rss_mb"] / result["dense"]["peak_rss_mb"]
@@ -86,7 +87,7 @@ def _worker(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int) 
         from .calibration.onnx_backend import time_decode
 
         return {**time_decode(folder, prompt_tokens, decode_tokens, threads or None),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "inference_precision": "f32"}
     import openvino as ov
 
     from .calibration.openvino_backend import feed
@@ -114,7 +115,9 @@ def _worker(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int) 
             steps.append(time.perf_counter() - start) if rep else None
             token = logits[:, -1:].argmax(-1).astype(np.int64)
     return {"prefill_ms": 1e3 * float(np.median(prefill[1:])), "decode_ms_per_token": 1e3 * float(np.median(steps)),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            # the plugin's choice for this CPU: f32, or bf16 where it has AVX512-BF16/AMX (weights rounded too)
+            "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").to_string()}
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def run_bench(args: argparse.Namespace) -> int:
         for name in ("dense", "sparse"):
             r = result[name]
             print(f"{name:6s} decode {r['decode_ms_per_token']:7.2f} ms/token   prefill({args.prompt_tokens}) "
-                  f"{r['prefill_ms']:8.1f} ms   peak RSS {r['peak_rss_mb']:7.0f} MB")
+                  f"{r['prefill_ms']:8.1f} ms   peak RSS {r['peak_rss_mb']:7.0f} MB   {r['inference_precision']}")
         print(f"decode speed-up {result['decode_speedup']:.3f}x (Amdahl limit {result['amdahl_limit']:.3f}x), "
               f"prefill {result['prefill_ratio']:.3f}x dense, memory {result['memory_ratio']:.3f}x dense")
     return 0

@@ -15,17 +15,20 @@ PROMPT = "The capital of France is"
 def demo(output: str | None = None, force: bool = False, model: str = DEFAULT_MODEL, eval_samples: int = 16) -> dict:
     from .benchmark import bench
     from .evaluation import evaluate
+    from .exports.openvino import cpu_runs_bf16
     from .pipeline import export
 
     if output is not None and Path(output).exists() and not force:
         raise ActSparseError(f"output folder {output} already exists (use --force to overwrite)")
+    # where OpenVINO runs the dense model in bf16, fused weights in f32 would read twice its bytes
+    weight_format = "bf16" if cpu_runs_bf16() else "fp32"
     with tempfile.TemporaryDirectory(prefix="actsparse-demo-") as scratch:
         root = Path(output) if output is not None else Path(scratch)
         runs = {}
         for name, sparsity in (("dense", {}), ("sparse", DEMO_SPARSITY)):
-            print(f"[{name}] exporting {model} with sparsity {sparsity or 0}")
+            print(f"[{name}] exporting {model} with sparsity {sparsity or 0}, weight format {weight_format}")
             start = time.perf_counter()
-            folder = export(model, root / name, sparsity=sparsity, force=force)
+            folder = export(model, root / name, sparsity=sparsity, weight_format=weight_format, force=force)
             seconds = time.perf_counter() - start
             print(f"[{name}] evaluating on held-out Wikipedia text")
             runs[name] = {"folder": folder, "export_s": seconds, **evaluate(folder, samples=eval_samples)}
@@ -46,6 +49,8 @@ def demo(output: str | None = None, force: bool = False, model: str = DEFAULT_MO
     print(f"  decode: {speed['dense']['decode_ms_per_token']:.1f} -> {speed['sparse']['decode_ms_per_token']:.1f} "
           f"ms/token = {speed['decode_speedup']:.2f}x dense (limit {speed['amdahl_limit']:.2f}x at this sparsity; "
           f"one short run: use `actsparse bench` for medians)")
+    print(f"  OpenVINO ran both in {speed['dense']['inference_precision']} "
+          f"(weight format {weight_format}: {'fused weights in bf16' if weight_format == 'bf16' else 'f32 weights'})")
     print(f"  sparse model says: {PROMPT!r} -> {text!r}")
     if output is not None:
         print(f"  exports kept in {root}/dense and {root}/sparse")

@@ -134,6 +134,7 @@ def export(model: str, output: str | os.PathLike, *, format: str = "openvino", w
         new_plan = _plan(groups, histograms, sparsity, method=method, centering=mode_centering, targets=targets,
                          prefill=prefill, source_model=str(model), calibration=calib_info, curves=curves,
                          allocation=allocation, fixed=fixed, mask_sources=sources, model_curves=model_curves)
+        new_plan["weight_format"] = weight_format  # the fusion reads it (bf16: fused weights in bf16)
         model_graph = backend.read(path)
         counts = backend.apply_plan(model_graph, new_plan, prefill)
         if fuse and counts["masks"]:
@@ -143,7 +144,6 @@ def export(model: str, output: str | os.PathLike, *, format: str = "openvino", w
                             problem)
             else:
                 counts.update(backend.fuse(model_graph, new_plan))
-        new_plan["weight_format"] = weight_format
         new_plan["passes"] = counts
         steps.update()
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from .._common import ActSparseError
 
-WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+# bf16: the IR is fp32 (OpenVINO picks the inference precision: bf16 by default on CPUs with AVX512-BF16
+# or AMX), and the fused ActSparseMatMul ops store their weights in bf16, half the bytes of fp32.
+WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
 IR_NAME = "openvino_model.xml"
 
 
@@ -19,6 +21,13 @@ def int4_group_size(hf_dir: Path) -> int:
     config = json.loads((hf_dir / "config.json").read_text())
     sizes = [config.get(k) for k in ("hidden_size", "intermediate_size", "n_embd", "d_model") if config.get(k)]
     return next((g for g in (128, 64, 32) if all(s % g == 0 for s in sizes)), 32)
+
+
+def cpu_runs_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin runs fp32 models in bf16 by default on this machine."""
+    import openvino as ov
+
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string() == "bf16"
 
 
 def compress_weights(ir: Path, weight_format: str, group_size: int) -> None:
@@ -75,7 +84,7 @@ def export_openvino(hf_dir: Path, output: Path, weight_format: str = "fp32") -> 
             logging.getLogger("openvino.frontend.pytorch.utils").setLevel(logging.CRITICAL)
             task = "text-generation-with-past" if is_decoder(hf_dir) else "feature-extraction"
             main_export(str(hf_dir), output, task=task, ov_config=OVConfig(dtype="fp32"), convert_tokenizer=False)
-            if weight_format != "fp32":
+            if weight_format not in ("fp32", "bf16"):
                 compress_weights(output / IR_NAME, weight_format, int4_group_size(hf_dir))
     except ActSparseError:
         raise

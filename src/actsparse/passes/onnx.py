@@ -11,7 +11,7 @@ which is exact for an unpruned token since ``x·W = (x − m)·W + m·rowsum(W)`
 the weight as the runtime multiplies it, dequantized for int8); it runs on any ONNX runtime.
 :func:`fuse` then replaces each group's pattern by one ``ai.actsparse::ActSparseMatMul`` over the
 group's weights concatenated along N (followed by a Split), with the OpenVINO op's node contract:
-inputs x, weight ``[K, N]`` (f32, or u8 codes), params ``[b' | scale | zero_point]``.
+inputs x, weight ``[K, N]`` (f32, or u8 codes; bytes in the kernels' tile-major order), params ``[b' | scale | zero_point]``.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from .._common import ActSparseError
 from ..calibration.onnx_backend import LINEAR_OPS, Index, consumers, dequantized, gemm_bias, read_weight, weight_refusal
 from ..calibration.plan import group_settings
 from ..runtime_ext import ONNX_DOMAIN, OP_TYPE
+from ..runtime_ext.kernels import to_tiles
 
 log = logging.getLogger("actsparse")
 KEEP_DENSE = "keep_dense"
@@ -171,7 +172,7 @@ def fuse(model: onnx.ModelProto, plan: dict) -> dict[str, int]:
         params = [np.concatenate([_bias(index, mm, f, n) for mm, f, n in zip(matmuls, folds, widths)])]
         if fmt == "u8":
             params += [np.concatenate([w[i] for w in weights]) for i in (2, 3)]
-        new_inits += [numpy_helper.from_array(np.ascontiguousarray(np.concatenate([w[1] for w in weights], axis=1)),
+        new_inits += [numpy_helper.from_array(to_tiles(np.concatenate([w[1] for w in weights], axis=1), fmt),
                                               f"{prefix}/weight"),
                       numpy_helper.from_array(np.concatenate(params).astype(np.float32), f"{prefix}/params")]
         outputs = [(f if f is not None else mm).output[0] for mm, f in zip(matmuls, folds)]

@@ -4,11 +4,13 @@
         ⇒  ActSparseMatMul(x, pack(W), [b' = m·rowsum W | scale | zero_point]; m, τ, prefill)
 
 The op computes the same function (see passes/openvino.py), so the fusion is exact up to
-float summation order. W is re-laid out input-channel-major ``[K, N]`` here, once: a pruned
-input channel is then one contiguous weight row that the kernel never reads. Compressed
+float summation order. W is re-laid out input-channel-major ``[K, N]`` here, once, in column tiles
+(``kernels.to_tiles``): a pruned input channel is then one contiguous slice per tile that the kernel
+never reads, and the slices of live channels follow one another. Compressed
 weights keep their integer codes: u8 per output channel, u4 group-wise (two codes a byte,
-low nibble first along N; the kernels' own packer), with f32 scales and zero points; f16 weights are stored as their
-raw bytes (u8) so that no plugin widens them to f32. The layout replaces the original
+low nibble first along N; the kernels' own packer), with f32 scales and zero points; f16 weights, and f32
+weights of a plan whose weight format is bf16 (rounded to nearest even), are stored as their raw bytes (u8) so
+that no plugin widens them to f32. The layout replaces the original
 constant, so the model holds one copy of the weights.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from openvino import opset13 as ops
 
 from ..calibration.plan import group_settings
 from ..runtime_ext import OP_TYPE, OPENVINO_OPSET
-from ..runtime_ext.kernels import pack_u4
+from ..runtime_ext.kernels import pack_u4, to_bf16, to_tiles
 from .openvino import KEEP_DENSE, _prefix
 
 log = logging.getLogger("actsparse")
@@ -169,6 +171,8 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
         widths = [t.out_features for t in group.targets]
         fmt, group_size = weights[0][0], weights[0][4]
         data = np.concatenate([w[1] for w in weights], axis=1)
+        if fmt == "f32" and plan.get("weight_format") == "bf16":  # rounded once, stored as raw bytes like f16
+            fmt, data = "bf16", to_bf16(data).view(np.uint8)
         params = []
         if any(f is not None for f in folds):
             params.append(np.concatenate([f.input_value(1).get_node().get_data().ravel() if f is not None
@@ -176,8 +180,7 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
         if fmt in ("u8", "u4"):
             scale, zero_point = (np.concatenate([w[i] for w in weights], axis=-1) for i in (2, 3))
             params += [scale, zero_point]
-            if fmt == "u4":
-                data = pack_u4(data, scale, zero_point, group_size).data
+        data = pack_u4(data, scale, zero_point, group_size).data if fmt == "u4" else to_tiles(data, fmt)
         params = np.concatenate([p.ravel().astype(np.float32) for p in params]) if params else np.zeros(0, np.float32)
         op = ActSparseMatMul([x, ops.constant(data).output(0),
                               ops.constant(params).output(0)],

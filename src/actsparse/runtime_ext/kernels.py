@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-FORMATS = {"f32": 0, "f16": 1, "u8": 2, "u4": 3}
+FORMATS = {"f32": 0, "f16": 1, "u8": 2, "u4": 3, "bf16": 4}
 _LIB_NAME = "libactsparse_core_capi.so"
 _lib = None
 
@@ -52,10 +52,43 @@ def best_kernel() -> str:
     return _load().actsparse_core_best_kernel().decode()
 
 
+TILE_COLS = 2048  # kTileCols of actsparse_core.hpp: the stored layout, baked into exported models
+
+
+def row_bytes(fmt: str, n: int) -> int:
+    """Bytes of n columns of one stored row (u4: two codes a byte)."""
+    return {"f32": 4 * n, "f16": 2 * n, "bf16": 2 * n, "u8": n, "u4": (n + 1) // 2}[fmt]
+
+
+def to_tiles(data: np.ndarray, fmt: str) -> np.ndarray:
+    """Input-channel-major ``[K, row bytes]`` data in the kernel's tile-major order, same shape and dtype.
+
+    Columns are cut into tiles of TILE_COLS; tile t holds its K row slices one after another.
+    """
+    b = np.ascontiguousarray(data).view(np.uint8).reshape(data.shape[0], -1)
+    tb = row_bytes(fmt, TILE_COLS)
+    return np.concatenate([b[:, i:i + tb].ravel() for i in range(0, b.shape[1], tb)] or [b.ravel()]).view(
+        data.dtype).reshape(data.shape)
+
+
+def from_tiles(data: np.ndarray, fmt: str) -> np.ndarray:
+    """The inverse of :func:`to_tiles`."""
+    flat = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    K = data.shape[0]
+    out = np.empty((K, flat.size // max(K, 1)), np.uint8)
+    tb, pos = row_bytes(fmt, TILE_COLS), 0
+    for i in range(0, out.shape[1], tb):
+        w = min(tb, out.shape[1] - i)
+        out[:, i:i + w] = flat[pos:pos + K * w].reshape(K, w)
+        pos += K * w
+    return out.view(data.dtype).reshape(data.shape)
+
+
 @dataclass
 class PackedWeight:
-    """Weight [K, N] stored input-channel-major (row k = the N outputs of input channel k)."""
-    format: str                          # 'f32' | 'f16' | 'u8' | 'u4'
+    """Weight [K, N] stored input-channel-major (row k = the N outputs of input channel k), tile-major
+    (:func:`to_tiles`): ``data`` has the shape of the row-major array, its bytes are in tile order."""
+    format: str                          # 'f32' | 'f16' | 'bf16' | 'u8' | 'u4'
     K: int
     N: int
     group_size: int                      # u4: K-group size; u8: K; f32/f16: 0
@@ -65,7 +98,7 @@ class PackedWeight:
 
     @property
     def row_bytes(self) -> int:
-        return {"f32": 4 * self.N, "f16": 2 * self.N, "u8": self.N, "u4": (self.N + 1) // 2}[self.format]
+        return row_bytes(self.format, self.N)
 
 
 def _f32(a) -> np.ndarray:
@@ -74,18 +107,30 @@ def _f32(a) -> np.ndarray:
 
 def pack_f32(w_kn) -> PackedWeight:
     w = _f32(w_kn)
-    return PackedWeight("f32", w.shape[0], w.shape[1], 0, w)
+    return PackedWeight("f32", w.shape[0], w.shape[1], 0, to_tiles(w, "f32"))
 
 
 def pack_f16(w_kn) -> PackedWeight:
     w = np.ascontiguousarray(np.asarray(w_kn, dtype=np.float16)).view(np.uint16)
-    return PackedWeight("f16", w.shape[0], w.shape[1], 0, w)
+    return PackedWeight("f16", w.shape[0], w.shape[1], 0, to_tiles(w, "f16"))
+
+
+def to_bf16(w) -> np.ndarray:
+    """float32 → bf16 bits (uint16), rounded to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(u.view(np.float32)), ((u >> 16) | 0x40).astype(np.uint16), rounded)
+
+
+def pack_bf16(w_kn) -> PackedWeight:
+    w = to_bf16(w_kn)
+    return PackedWeight("bf16", w.shape[0], w.shape[1], 0, to_tiles(w, "bf16"))
 
 
 def pack_u8(q_kn, scale, zp) -> PackedWeight:
     q = np.ascontiguousarray(q_kn, dtype=np.uint8)
     K, N = q.shape
-    return PackedWeight("u8", K, N, K, q, _f32(scale).reshape(N), _f32(zp).reshape(N))
+    return PackedWeight("u8", K, N, K, to_tiles(q, "u8"), _f32(scale).reshape(N), _f32(zp).reshape(N))
 
 
 def pack_u4(q_kn, scale, zp, group_size: int) -> PackedWeight:
@@ -99,22 +144,25 @@ def pack_u4(q_kn, scale, zp, group_size: int) -> PackedWeight:
         q = np.concatenate([q, np.zeros((K, 1), np.uint8)], axis=1)
     packed = np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4))  # even n -> low nibble
     ng = K // group_size
-    return PackedWeight("u4", K, N, group_size, packed, _f32(scale).reshape(ng, N), _f32(zp).reshape(ng, N))
+    return PackedWeight("u4", K, N, group_size, to_tiles(packed, "u4"), _f32(scale).reshape(ng, N), _f32(zp).reshape(ng, N))
 
 
 def dequantize(packed: PackedWeight) -> np.ndarray:
     """Independent numpy reference: float32 [K, N]."""
     K, N = packed.K, packed.N
+    data = from_tiles(packed.data, packed.format)
     if packed.format == "f32":
-        return packed.data.astype(np.float32)
+        return data.astype(np.float32)
     if packed.format == "f16":
-        return packed.data.view(np.float16).astype(np.float32)
+        return data.view(np.float16).astype(np.float32)
+    if packed.format == "bf16":
+        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     if packed.format == "u8":
-        return (packed.data.astype(np.float32) - packed.zero_point[None, :]) * packed.scale[None, :]
+        return (data.astype(np.float32) - packed.zero_point[None, :]) * packed.scale[None, :]
     if packed.format == "u4":
-        q = np.empty((K, 2 * packed.data.shape[1]), np.float32)
-        q[:, 0::2] = packed.data & 0xF
-        q[:, 1::2] = packed.data >> 4
+        q = np.empty((K, 2 * data.shape[1]), np.float32)
+        q[:, 0::2] = data & 0xF
+        q[:, 1::2] = data >> 4
         g = np.arange(K) // packed.group_size
         return (q[:, :N] - packed.zero_point[g]) * packed.scale[g]
     raise ValueError(packed.format)

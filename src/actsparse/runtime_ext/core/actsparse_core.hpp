@@ -1,5 +1,7 @@
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
@@ -7,16 +9,46 @@
 
 namespace actsparse {
 
-enum class WeightFormat : int { F32 = 0, F16 = 1, U8 = 2, U4 = 3 };
+enum class WeightFormat : int { F32 = 0, F16 = 1, U8 = 2, U4 = 3, BF16 = 4 };
+
+// The two helpers below are static (internal linkage): every translation unit, the AVX-512 ones
+// included, gets its own copy, so no copy compiled for one ISA can be picked by the linker for another.
+
+// Bytes of n consecutive columns of one stored row (u4: two codes a byte, even column in the low nibble).
+static constexpr int64_t row_bytes(WeightFormat f, int64_t n) {
+  return f == WeightFormat::F32 ? 4 * n : f == WeightFormat::F16 || f == WeightFormat::BF16 ? 2 * n
+       : f == WeightFormat::U8 ? n : (n + 1) / 2;
+}
+
+// A bf16 value (2 bytes at p, little-endian) is the high half of an f32.
+static inline float bf16_to_float(const uint8_t* p) {
+  const uint32_t bits = uint32_t(p[0]) << 16 | uint32_t(p[1]) << 24;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+// Weights are stored input-channel-major in column tiles: the columns are cut into tiles of kTileCols
+// (the last one narrower), and tile t holds its K rows one after another, row stride
+// row_bytes(format, width of t). A decode step then streams each live row's slice of a tile from one
+// contiguous block (at sparsity 0 the whole tile is one sequential stream), not one slice every N columns.
+constexpr int64_t kTileCols = 2048;
 
 struct PackedWeight {
   WeightFormat format;
   int64_t K, N;
-  int64_t group_size;       // U4: K-group size; U8: K; F32/F16: 0
-  const void* data;
+  int64_t group_size;       // U4: K-group size; U8: K; F32/F16/BF16: 0
+  const void* data;         // tile-major, see kTileCols
   const float* scale;       // U8: [N]; U4: [(K/G)*N]; null otherwise
   const float* zero_point;  // same shape as scale; null otherwise
 };
+
+// Row k of the tile holding column n, and n's column within that tile.
+static inline const uint8_t* tile_row(const PackedWeight& w, int64_t k, int64_t n, int64_t& col) {
+  const int64_t t = n / kTileCols, width = std::min(kTileCols, w.N - t * kTileCols);
+  col = n - t * kTileCols;
+  return static_cast<const uint8_t*>(w.data) + t * w.K * row_bytes(w.format, kTileCols) + k * row_bytes(w.format, width);
+}
 
 struct Executor {  // runs fn(0..ntasks-1), maybe in parallel
   virtual ~Executor() = default;

@@ -34,7 +34,7 @@ __attribute__((visibility("default"))) int actsparse_core_matmul(
     const float* scale, const float* zero_point, const float* bias, float mode, float threshold, int mask, float* y,
     int threads, const char* kernel) {
   try {
-    if (format < 0 || format > 3) throw std::invalid_argument("actsparse: format must be 0..3");
+    if (format < 0 || format > 4) throw std::invalid_argument("actsparse: format must be 0..4");
     const actsparse::PackedWeight w{actsparse::WeightFormat(format), K, N, group_size, data, scale, zero_point};
     actsparse::Params p;
     p.mode = mode;

@@ -41,10 +41,6 @@ const KernelEntry* find_kernel(const char* name) {
   throw std::invalid_argument(std::string("unknown kernel: ") + name);
 }
 
-int64_t row_bytes(WeightFormat f, int64_t n) {
-  return f == WeightFormat::F32 ? 4 * n : f == WeightFormat::F16 ? 2 * n : f == WeightFormat::U8 ? n : (n + 1) / 2;
-}
-
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
@@ -54,7 +50,6 @@ int64_t env_int(const char* name, int64_t dflt) {
 }
 
 // Measurement knobs, read once (not on every call of the decode path).
-const int64_t kTileBytes = env_int("ACTSPARSE_TILE_BYTES", 8192);
 const int64_t kParBytes = env_int("ACTSPARSE_PAR_BYTES", 128 << 10);
 const char kForceSplit = [] {
   const char* s = std::getenv("ACTSPARSE_SPLIT");
@@ -76,18 +71,10 @@ struct LiveRow {
   float* gsum;         // U4: sum of z per group
 };
 
-constexpr int64_t kMaxTile = 2048;
-
-// Columns per L1 accumulator tile: long runs per live row (measured: 8 KiB f32 runs beat 2 KiB by ~30%).
-int64_t tile_cols(WeightFormat f) {
-  const int64_t t = kTileBytes;
-  return std::clamp<int64_t>(round_up(t * 2 / std::max<int64_t>(row_bytes(f, 2), 1), 128), 128, kMaxTile);
-}
-
 void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
             float* y, const Executor& ex) {
   const WeightFormat f = w.format;
-  const int64_t K = w.K, N = w.N, rb = row_bytes(f, N);
+  const int64_t K = w.K, N = w.N, rb = row_bytes(f, N);  // bytes of one whole (all-tile) row
   const int64_t ng = f == WeightFormat::U4 ? K / w.group_size : 1;
   auto idx_buf = scratch<int32_t>(M * K);
   auto z_buf = scratch<float>(M * K);
@@ -125,11 +112,9 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
     live_total += L;
   }
 
-  const auto* data = static_cast<const uint8_t*>(w.data);
   const int conc = std::max(1, ex.concurrency());
   // Below ~128 KiB of weights a thread hand-off costs more than it saves.
   const bool par = conc > 1 && live_total * rb >= kParBytes;
-  const int64_t TN = tile_cols(f);
 
   // Split-K (each task a slice of live rows over all N, then a reduce) only wins when N is too narrow
   // to give every thread long row runs; ACTSPARSE_SPLIT=n|k forces a choice for measurement.
@@ -138,7 +123,7 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
   if (kForceSplit == 'n') split_k = false;
 
   auto finish_cols = [&](float* yi, const float* acc, int64_t n0, int64_t n, float zsum) {
-    // y = acc (+bias) for F32/F16; y = scale*(acc - zp*zsum) (+bias) for U8; U4 groups already applied.
+    // y = acc (+bias) for F32/F16/BF16; y = scale*(acc - zp*zsum) (+bias) for U8; U4 groups already applied.
     for (int64_t j = 0; j < n; ++j) {
       float v = acc[j];
       if (f == WeightFormat::U8) v = w.scale[n0 + j] * (v - w.zero_point[n0 + j] * zsum);
@@ -147,18 +132,21 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
   };
 
   // Accumulates live positions [s0, s1) of row r into out[n0, n0+n) (U4: full dequantised contribution,
-  // otherwise raw acc). acc is an L1 tile buffer.
+  // otherwise raw acc); the columns lie in one stored tile. acc is an L1 tile buffer.
   auto tile = [&](const LiveRow& r, int64_t s0, int64_t s1, int64_t n0, int64_t n, float* out, float* acc) {
-    const uint8_t* base = data + (f == WeightFormat::U4 ? n0 / 2 : row_bytes(f, n0));
+    int64_t col;
+    const uint8_t* base = tile_row(w, 0, n0, col);
+    base += row_bytes(f, col);  // col is a multiple of 128, so even for U4
+    const int64_t trb = row_bytes(f, std::min(kTileCols, N - n0 / kTileCols * kTileCols));
     if (f != WeightFormat::U4) {
-      ops.rows(f, out, n, base, rb, r.idx + s0, r.z + s0, s1 - s0);
+      ops.rows(f, out, n, base, trb, r.idx + s0, r.z + s0, s1 - s0);
       return;
     }
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t a = std::max(s0, r.gpos[g]), b = std::min(s1, r.gpos[g + 1]);
       if (a >= b) continue;
       std::memset(acc, 0, sizeof(float) * size_t(n));
-      ops.rows(f, acc, n, base, rb, r.idx + a, r.z + a, b - a);
+      ops.rows(f, acc, n, base, trb, r.idx + a, r.z + a, b - a);
       ops.u4_apply(out, acc, n, w.scale + g * N + n0, w.zero_point + g * N + n0, r.gsum[g]);
     }
   };
@@ -167,10 +155,10 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
     const int64_t ntasks = par ? std::min<int64_t>(conc, ceil_div(N, 128)) : 1;
     const int64_t chunk = round_up(ceil_div(N, ntasks), 128);
     ex.parallel(ceil_div(N, chunk), [&](int64_t t) {
-      alignas(64) float acc[kMaxTile], out[kMaxTile];
+      alignas(64) float acc[kTileCols], out[kTileCols];
       const int64_t c1 = std::min(N, (t + 1) * chunk);
-      for (int64_t n0 = t * chunk; n0 < c1; n0 += TN) {
-        const int64_t n = std::min(TN, c1 - n0);
+      for (int64_t n0 = t * chunk, n; n0 < c1; n0 += n) {
+        n = std::min(c1, (n0 / kTileCols + 1) * kTileCols) - n0;  // up to the end of the chunk or stored tile
         for (int64_t i = 0; i < M; ++i) {
           std::memset(out, 0, sizeof(float) * size_t(n));
           tile(rows[i], 0, rows[i].L, n0, n, out, acc);
@@ -192,10 +180,11 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
   }
   auto part = scratch<float>(ntasks * N);
   ex.parallel(ntasks, [&](int64_t t) {
-    alignas(64) float acc[kMaxTile];
+    alignas(64) float acc[kTileCols];
     float* pt = part.get() + t * N;
     std::memset(pt, 0, sizeof(float) * size_t(N));
-    for (int64_t n0 = 0; n0 < N; n0 += TN) tile(r, cut[size_t(t)], cut[size_t(t + 1)], n0, std::min(TN, N - n0), pt + n0, acc);
+    for (int64_t n0 = 0; n0 < N; n0 += kTileCols)
+      tile(r, cut[size_t(t)], cut[size_t(t + 1)], n0, std::min(kTileCols, N - n0), pt + n0, acc);
   });
   const int64_t rchunk = round_up(ceil_div(N, conc), 64);
   ex.parallel(ceil_div(N, rchunk), [&](int64_t c) {
@@ -273,7 +262,8 @@ void validate(const float* x, int64_t M, const PackedWeight& w, float* y) {
   if (M > 0 && (!x || !y || !w.data)) throw std::invalid_argument("actsparse: null x, y or weight data");
   switch (w.format) {
     case WeightFormat::F32:
-    case WeightFormat::F16: return;
+    case WeightFormat::F16:
+    case WeightFormat::BF16: return;
     case WeightFormat::U8:
       if (!w.scale || !w.zero_point) throw std::invalid_argument("actsparse: U8 needs scale and zero_point");
       if (w.group_size != 0 && w.group_size != w.K) throw std::invalid_argument("actsparse: U8 group_size must be K");

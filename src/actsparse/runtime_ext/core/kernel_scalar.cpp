@@ -30,6 +30,7 @@ float raw(WeightFormat f, const uint8_t* row, int64_t j) {
   switch (f) {
     case WeightFormat::F32: { float v; std::memcpy(&v, row + 4 * j, 4); return v; }
     case WeightFormat::F16: { uint16_t h; std::memcpy(&h, row + 2 * j, 2); return half_to_float(h); }
+    case WeightFormat::BF16: return bf16_to_float(row + 2 * j);
     case WeightFormat::U8: return float(row[j]);
     case WeightFormat::U4: return float((row[j >> 1] >> ((j & 1) * 4)) & 0xf);
   }
@@ -51,19 +52,16 @@ void u4_apply(float* y, const float* acc, int64_t n, const float* scale, const f
 constexpr int MR = 4, NR = 16;
 
 void pack(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, float* out) {
-  const int64_t rb = w.format == WeightFormat::F32 ? 4 * w.N
-                   : w.format == WeightFormat::F16 ? 2 * w.N
-                   : w.format == WeightFormat::U8  ? w.N
-                                                   : (w.N + 1) / 2;
   const int64_t np = (nc + NR - 1) / NR;
   for (int64_t kk = 0; kk < kc; ++kk) {
     const int64_t k = k0 + kk;
-    const uint8_t* row = static_cast<const uint8_t*>(w.data) + k * rb;
     for (int64_t j = 0; j < np * NR; ++j) {
       const int64_t n = n0 + j;
       float v = 0.f;
       if (j < nc) {
-        v = raw(w.format, row, n);
+        int64_t col;
+        const uint8_t* row = tile_row(w, k, n, col);
+        v = raw(w.format, row, col);
         if (w.format == WeightFormat::U8) v = (v - w.zero_point[n]) * w.scale[n];
         if (w.format == WeightFormat::U4) {
           const int64_t s = (k / w.group_size) * w.N + n;

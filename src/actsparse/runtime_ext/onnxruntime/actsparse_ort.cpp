@@ -91,14 +91,10 @@ struct OrtExecutor final : Executor {
 WeightFormat parse_format(const std::string& name) {
   if (name == "f32") return WeightFormat::F32;
   if (name == "f16") return WeightFormat::F16;
+  if (name == "bf16") return WeightFormat::BF16;
   if (name == "u8") return WeightFormat::U8;
   if (name == "u4") return WeightFormat::U4;
-  fail("unknown weight_format '" + name + "' (f32, f16, u8 or u4)");
-}
-
-// Bytes of one weight row (an input channel's N outputs), as PackedWeight stores them.
-int64_t row_bytes(WeightFormat f, int64_t n) {
-  return f == WeightFormat::F32 ? 4 * n : f == WeightFormat::F16 ? 2 * n : f == WeightFormat::U8 ? n : (n + 1) / 2;
+  fail("unknown weight_format '" + name + "' (f32, f16, bf16, u8 or u4)");
 }
 
 size_t element_size(ONNXTensorElementDataType t) { return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 1; }

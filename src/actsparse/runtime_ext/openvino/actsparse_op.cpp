@@ -17,6 +17,7 @@ struct OpenVINOExecutor final : Executor {
 WeightFormat parse_format(const std::string& name) {
     if (name == "f32") return WeightFormat::F32;
     if (name == "f16") return WeightFormat::F16;
+    if (name == "bf16") return WeightFormat::BF16;
     if (name == "u8") return WeightFormat::U8;
     if (name == "u4") return WeightFormat::U4;
     OPENVINO_THROW("ActSparseMatMul: unknown weight_format '", name, "'");
@@ -45,7 +46,7 @@ void ActSparseMatMul::validate_and_infer_types() {
     m_format = parse_format(m_weight_format);
     m_prune_prefill = m_prefill == "sparse";
     const auto format = m_format;
-    // f16 weights travel as raw bytes: a plugin would widen an f16 constant to f32
+    // f16/bf16 weights travel as raw bytes: a plugin would widen such a constant to f32
     const auto weight_type = format == WeightFormat::F32 ? ov::element::f32 : ov::element::u8;
     NODE_VALIDATION_CHECK(this, get_input_element_type(1) == weight_type, "weight of format ", m_weight_format,
                           " must be ", weight_type, ", got ", get_input_element_type(1));
