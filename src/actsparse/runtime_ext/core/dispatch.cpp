@@ -198,33 +198,45 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
 
 // ---------------------------------------------------------------------------------------------
 // Prefill (M > 4): masked rows are packed into [K][MR] panels, weights dequantised per [KC x NC] block
-// into a per-task buffer, then an MR x NR register-blocked micro-kernel.
+// into a per-task buffer, then an MR x NR register-blocked micro-kernel. BF16 weights on a kernel with
+// pair_gemm multiply in bf16: panels hold pairs of bf16 values along K, one 32-bit word per pair.
+
+// f32 -> bf16 bits, rounded to nearest even; NaN stays NaN.
+inline uint32_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return std::isnan(f) ? (u >> 16) | 0x40 : (u + 0x7fff + ((u >> 16) & 1)) >> 16;
+}
 
 void prefill(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
              float* y, const Executor& ex) {
   const int64_t K = w.K, N = w.N, MR = ops.gemm_mr, NR = ops.gemm_nr;
+  const bool pairs = w.format == WeightFormat::BF16 && ops.pair_gemm;
+  const int64_t U = pairs ? 2 : 1, KU = ceil_div(K, U);  // panel rows: K values, or ceil(K/2) pairs
   const int conc = std::max(1, ex.concurrency());
   const int64_t nmp = ceil_div(M, MR);
-  auto zp = scratch<float>(nmp * K * MR);
+  auto zp = scratch<float>(nmp * KU * MR);  // f32 values, or bf16 pairs (4 bytes either way)
   ex.parallel(std::min<int64_t>(conc, nmp), [&](int64_t t) {
     for (int64_t pm = t; pm < nmp; pm += std::min<int64_t>(conc, nmp)) {
-      float* dst = zp.get() + pm * K * MR;
+      float* dst = zp.get() + pm * KU * MR;
+      auto* pdst = reinterpret_cast<uint32_t*>(dst);
+      if (pairs) std::memset(dst, 0, sizeof(float) * size_t(KU * MR));
       for (int64_t i = 0; i < MR; ++i) {
         const int64_t row = pm * MR + i;
-        if (row >= M) {
-          for (int64_t k = 0; k < K; ++k) dst[k * MR + i] = 0.f;
-          continue;
-        }
-        const float* xi = x + row * K;
         for (int64_t k = 0; k < K; ++k) {
-          const float v = xi[k] - p.mode;
-          dst[k * MR + i] = (!p.mask || !(std::fabs(v) <= p.threshold)) ? v : 0.f;
+          float v = 0.f;  // rows past M are zero
+          if (row < M) {
+            v = x[row * K + k] - p.mode;
+            v = (!p.mask || !(std::fabs(v) <= p.threshold)) ? v : 0.f;
+          }
+          if (pairs) pdst[(k / 2) * MR + i] |= to_bf16(v) << (16 * (k & 1));
+          else dst[k * MR + i] = v;
         }
       }
     }
   });
 
-  const int64_t KC = std::min<int64_t>(K, 256);
+  const int64_t KC = std::min<int64_t>(KU, pairs ? 128 : 256);  // panel rows per block
   // Enough (M-block, N-block) units to balance the threads; N blocks first, they share the packed rows.
   int64_t NC = std::min(round_up(N, NR), std::max(NR, round_up(ceil_div(N, 2 * conc), NR)));
   NC = std::min<int64_t>(NC, 256);
@@ -242,14 +254,22 @@ void prefill(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, c
       const int64_t p0 = mb * MCp, p1 = std::min(nmp, p0 + MCp);
       for (int64_t i = p0 * MR; i < std::min(M, p1 * MR); ++i)
         for (int64_t j = 0; j < nc; ++j) y[i * N + n0 + j] = bias ? bias[n0 + j] : 0.f;
-      for (int64_t k0 = 0; k0 < K; k0 += KC) {
-        const int64_t kc = std::min(KC, K - k0);
-        ops.pack(w, k0, kc, n0, nc, wbuf.get());
+      for (int64_t k0 = 0; k0 < KU; k0 += KC) {
+        const int64_t kc = std::min(KC, KU - k0);
+        if (pairs) ops.pair_pack(w, 2 * k0, std::min(2 * kc, K - 2 * k0), n0, nc, reinterpret_cast<uint32_t*>(wbuf.get()));
+        else ops.pack(w, k0, kc, n0, nc, wbuf.get());
         for (int64_t pm = p0; pm < p1; ++pm) {
-          const float* zpan = zp.get() + (pm * K + k0) * MR;
+          const float* zpan = zp.get() + (pm * KU + k0) * MR;
           const int64_t mr = std::min(MR, M - pm * MR);
-          for (int64_t j = 0; j < nc; j += NR)
-            ops.gemm(zpan, wbuf.get() + (j / NR) * kc * NR, kc, y + pm * MR * N + n0 + j, N, mr, std::min(NR, nc - j));
+          for (int64_t j = 0; j < nc; j += NR) {
+            float* c = y + pm * MR * N + n0 + j;
+            const float* wpan = wbuf.get() + (j / NR) * kc * NR;
+            if (pairs)
+              ops.pair_gemm(reinterpret_cast<const uint32_t*>(zpan), reinterpret_cast<const uint32_t*>(wpan), kc, c, N,
+                            mr, std::min(NR, nc - j));
+            else
+              ops.gemm(zpan, wpan, kc, c, N, mr, std::min(NR, nc - j));
+          }
         }
       }
     }
