@@ -50,7 +50,9 @@ def dense_model(k: int, n: int, fmt: str, rng) -> ov.Model:
         nncf.set_log_level(logging.ERROR)  # its tables would go to stdout, which carries the JSON
         mode = nncf.CompressWeightsMode.INT8_ASYM if fmt == "int8" else nncf.CompressWeightsMode.INT4_ASYM
         with contextlib.redirect_stdout(sys.stderr):  # its progress bar too
-            model = nncf.compress_weights(model, mode=mode, **({"group_size": 128, "ratio": 1.0} if fmt == "int4" else {}))
+            # all_layers: NNCF otherwise keeps the last MatMul of a model (this one) at int8
+            model = nncf.compress_weights(model, mode=mode, **({"group_size": 128, "ratio": 1.0, "all_layers": True}
+                                                               if fmt == "int4" else {}))
     return model
 
 

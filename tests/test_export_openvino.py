@@ -106,6 +106,26 @@ def test_bias_fold_is_exact_with_a_nonzero_mode(tiny_gelu, texts, tmp_path, weig
         np.testing.assert_allclose(ov_logits(sparse, ids, prefill_sparse=True), expected, atol=2e-4, rtol=1e-3)
 
 
+def test_bf16_export_fuses_bf16_weights(tiny_gelu, texts, tmp_path):
+    """--weight-format bf16: the IR stays fp32, the fused ops hold bf16 weights (same plan, close logits)."""
+    fp32 = actsparse.export(str(tiny_gelu), tmp_path / "fp32", sparsity={"down": 0.5}, mode_centering="on",
+                            calibration=str(texts["calibration"]), **CALIB)
+    bf16 = actsparse.export(str(tiny_gelu), tmp_path / "bf16", plan=fp32 / "actsparse.json", weight_format="bf16")
+    assert plan_of(bf16)["weight_format"] == "bf16"
+    assert [l["threshold"] for l in plan_of(bf16)["layers"]] == [l["threshold"] for l in plan_of(fp32)["layers"]]
+    ops = [op for op in read_model(ov.Core(), bf16 / "openvino_model.xml").get_ordered_ops() if op.get_type_name() == OP_TYPE]
+    if extension_problem():
+        assert ops == []
+        return
+    assert [op.get_attributes()["weight_format"] for op in ops] == ["bf16"] * 2
+    for op in ops:  # two bytes a weight: [K, N] of the down projection
+        k, n = op.get_input_partial_shape(0)[-1].get_length(), op.get_attributes()["out_features"]
+        assert op.input_value(1).get_node().get_byte_size() == 2 * k * n
+    ids = _heldout_ids(tiny_gelu, texts)
+    got, expected = ov_logits(bf16, ids), ov_logits(fp32, ids)
+    assert 0 < np.abs(got - expected).max() < 2e-2 * np.abs(expected).max()
+
+
 def test_auto_centering_centres_the_gelu_model(tiny_gelu, texts, tmp_path):
     out = actsparse.export(str(tiny_gelu), tmp_path / "auto", sparsity={"down": 0.5},
                            calibration=str(texts["calibration"]), **CALIB)

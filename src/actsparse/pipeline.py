@@ -76,6 +76,12 @@ def export(model: str, output: str | os.PathLike, *, format: str = "openvino", w
     if old_plan is not None and (old_plan[0].get("method") == "cats") != (method == "cats"):
         raise ActSparseError(f"the --plan was calibrated for --method {old_plan[0].get('method')}, whose statistics "
                              f"do not serve --method {method}")
+    if format == "openvino" and weight_format == "fp32" and fuse and any(sparsity.values()):
+        from .exports.openvino import cpu_runs_bf16
+
+        if cpu_runs_bf16():
+            log.warning("OpenVINO runs fp32 models in bf16 on this CPU, so the dense model reads bf16 weights; "
+                        "fused fp32 weights read twice as many bytes: --weight-format bf16 matches it")
     if method == "cats" and sparsity["up"] > 0:
         log.warning("--method cats prunes only the down projections; ignoring the up sparsity %s", sparsity["up"])
         sparsity["up"] = 0.0

@@ -1,5 +1,6 @@
 // Kernel selection and the format-independent driver: live-channel lists, tiling, threading, epilogues.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -179,20 +180,20 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
     cut[size_t(t)] = t == ntasks ? r.L : c;
   }
   auto part = scratch<float>(ntasks * N);
+  std::atomic<int64_t> finished{0};
   ex.parallel(ntasks, [&](int64_t t) {
     alignas(64) float acc[kTileCols];
     float* pt = part.get() + t * N;
     std::memset(pt, 0, sizeof(float) * size_t(N));
     for (int64_t n0 = 0; n0 < N; n0 += kTileCols)
       tile(r, cut[size_t(t)], cut[size_t(t + 1)], n0, std::min(kTileCols, N - n0), pt + n0, acc);
-  });
-  const int64_t rchunk = round_up(ceil_div(N, conc), 64);
-  ex.parallel(ceil_div(N, rchunk), [&](int64_t c) {
-    const int64_t n0 = c * rchunk, n = std::min(rchunk, N - n0);
-    float* pt = part.get();
-    for (int64_t t = 1; t < ntasks; ++t)
-      for (int64_t j = n0; j < n0 + n; ++j) pt[j] += pt[t * N + j];
-    finish_cols(y, pt + n0, n0, n, r.zsum);
+    // The last task to finish sums the partials: N is narrow here (a few thousand adds), cheaper than a
+    // second hand-off to the pool.
+    if (finished.fetch_add(1, std::memory_order_acq_rel) + 1 < ntasks) return;
+    float* sum = part.get();
+    for (int64_t u = 1; u < ntasks; ++u)
+      for (int64_t j = 0; j < N; ++j) sum[j] += sum[u * N + j];
+    finish_cols(y, sum, 0, N, r.zsum);
   });
 }
 
