@@ -120,9 +120,14 @@ def main() -> None:
                 if fmt == "fp32":
                     config["INFERENCE_PRECISION_HINT"] = "f32"
                 compiled = core.compile_model(dense, "CPU", config)
-                dense_ms, *sparse_ms = time_ms([compiled] + [core.compile_model(m, "CPU", config) for m in fused.values()],
-                                               xs, rounds)
-                row = {"K": k, "N": n, "format": fmt, "threads": threads, "dense_ms": dense_ms,
+                sparse = [core.compile_model(m, "CPU", config) for m in fused.values()]
+                # same weights: at s=0 ours computes the dense product (bf16 rounding aside)
+                yd, y0 = (c.create_infer_request().infer({0: xs[0]})[0] for c in (compiled, sparse[0]))
+                agree = float(np.abs(yd - y0).max() / np.abs(yd).max())
+                if agree > 0.05:
+                    sys.exit(f"{k}x{n} {fmt}: the fused op at s=0 differs from the dense model by {agree:.3g} (relative)")
+                dense_ms, *sparse_ms = time_ms([compiled] + sparse, xs, rounds)
+                row = {"K": k, "N": n, "format": fmt, "threads": threads, "dense_ms": dense_ms, "max_rel_diff_at_s0": agree,
                        "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
                        "dense_fc_precision": fc_precision(compiled),
                        "dense_gbps": k * n * BYTES[fmt] / dense_ms / 1e6, "sparse": []}
