@@ -217,11 +217,13 @@ def test_int8_pattern_and_fusion_match_torch_with_the_same_weights(tiny_llama, t
     assert_close_through_flips(ort_logits(unfused, ids), torch_logits(model, ids))
 
 
-def test_weight_formats_without_onnx_support_are_refused(tiny_llama, tmp_path):
-    proc = run_cli("export", tiny_llama, tmp_path / "out", "--format", "onnx", "--weight-format", "int4",
+@pytest.mark.parametrize("weight_format", ["int4", "bf16"])
+def test_weight_formats_without_onnx_support_are_refused(tiny_llama, tmp_path, weight_format):
+    proc = run_cli("export", tiny_llama, tmp_path / "out", "--format", "onnx", "--weight-format", weight_format,
                    "--sparsity", "0")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "weight format int4 is not supported with --format onnx" in proc.stderr
+    assert f"weight format {weight_format} is not supported with --format onnx" in proc.stderr
+    assert "export:" not in proc.stderr  # refused before any work starts
     assert not (tmp_path / "out").exists()
 
 
@@ -267,10 +269,13 @@ def test_bench_weight_share_counts_every_linear(tiny_llama, exports):
 def test_bench_reports_ratios_against_the_dense_baseline(exports):
     from actsparse.benchmark import bench, sparsified_share
 
-    result = bench(exports["sparse"], exports["dense"], prompt_tokens=8, decode_tokens=2, runs=1)
+    result = bench(exports["sparse"], exports["dense"], prompt_tokens=8, decode_tokens=2, runs=3)
     for side in ("sparse", "dense"):
         assert result[side]["decode_ms_per_token"] > 0 and result[side]["prefill_ms"] > 0
         assert result[side]["peak_rss_mb"] > 50
+        assert result[side]["inference_precision"] == "f32"  # ONNX Runtime's CPU provider
+        runs = result[side]["decode_ms_per_token_runs"]
+        assert len(runs) == 3 and result[side]["decode_ms_per_token"] == pytest.approx(np.median(runs))
     assert result["decode_speedup"] == pytest.approx(result["dense"]["decode_ms_per_token"]
                                                      / result["sparse"]["decode_ms_per_token"])
     share = sparsified_share(plan_of(exports["sparse"]), exports["dense"])

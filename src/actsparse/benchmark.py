@@ -33,6 +33,7 @@ def bench(output: str | os.PathLike, baseline: str | os.PathLike, *, prompt_toke
     for name, rows in samples.items():
         result[name] = {key: rows[0][key] if isinstance(rows[0][key], str) else float(np.median([r[key] for r in rows]))
                         for key in rows[0]}
+        result[name]["decode_ms_per_token_runs"] = [r["decode_ms_per_token"] for r in rows]  # the noise, per run
     result["decode_speedup"] = result["dense"]["decode_ms_per_token"] / result["sparse"]["decode_ms_per_token"]
     result["prefill_ratio"] = result["sparse"]["prefill_ms"] / result["dense"]["prefill_ms"]
     result["memory_ratio"] = result["sparse"]["peak_rss_mb"] / result["dense"]["peak_rss_mb"]

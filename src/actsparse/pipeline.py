@@ -39,6 +39,10 @@ def validate_options(*, format: str, weight_format: str, targets: str, method: s
                                (mode_centering, CENTERING, "mode centering"), (prefill, ("dense", "sparse"), "prefill")):
         if value not in known:
             raise ActSparseError(f"unknown {what} {value!r} (known: {', '.join(known)})")
+    if format == "onnx":  # before any work: the ONNX path knows fewer weight formats
+        from .exports.onnx import check_weight_format
+
+        check_weight_format(weight_format)
     if method == "cats" and (allocation != "uniform" or targets != "mlp"):
         raise ActSparseError("--method cats prunes the down projections only: use --allocation uniform --targets mlp")
     if calibration_samples < 1 or calibration_seq_len < 2:

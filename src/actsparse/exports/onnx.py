@@ -19,12 +19,16 @@ ONNX_DATA = "model.onnx_data"
 ONNX_WEIGHT_FORMATS = ("fp32", "int8")
 
 
-def export_onnx(hf_dir: Path, output: Path, weight_format: str = "fp32",
-                task: str = "text-generation-with-past") -> Path:
-    """Write ``model.onnx`` (+ data), tokenizer and configs into ``output``; return the model path."""
+def check_weight_format(weight_format: str) -> None:
     if weight_format not in ONNX_WEIGHT_FORMATS:
         raise ActSparseError(f"weight format {weight_format} is not supported with --format onnx "
                              f"(supported: {', '.join(ONNX_WEIGHT_FORMATS)})")
+
+
+def export_onnx(hf_dir: Path, output: Path, weight_format: str = "fp32",
+                task: str = "text-generation-with-past") -> Path:
+    """Write ``model.onnx`` (+ data), tokenizer and configs into ``output``; return the model path."""
+    check_weight_format(weight_format)
     from optimum.exporters.onnx import main_export
     from transformers.utils import logging as hf_logging
 
