@@ -22,10 +22,8 @@ G = 128
 
 
 def make(fmt, K, N, rng):
-    if fmt == "f32":
-        return ks.pack_f32(rng.standard_normal((K, N), np.float32))
-    if fmt in ("f16", "bf16"):
-        return (ks.pack_f16 if fmt == "f16" else ks.pack_bf16)(rng.standard_normal((K, N), np.float32))
+    if fmt in ("f32", "f16", "bf16"):
+        return {"f32": ks.pack_f32, "f16": ks.pack_f16, "bf16": ks.pack_bf16}[fmt](rng.standard_normal((K, N), np.float32))
     if fmt == "u8":
         return ks.pack_u8(rng.integers(0, 256, (K, N), np.uint8), np.full(N, 0.01), np.full(N, 128.0))
     return ks.pack_u4(rng.integers(0, 16, (K, N), np.uint8), np.full((K // G, N), 0.1), np.full((K // G, N), 8.0), G)

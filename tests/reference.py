@@ -4,6 +4,21 @@ from __future__ import annotations
 import numpy as np
 
 
+def torch_bf16(a) -> np.ndarray:
+    """``a`` rounded to bf16 the way torch rounds (float64 result)."""
+    import torch
+
+    return torch.from_numpy(np.asarray(a, np.float32)).to(torch.bfloat16).double().numpy()
+
+
+def multiplies_in_bf16(fmt: str, rows: int, kernel: str | None = None) -> bool:
+    """Whether the kernel core rounds the activations to bf16: bf16 weights, a prefill call (more than
+    4 rows; up to 4 is decode) and the avx512bf16 kernel (``kernel``, or the one chosen for this CPU)."""
+    from actsparse.runtime_ext import kernels as ks
+
+    return fmt == "bf16" and rows > 4 and (kernel or ks.best_kernel()) == "avx512bf16"
+
+
 def pruned_input(x: np.ndarray, mode: float, tau: float) -> np.ndarray:
     """The input a pruned Linear effectively sees: x where ¬(|x − m| ≤ τ) (NaN kept), else m."""
     return np.where(np.abs(x - mode) <= tau, mode, x)

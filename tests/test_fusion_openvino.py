@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import openvino as ov
 import pytest
-import torch
 from openvino import opset13 as ops
 
 import actsparse
@@ -14,9 +13,8 @@ from actsparse.calibration.openvino_backend import EXACT_CONFIG, find_groups
 from actsparse.passes.openvino import apply_plan, set_prefill_sparse
 from actsparse.passes.openvino_fuse import fuse, materialize, read_weight
 from actsparse.runtime_ext import OP_TYPE, extension_problem, read_model, register
-from actsparse.runtime_ext import kernels as ks
 from conftest import plan_of, run_cli, skip_without_extension
-from reference import ov_logits, pruned_input
+from reference import multiplies_in_bf16, ov_logits, pruned_input, torch_bf16
 
 skip_without_extension(extension_problem())
 RNG = np.random.default_rng(0)
@@ -97,15 +95,14 @@ def test_bf16_plan_stores_fused_weights_in_bf16():
     op = next(o for o in model.get_ordered_ops() if o.get_type_name() == OP_TYPE)
     assert op.get_attributes()["weight_format"] == "bf16"
     assert op.input_value(1).get_node().get_byte_size() == 2 * k * n
-    bf16 = lambda a: torch.from_numpy(np.asarray(a, np.float32)).to(torch.bfloat16).float().numpy()  # torch's rounding
     atol = 1e-4 * np.abs(x).sum(-1, keepdims=True).max()
     for xs in (x[:, :1], x):  # one token per sequence (decode), then three (prefill, sparse here)
         fused = _run(model, xs)
         z = pruned_input(xs, mode, tau) - np.float32(mode)
-        if xs.shape[1] > 1 and ks.best_kernel() == "avx512bf16":
-            z = bf16(z)  # prefill multiplies in bf16 on CPUs with AVX512-BF16
+        if multiplies_in_bf16("bf16", xs.shape[0] * xs.shape[1]):
+            z = torch_bf16(z)  # prefill multiplies in bf16 on CPUs with AVX512-BF16
         # z'·W in bf16; the folded bias m·rowsum(W) keeps the f32 weights
-        np.testing.assert_allclose(fused, z @ bf16(dequant).T + mode * dequant.sum(1), rtol=1e-4, atol=atol)
+        np.testing.assert_allclose(fused, z @ torch_bf16(dequant).T + mode * dequant.sum(1), rtol=1e-4, atol=atol)
     assert np.abs(fused - unfused).max() < 2 ** -7 * (np.abs(pruned_input(x, mode, tau)) @ np.abs(dequant.T)).max()
 
 

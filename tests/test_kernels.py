@@ -8,7 +8,7 @@ import pytest
 
 from actsparse.runtime_ext import kernels as ks
 from conftest import skip_without_extension
-from reference import make_weight
+from reference import make_weight, multiplies_in_bf16, torch_bf16
 
 try:
     KERNELS = ks.available_kernels()
@@ -31,19 +31,12 @@ def make_x(M, K, mode, sparsity, rng):
     return (z + mode).astype(np.float32), 0.5
 
 
-def bf16_pairs(kernel, packed, M):
-    """Whether this call multiplies in bf16: bf16 weights, prefill, on a kernel with a bf16 dot product."""
-    return kernel == "avx512bf16" and packed.format == "bf16" and M > 4
-
-
 def reference(x, packed, bias, mode, tau, mask, bf16_activations=False):
     """float64 numpy; with bf16_activations the masked z' is rounded to bf16 first (torch's rounding)."""
     z = x.astype(np.float64) - np.float32(mode)
     zp = np.where(~(np.abs(z) <= tau), z, 0.0) if mask else z
     if bf16_activations:
-        import torch
-
-        zp = torch.from_numpy(zp.astype(np.float32)).to(torch.bfloat16).double().numpy()
+        zp = torch_bf16(zp)
     w = ks.dequantize(packed).astype(np.float64)
     y = zp @ w + (0.0 if bias is None else bias)
     scale = np.abs(zp) @ np.abs(w) + (0.0 if bias is None else np.abs(bias))  # sum |terms| per output
@@ -77,7 +70,7 @@ def test_tile_major_layout():
     np.testing.assert_array_equal(ks.dequantize(ks.pack_u4(q, np.ones((1, 4101)), np.zeros((1, 4101)), 2)), q)
 
 
-def test_bf16_rounding_is_torch_s():
+def test_bf16_rounding_matches_torch():
     torch = pytest.importorskip("torch")
     w = np.concatenate([np.random.default_rng(0).standard_normal(10000) * 10.0 ** np.arange(-20, 20, 0.004),
                         [0.0, -0.0, np.inf, -np.inf, 3.4e38, 1e-40]]).astype(np.float32)
@@ -97,7 +90,7 @@ def test_against_numpy_and_scalar(kernel, fmt, K, N, G, M):
         x, tau = make_x(M, K, mode, sparsity, rng)
         b = bias if with_bias else None
         y = ks.matmul(x, packed, b, mode, tau, True, threads, kernel)
-        pairs = bf16_pairs(kernel, packed, M)
+        pairs = multiplies_in_bf16(fmt, M, kernel)
         ref, scale = reference(x, packed, b, mode, tau, True, pairs)
         what = f"{kernel} s={sparsity} t={threads} mode={mode}"
         check(y, ref, scale, what)
@@ -131,7 +124,7 @@ def test_mask_off_is_dense(kernel, fmt, M):
     packed = make_weight(fmt, K, N, 64, rng)
     x = rng.standard_normal((M, K)).astype(np.float32)
     y = ks.matmul(x, packed, None, 0.25, 1e30, False, 2, kernel)  # huge tau would prune everything if masked
-    ref, scale = reference(x, packed, None, 0.25, 1e30, False, bf16_pairs(kernel, packed, M))
+    ref, scale = reference(x, packed, None, 0.25, 1e30, False, multiplies_in_bf16(fmt, M, kernel))
     check(y, ref, scale, f"{kernel} dense")
     assert np.abs(y).max() > 0
 
@@ -148,7 +141,7 @@ def test_nonfinite_inputs_propagate(kernel, fmt, M, bad):
     x[M - 1, 5] = bad
     y = ks.matmul(x, packed, None, 0.0, tau, True, 2, kernel)
     assert not np.isfinite(y[M - 1]).any(), "non-finite input must reach every output of its row"
-    ref, scale = reference(x[:M - 1], packed, None, 0.0, tau, True, bf16_pairs(kernel, packed, M))
+    ref, scale = reference(x[:M - 1], packed, None, 0.0, tau, True, multiplies_in_bf16(fmt, M, kernel))
     check(y[:M - 1], ref, scale, "other rows unaffected")
 
 
@@ -176,5 +169,5 @@ def test_large_tiled_and_threaded_paths(kernel, fmt, split, monkeypatch):
     for M, sparsity in [(1, 0.0), (1, 0.9), (3, 0.5), (37, 0.5)]:
         x, tau = make_x(M, K, 0.1, sparsity, rng)
         y = ks.matmul(x, packed, bias, 0.1, tau, True, 2, kernel)
-        ref, scale = reference(x, packed, bias, 0.1, tau, True, bf16_pairs(kernel, packed, M))
+        ref, scale = reference(x, packed, bias, 0.1, tau, True, multiplies_in_bf16(fmt, M, kernel))
         check(y, ref, scale, f"{kernel} {fmt} split={split} M={M} s={sparsity}")

@@ -11,7 +11,7 @@ from actsparse._common import ActSparseError
 from actsparse.runtime_ext import ONNXRUNTIME_LIBRARY, onnxruntime_problem, session_options
 from actsparse.runtime_ext import kernels as ks
 from conftest import skip_without_extension
-from reference import make_weight
+from reference import make_weight, multiplies_in_bf16, torch_bf16
 
 skip_without_extension(onnxruntime_problem())
 
@@ -63,10 +63,8 @@ def reference(x, packed, bias, mode, tau, mask):
     z = x.astype(np.float64) - np.float32(mode)
     if mask:
         z = np.where(~(np.abs(z) <= tau), z, 0.0)
-    if packed.format == "bf16" and x.size // packed.K > 4 and ks.best_kernel() == "avx512bf16":
-        import torch  # prefill of bf16 weights multiplies in bf16 there: z' rounded as torch rounds
-
-        z = torch.from_numpy(z.astype(np.float32)).to(torch.bfloat16).double().numpy()
+    if multiplies_in_bf16(packed.format, x.size // packed.K):
+        z = torch_bf16(z)
     w = ks.dequantize(packed).astype(np.float64)
     b = 0.0 if bias is None else bias.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -23,6 +24,7 @@ def int4_group_size(hf_dir: Path) -> int:
     return next((g for g in (128, 64, 32) if all(s % g == 0 for s in sizes)), 32)
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_runs_bf16() -> bool:
     """Whether OpenVINO's CPU plugin runs fp32 models in bf16 by default on this machine."""
     import openvino as ov

@@ -43,11 +43,16 @@ struct PackedWeight {
   const float* zero_point;  // same shape as scale; null otherwise
 };
 
+// Row stride in bytes of the tile holding column n (the last tile is narrower).
+static inline int64_t tile_row_bytes(const PackedWeight& w, int64_t n) {
+  return row_bytes(w.format, std::min(kTileCols, w.N - n / kTileCols * kTileCols));
+}
+
 // Row k of the tile holding column n, and n's column within that tile.
 static inline const uint8_t* tile_row(const PackedWeight& w, int64_t k, int64_t n, int64_t& col) {
-  const int64_t t = n / kTileCols, width = std::min(kTileCols, w.N - t * kTileCols);
+  const int64_t t = n / kTileCols;
   col = n - t * kTileCols;
-  return static_cast<const uint8_t*>(w.data) + t * w.K * row_bytes(w.format, kTileCols) + k * row_bytes(w.format, width);
+  return static_cast<const uint8_t*>(w.data) + t * w.K * row_bytes(w.format, kTileCols) + k * tile_row_bytes(w, n);
 }
 
 struct Executor {  // runs fn(0..ntasks-1), maybe in parallel

@@ -138,7 +138,7 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
     int64_t col;
     const uint8_t* base = tile_row(w, 0, n0, col);
     base += row_bytes(f, col);  // col is a multiple of 128, so even for U4
-    const int64_t trb = row_bytes(f, std::min(kTileCols, N - n0 / kTileCols * kTileCols));
+    const int64_t trb = tile_row_bytes(w, n0);
     if (f != WeightFormat::U4) {
       ops.rows(f, out, n, base, trb, r.idx + s0, r.z + s0, s1 - s0);
       return;
