@@ -90,7 +90,7 @@ def main():
                                      gbps=round(nbytes / t / 1e9, 2), speedup=round(base / t, 2)))
                     print(f"{K}x{N} {fmt:3s} t={threads} s={s:.1f} {t*1e3:8.3f} ms "
                           f"{nbytes / t / 1e9:6.2f} GB/s x{base / t:5.2f}", file=sys.stderr)
-    print(json.dumps(dict(kernel=kernel, M=1, seconds=round(time.perf_counter() - t_start, 1), results=rows),
+    print(json.dumps(dict(kernel=kernel, tuning=ks.get_tuning(), M=1, seconds=round(time.perf_counter() - t_start, 1), results=rows),
                      indent=1))
 
 

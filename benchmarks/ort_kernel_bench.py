@@ -150,7 +150,9 @@ def main() -> None:
                 print(f"{k}x{n} {fmt} t{threads}: " + " ".join(f"{d} {t:.2f} ms" for d, t in dense_ms.items()) + " | " +
                       " ".join(f"s{e['sparsity']}: {e['ms']:.2f} ({e['dense_over_ours'][first]:.2f}x)"
                                for e in row["sparse"]), file=sys.stderr)
-    print(json.dumps({"device": "CPU", "onnxruntime": ort.__version__, "kernel": ks.best_kernel(), "results": rows},
+    print(json.dumps({"device": "CPU", "onnxruntime": ort.__version__, "kernel": ks.best_kernel(),
+                      # the custom-op library's own copy of the core starts from the same defaults
+                      "prefetch": ks.get_tuning()["prefetch"], "results": rows},
                      indent=1))
 
 

@@ -158,16 +158,34 @@ def test_errors_are_reported():
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("split", ["n", "k", ""])
-def test_large_tiled_and_threaded_paths(kernel, fmt, split, monkeypatch):
+@pytest.mark.parametrize("prefetch", ["l1", "l2"])
+def test_large_tiled_and_threaded_paths(kernel, fmt, split, prefetch):
     """Shapes spanning several column tiles, K blocks and N blocks, with threading forced on."""
-    monkeypatch.setenv("ACTSPARSE_PAR_BYTES", "0")
-    monkeypatch.setenv("ACTSPARSE_SPLIT", split)
     rng = np.random.default_rng(4)
     K, N = (512, 2305) if fmt == "u4" else (520, 2305)
     packed = make_weight(fmt, K, N, 128, rng)
     bias = rng.standard_normal(N).astype(np.float32)
     for M, sparsity in [(1, 0.0), (1, 0.9), (3, 0.5), (37, 0.5)]:
         x, tau = make_x(M, K, 0.1, sparsity, rng)
-        y = ks.matmul(x, packed, bias, 0.1, tau, True, 2, kernel)
+        with ks.tuning(par_bytes=0, split=split, prefetch=prefetch):
+            y = ks.matmul(x, packed, bias, 0.1, tau, True, 2, kernel)
         ref, scale = reference(x, packed, bias, 0.1, tau, True, multiplies_in_bf16(fmt, M, kernel))
-        check(y, ref, scale, f"{kernel} {fmt} split={split} M={M} s={sparsity}")
+        check(y, ref, scale, f"{kernel} {fmt} split={split} prefetch={prefetch} M={M} s={sparsity}")
+
+
+def test_tuning_reaches_decode():
+    """The knobs are live: split-K sums the same products in another order than split-N (bitwise
+    different f32 results), and the old values come back after the block."""
+    rng = np.random.default_rng(5)
+    packed = make_weight("f32", 4096, 64, 0, rng)
+    x, tau = make_x(1, 4096, 0.0, 0.0, rng)
+    before = ks.get_tuning()
+    with ks.tuning(par_bytes=0, split="n"):
+        y_n = ks.matmul(x, packed, None, 0.0, tau, True, 2)
+    with ks.tuning(par_bytes=0, split="k"):
+        y_k = ks.matmul(x, packed, None, 0.0, tau, True, 2)
+    assert np.allclose(y_n, y_k, rtol=1e-4, atol=1e-4) and not np.array_equal(y_n, y_k)
+    assert ks.get_tuning() == before
+    with pytest.raises(ks.KernelError, match="split must be"):
+        ks.set_tuning(split="x")
+    assert ks.get_tuning() == before

@@ -4,6 +4,7 @@ The library is looked up in $ACTSPARSE_EXT_DIR if set, else next to this file (w
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ def _load():
         for name in ("actsparse_core_last_error", "actsparse_core_kernels", "actsparse_core_best_kernel"):
             getattr(lib, name).argtypes = []
             getattr(lib, name).restype = ctypes.c_char_p
+        lib.actsparse_core_get_tuning.argtypes = [p, p, p]
+        lib.actsparse_core_get_tuning.restype = None
+        lib.actsparse_core_set_tuning.argtypes = [i64, ctypes.c_char, ctypes.c_int]
+        lib.actsparse_core_set_tuning.restype = ctypes.c_int
         _lib = lib
     return _lib
 
@@ -50,6 +55,38 @@ def available_kernels() -> list[str]:
 
 def best_kernel() -> str:
     return _load().actsparse_core_best_kernel().decode()
+
+
+def get_tuning() -> dict:
+    """The core's decode knobs (see Tuning in actsparse_core.hpp): par_bytes, split ("n", "k" or "") and
+    prefetch ("l1" or "l2"). They start from $ACTSPARSE_PAR_BYTES/_SPLIT/_PREFETCH, read when the library loads."""
+    nbytes, split, l2 = ctypes.c_int64(), ctypes.c_char(), ctypes.c_int()
+    _load().actsparse_core_get_tuning(ctypes.byref(nbytes), ctypes.byref(split), ctypes.byref(l2))
+    return {"par_bytes": nbytes.value, "split": split.value.decode().strip("\0"), "prefetch": "l2" if l2.value else "l1"}
+
+
+def set_tuning(par_bytes: Optional[int] = None, split: Optional[str] = None, prefetch: Optional[str] = None) -> None:
+    """Change the given knobs for this library (not while another thread runs a matmul). The OpenVINO and
+    ONNX Runtime libraries hold their own copies of the core: steer those with the environment variables."""
+    knobs = {**get_tuning(), **{k: v for k, v in
+                                dict(par_bytes=par_bytes, split=split, prefetch=prefetch).items() if v is not None}}
+    if knobs["prefetch"] not in ("l1", "l2"):
+        raise ValueError(f"prefetch must be l1 or l2, got {knobs['prefetch']!r}")
+    lib = _load()
+    if lib.actsparse_core_set_tuning(int(knobs["par_bytes"]), knobs["split"].encode()[:1] or b"\0",
+                                     int(knobs["prefetch"] == "l2")):
+        raise KernelError(lib.actsparse_core_last_error().decode())
+
+
+@contextlib.contextmanager
+def tuning(**knobs):
+    """set_tuning(**knobs) within the block, then the previous values."""
+    old = get_tuning()
+    set_tuning(**knobs)
+    try:
+        yield
+    finally:
+        set_tuning(**old)
 
 
 TILE_COLS = 2048  # kTileCols of actsparse_core.hpp: the stored layout, baked into exported models

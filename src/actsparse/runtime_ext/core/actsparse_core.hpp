@@ -84,4 +84,15 @@ void matmul(const float* x, int64_t M, const PackedWeight& w, const float* bias,
 std::vector<std::string> available_kernels();  // supported on this CPU, e.g. {"scalar","avx2","avx512"}
 std::string best_kernel();
 
+// Decode knobs for measurement and tests, process-wide. Initialised from $ACTSPARSE_PAR_BYTES,
+// $ACTSPARSE_SPLIT (n|k) and $ACTSPARSE_PREFETCH (l1|l2) when the library loads; set_tuning changes them
+// (not while a matmul is running).
+struct Tuning {
+  int64_t par_bytes;  // decode stays on one thread below this many live weight bytes
+  char split;         // 'n' or 'k' forces decode's split over columns or over live rows; '\0': by shape
+  bool prefetch_l2;   // upcoming weight rows are prefetched into L2 far ahead, else into L1 one group ahead
+};
+Tuning tuning();
+void set_tuning(const Tuning& t);
+
 }  // namespace actsparse

@@ -52,6 +52,23 @@ __attribute__((visibility("default"))) int actsparse_core_matmul(
 
 __attribute__((visibility("default"))) const char* actsparse_core_last_error(void) { return g_error.c_str(); }
 
+__attribute__((visibility("default"))) void actsparse_core_get_tuning(int64_t* par_bytes, char* split, int* prefetch_l2) {
+  const actsparse::Tuning t = actsparse::tuning();
+  *par_bytes = t.par_bytes;
+  *split = t.split;
+  *prefetch_l2 = t.prefetch_l2;
+}
+
+__attribute__((visibility("default"))) int actsparse_core_set_tuning(int64_t par_bytes, char split, int prefetch_l2) {
+  try {
+    actsparse::set_tuning({par_bytes, split, prefetch_l2 != 0});
+    return 0;
+  } catch (const std::exception& e) {
+    g_error = e.what();
+  }
+  return 1;
+}
+
 __attribute__((visibility("default"))) const char* actsparse_core_kernels(void) {
   static const std::string s = join(actsparse::available_kernels());
   return s.c_str();

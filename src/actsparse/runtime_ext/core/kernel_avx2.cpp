@@ -37,7 +37,8 @@ struct Avx2 {
     hi = _mm256_permute2f128_ps(a, b, 0x31);
   }
   static float half(uint16_t h) { return _cvtsh_ss(h); }
-  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  static void prefetch_l1(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  static void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 };
 
 }  // namespace

@@ -10,9 +10,10 @@ struct Ops {
   int gemm_mr, gemm_nr;  // prefill micro-tile
   // Decode: acc[0..n) += sum_r z[r] * Q[idx[r]][0..n), Q the raw stored values (u8/u4 not dequantised).
   // base points at column 0 of the slice (u4: the slice starts at an even column), rb = row stride in bytes.
-  // U4 acc uses an ISA-private layout; only u4_apply reads it.
+  // U4 acc uses an ISA-private layout; only u4_apply reads it. prefetch_l2: where upcoming rows are
+  // prefetched to (L2 far ahead, or L1 one group ahead; see kPrefetchL2 in dispatch.cpp).
   void (*rows)(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx,
-               const float* z, int64_t R);
+               const float* z, int64_t R, bool prefetch_l2);
   // y[0..n) += scale * (acc - zp * zsum)   (one U4 group)
   void (*u4_apply)(float* y, const float* acc, int64_t n, const float* scale, const float* zp, float zsum);
   // Dequantise W[k0:k0+kc, n0:n0+nc] into panels out[ceil(nc/NR)][kc][NR], zero padded. n0 % NR == 0.

@@ -38,7 +38,7 @@ float raw(WeightFormat f, const uint8_t* row, int64_t j) {
 }
 
 void rows(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx,
-          const float* z, int64_t R) {
+          const float* z, int64_t R, bool /*prefetch_l2: no prefetches here*/) {
   for (int64_t r = 0; r < R; ++r) {
     const uint8_t* row = base + int64_t(idx[r]) * rb;
     for (int64_t j = 0; j < n; ++j) acc[j] += z[r] * raw(f, row, j);
