@@ -42,7 +42,7 @@ class ActSparseMatMul(ov.Op):
     def validate_and_infer_types(self):
         shape = self.get_input_partial_shape(0)
         shape[shape.rank.get_length() - 1] = ov.Dimension(self._attrs["out_features"])
-        self.set_output_type(0, ov.Type.f32, shape)
+        self.set_output_type(0, self.get_input_element_type(0), shape)  # f32, or bf16 in and out
 
     def clone_with_new_inputs(self, new_inputs):
         return ActSparseMatMul(new_inputs, self._attrs)
@@ -182,16 +182,20 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
             params += [scale, zero_point]
         data = pack_u4(data, scale, zero_point, group_size).data if fmt == "u4" else to_tiles(data, fmt)
         params = np.concatenate([p.ravel().astype(np.float32) for p in params]) if params else np.zeros(0, np.float32)
-        op = ActSparseMatMul([x, ops.constant(data).output(0),
+        # bf16 weights are for CPUs where OpenVINO runs the graph in bf16: the op then also takes and
+        # returns bf16, and the plugin drops the two bf16<->f32 Reorders it would put around an f32 op
+        bf16_io = fmt == "bf16"
+        op = ActSparseMatMul([ops.convert(x, "bf16").output(0) if bf16_io else x, ops.constant(data).output(0),
                               ops.constant(params).output(0)],
                              {"weight_format": fmt, "out_features": int(sum(widths)), "group_size": int(group_size),
                               "mode": float(layer["mode"]), "threshold": float(layer["threshold"]),
                               "prefill": "dense" if f"{prefix}/{KEEP_DENSE}" in nodes else "sparse",
                               "has_bias": any(f is not None for f in folds)})
         op.set_friendly_name(f"{prefix}/{OP_TYPE}")
-        outputs = [op.output(0)]
+        y = ops.convert(op.output(0), "f32").output(0) if bf16_io else op.output(0)
+        outputs = [y]
         if len(matmuls) > 1:
-            split = ops.variadic_split(op.output(0), ops.constant(np.int64(-1)), ops.constant(np.array(widths, np.int64)))
+            split = ops.variadic_split(y, ops.constant(np.int64(-1)), ops.constant(np.array(widths, np.int64)))
             outputs = split.outputs()
         for mm, fold, out in zip(matmuls, folds, outputs):
             (fold if fold is not None else mm).output(0).replace(out)

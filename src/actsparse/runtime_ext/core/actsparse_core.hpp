@@ -28,6 +28,14 @@ static inline float bf16_to_float(const uint8_t* p) {
   return v;
 }
 
+// f32 -> bf16 bits, rounded to nearest even; NaN stays NaN. Branch-free, so loops over it vectorise.
+static inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16, quiet = (u >> 16) | 0x40;
+  return uint16_t((u & 0x7fffffff) > 0x7f800000 ? quiet : rounded);
+}
+
 // Weights are stored input-channel-major in column tiles: the columns are cut into tiles of kTileCols
 // (the last one narrower), and tile t holds its K rows one after another, row stride
 // row_bytes(format, width of t). A decode step then streams each live row's slice of a tile from one

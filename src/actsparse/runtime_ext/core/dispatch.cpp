@@ -217,14 +217,6 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
 // into a per-task buffer, then an MR x NR register-blocked micro-kernel. BF16 weights on a kernel with
 // pair_gemm multiply in bf16: panels hold pairs of bf16 values along K, one 32-bit word per pair.
 
-// f32 -> bf16 bits, rounded to nearest even; NaN stays NaN. Branch-free, so loops over it vectorise.
-inline uint32_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint32_t rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16, quiet = (u >> 16) | 0x40;
-  return (u & 0x7fffffff) > 0x7f800000 ? quiet : rounded;
-}
-
 void prefill(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
              float* y, const Executor& ex) {
   const int64_t K = w.K, N = w.N, MR = ops.gemm_mr, NR = ops.gemm_nr;
@@ -254,7 +246,7 @@ void prefill(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, c
         }
         if (pairs) {
           z[K] = 0.f;  // pads an odd K
-          for (int64_t k = 0; k < KU; ++k) zb[k] = to_bf16(z[2 * k]) | to_bf16(z[2 * k + 1]) << 16;
+          for (int64_t k = 0; k < KU; ++k) zb[k] = float_to_bf16(z[2 * k]) | uint32_t(float_to_bf16(z[2 * k + 1])) << 16;
           for (int64_t k = 0; k < KU; ++k) pdst[k * MR + i] = zb[k];
         } else {
           for (int64_t k = 0; k < K; ++k) dst[k * MR + i] = z[k];

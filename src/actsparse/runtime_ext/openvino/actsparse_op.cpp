@@ -2,6 +2,10 @@
 
 #include <openvino/core/parallel.hpp>
 
+#include <cstring>
+#include <functional>
+#include <memory>
+
 namespace actsparse {
 namespace {
 
@@ -42,7 +46,9 @@ void ActSparseMatMul::validate_and_infer_types() {
     NODE_VALIDATION_CHECK(this, get_input_size() == 3, "expects 3 inputs (x, weight, params), got ", get_input_size());
     NODE_VALIDATION_CHECK(this, m_prefill == "dense" || m_prefill == "sparse", "prefill must be dense or sparse");
     NODE_VALIDATION_CHECK(this, get_input_element_type(2) == ov::element::f32, "params must be f32");
-    NODE_VALIDATION_CHECK(this, get_input_element_type(0) == ov::element::f32, "x must be f32");
+    // bf16 x (bf16 exports): the op then returns bf16 too, and OpenVINO's bf16 graph needs no Reorder around it
+    const auto x_type = get_input_element_type(0);
+    NODE_VALIDATION_CHECK(this, x_type == ov::element::f32 || x_type == ov::element::bf16, "x must be f32 or bf16");
     m_format = parse_format(m_weight_format);
     m_prune_prefill = m_prefill == "sparse";
     const auto format = m_format;
@@ -53,7 +59,7 @@ void ActSparseMatMul::validate_and_infer_types() {
     auto shape = get_input_partial_shape(0);
     NODE_VALIDATION_CHECK(this, shape.rank().is_static() && shape.rank().get_length() >= 1, "x needs a static rank");
     shape[shape.rank().get_length() - 1] = m_out_features;
-    set_output_type(0, ov::element::f32, shape);
+    set_output_type(0, x_type, shape);
 }
 
 std::shared_ptr<ov::Node> ActSparseMatMul::clone_with_new_inputs(const ov::OutputVector& new_args) const {
@@ -99,7 +105,29 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     p.mode = m_mode;
     p.threshold = m_threshold;
     p.mask = decode || m_prune_prefill;
-    matmul(x.data<const float>(), M, weight, bias, p, outputs[0].data<float>(), OpenVINOExecutor{});
+    if (x.get_element_type() == ov::element::f32) {
+        matmul(x.data<const float>(), M, weight, bias, p, outputs[0].data<float>(), OpenVINOExecutor{});
+        return true;
+    }
+    // bf16 in and out: widened to f32 for the core, the result rounded back (what a Reorder would do),
+    // row by row on the pool (a prefill converts megabytes)
+    std::unique_ptr<float[]> xf(new float[size_t(M * K)]), yf(new float[size_t(M * N)]);
+    const auto* xb = static_cast<const uint16_t*>(x.data());
+    auto* yb = static_cast<uint16_t*>(outputs[0].data());
+    auto rows = [M](const std::function<void(int64_t)>& fn) {
+        if (M > 1) ov::parallel_for(M, [&](int64_t i) { fn(i); });
+        else if (M == 1) fn(0);
+    };
+    rows([&](int64_t i) {
+        for (int64_t k = i * K; k < (i + 1) * K; ++k) {
+            const uint32_t u = uint32_t(xb[k]) << 16;
+            std::memcpy(&xf[size_t(k)], &u, 4);
+        }
+    });
+    matmul(xf.get(), M, weight, bias, p, yf.get(), OpenVINOExecutor{});
+    rows([&](int64_t i) {
+        for (int64_t n = i * N; n < (i + 1) * N; ++n) yb[n] = float_to_bf16(yf[size_t(n)]);
+    });
     return true;
 }
 

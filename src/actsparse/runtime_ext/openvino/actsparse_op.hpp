@@ -9,7 +9,7 @@ namespace actsparse {
 
 // y = z'·W + bias, z' = (x − m) where ¬(|x − m| ≤ τ) else 0; dense (z' = x − m) on a prefill
 // step (more than one token per sequence) when prefill is "dense".
-// Inputs: x [..., K] f32; W packed [K, N] (f32, or u8 bytes for f16/u8/u4, see PackedWeight);
+// Inputs: x [..., K] f32 or bf16 (the output has x's type); W packed [K, N] (f32, or u8 bytes for f16/u8/u4, see PackedWeight);
 // params f32 = [bias (N, when has_bias) | scale | zero_point] (scale and zero point: N each for
 // u8, (K/G)·N each for u4, none for f32/f16). m, τ and the policy are attributes: the CPU plugin
 // re-runs generic shape inference on every call of a custom op, at a cost per input.
