@@ -229,6 +229,7 @@ void prefill(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, c
     // Each row is masked (and rounded) in one contiguous pass that the compiler vectorises, then
     // scattered into the panel's column i (stride MR).
     auto z = scratch<float>(K + 1);
+    z[K] = 0.f;  // pads an odd K into its last pair; the row passes below write only z[0..K)
     auto zb = scratch<uint32_t>(KU);
     for (int64_t pm = t; pm < nmp; pm += std::min<int64_t>(conc, nmp)) {
       float* dst = zp.get() + pm * KU * MR;
@@ -245,7 +246,6 @@ void prefill(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, c
           std::fill(z.get(), z.get() + K, 0.f);  // rows past M are zero
         }
         if (pairs) {
-          z[K] = 0.f;  // pads an odd K
           for (int64_t k = 0; k < KU; ++k) zb[k] = float_to_bf16(z[2 * k]) | uint32_t(float_to_bf16(z[2 * k + 1])) << 16;
           for (int64_t k = 0; k < KU; ++k) pdst[k * MR + i] = zb[k];
         } else {

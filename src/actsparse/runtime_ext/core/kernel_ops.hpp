@@ -11,7 +11,7 @@ struct Ops {
   // Decode: acc[0..n) += sum_r z[r] * Q[idx[r]][0..n), Q the raw stored values (u8/u4 not dequantised).
   // base points at column 0 of the slice (u4: the slice starts at an even column), rb = row stride in bytes.
   // U4 acc uses an ISA-private layout; only u4_apply reads it. prefetch_l2: where upcoming rows are
-  // prefetched to (L2 far ahead, or L1 one group ahead; see kPrefetchL2 in dispatch.cpp).
+  // prefetched to (L2 far ahead, or L1 one group ahead; see Tuning::prefetch_l2).
   void (*rows)(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx,
                const float* z, int64_t R, bool prefetch_l2);
   // y[0..n) += scale * (acc - zp * zsum)   (one U4 group)

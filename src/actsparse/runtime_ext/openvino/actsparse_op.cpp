@@ -2,8 +2,6 @@
 
 #include <openvino/core/parallel.hpp>
 
-#include <cstring>
-#include <functional>
 #include <memory>
 
 namespace actsparse {
@@ -105,27 +103,21 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     p.mode = m_mode;
     p.threshold = m_threshold;
     p.mask = decode || m_prune_prefill;
+    const OpenVINOExecutor ex;
     if (x.get_element_type() == ov::element::f32) {
-        matmul(x.data<const float>(), M, weight, bias, p, outputs[0].data<float>(), OpenVINOExecutor{});
+        matmul(x.data<const float>(), M, weight, bias, p, outputs[0].data<float>(), ex);
         return true;
     }
     // bf16 in and out: widened to f32 for the core, the result rounded back (what a Reorder would do),
-    // row by row on the pool (a prefill converts megabytes)
+    // one row per task (a prefill converts megabytes)
     std::unique_ptr<float[]> xf(new float[size_t(M * K)]), yf(new float[size_t(M * N)]);
-    const auto* xb = static_cast<const uint16_t*>(x.data());
+    const auto* xb = static_cast<const uint8_t*>(x.data());
     auto* yb = static_cast<uint16_t*>(outputs[0].data());
-    auto rows = [M](const std::function<void(int64_t)>& fn) {
-        if (M > 1) ov::parallel_for(M, [&](int64_t i) { fn(i); });
-        else if (M == 1) fn(0);
-    };
-    rows([&](int64_t i) {
-        for (int64_t k = i * K; k < (i + 1) * K; ++k) {
-            const uint32_t u = uint32_t(xb[k]) << 16;
-            std::memcpy(&xf[size_t(k)], &u, 4);
-        }
+    ex.parallel(M, [&](int64_t i) {
+        for (int64_t k = i * K; k < (i + 1) * K; ++k) xf[size_t(k)] = bf16_to_float(xb + 2 * k);
     });
-    matmul(xf.get(), M, weight, bias, p, yf.get(), OpenVINOExecutor{});
-    rows([&](int64_t i) {
+    matmul(xf.get(), M, weight, bias, p, yf.get(), ex);
+    ex.parallel(M, [&](int64_t i) {
         for (int64_t n = i * N; n < (i + 1) * N; ++n) yb[n] = float_to_bf16(yf[size_t(n)]);
     });
     return true;
