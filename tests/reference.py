@@ -12,11 +12,12 @@ def torch_bf16(a) -> np.ndarray:
 
 
 def multiplies_in_bf16(fmt: str, rows: int, kernel: str | None = None) -> bool:
-    """Whether the kernel core rounds the activations to bf16: bf16 weights, a prefill call (more than
-    4 rows; up to 4 is decode) and the avx512bf16 kernel (``kernel``, or the one chosen for this CPU)."""
+    """Whether the kernel core rounds the activations to bf16: the avx512bf16 kernel (``kernel``, or the
+    one chosen for this CPU) with bf16 weights in a prefill call (more than 4 rows; up to 4 is decode),
+    or with u4 weights in a decode call."""
     from actsparse.runtime_ext import kernels as ks
 
-    return fmt == "bf16" and rows > 4 and (kernel or ks.best_kernel()) == "avx512bf16"
+    return (kernel or ks.best_kernel()) == "avx512bf16" and (fmt == "bf16" and rows > 4 or fmt == "u4" and rows <= 4)
 
 
 def pruned_input(x: np.ndarray, mode: float, tau: float) -> np.ndarray:

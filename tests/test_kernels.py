@@ -189,3 +189,33 @@ def test_tuning_reaches_decode():
     with pytest.raises(ks.KernelError, match="split must be"):
         ks.set_tuning(split="x")
     assert ks.get_tuning() == before
+
+
+def bf16_bits(a) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), rounded to nearest even the way torch rounds."""
+    return (torch_bf16(a).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M", [1, 3, 37])
+def test_bf16_activations_in_and_out(kernel, fmt, M):
+    """bf16 x and y (OpenVINO's bf16 graphs): the f32 product of the widened x, rounded to nearest even.
+    N spans several prefill N blocks and two threads, so every unit's rounding pass is covered."""
+    rng = np.random.default_rng(6)
+    K, N = 256, 2100
+    packed = make_weight(fmt, K, N, 64, rng)
+    bias = rng.standard_normal(N).astype(np.float32)
+    x, tau = make_x(M, K, 0.2, 0.5, rng)
+    x[M - 1, 7] = np.nan
+    xb = bf16_bits(x)
+    xw = (xb.astype(np.uint32) << 16).view(np.float32)
+    y = ks.matmul(xb, packed, bias, 0.2, tau, True, 2, kernel)
+    assert y.dtype == np.uint16 and y.shape == (M, N)
+    yf = ks.matmul(xw, packed, bias, 0.2, tau, True, 2, kernel)
+    np.testing.assert_array_equal(y[:M - 1], bf16_bits(yf[:M - 1]))
+    widened = (y.astype(np.uint32) << 16).view(np.float32)
+    assert np.isnan(widened[M - 1]).all(), "a NaN input must stay NaN through the bf16 rounding"
+    ref, scale = reference(xw[:M - 1], packed, bias, 0.2, tau, True, multiplies_in_bf16(fmt, M, kernel))
+    # rounding to bf16 moves a value by at most half an ulp, 2^-8 of its magnitude
+    check(widened[:M - 1], ref, scale + np.abs(ref) * 2.0 ** -8 / 1e-4, "against numpy")

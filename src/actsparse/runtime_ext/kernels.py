@@ -36,7 +36,7 @@ def _load():
         lib = ctypes.CDLL(str(path))
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.actsparse_core_matmul.argtypes = [p, i64, ctypes.c_int, i64, i64, i64, p, p, p, p, f32, f32,
-                                              ctypes.c_int, p, ctypes.c_int, ctypes.c_char_p]
+                                              ctypes.c_int, p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.actsparse_core_matmul.restype = ctypes.c_int
         for name in ("actsparse_core_last_error", "actsparse_core_kernels", "actsparse_core_best_kernel"):
             getattr(lib, name).argtypes = []
@@ -211,8 +211,11 @@ def _ptr(a: Optional[np.ndarray]):
 
 def matmul(x, packed: PackedWeight, bias=None, mode=0.0, threshold=0.0, mask=True, threads=1,
            kernel: Optional[str] = None) -> np.ndarray:
+    """y = z'·W + bias. A uint16 x holds bf16 values (as OpenVINO's bf16 graphs pass them); y is then bf16
+    (uint16, rounded to nearest even) too. Any other x is converted to float32."""
     lib = _load()
-    x = _f32(x)
+    bf16 = isinstance(x, np.ndarray) and x.dtype == np.uint16
+    x = np.ascontiguousarray(x) if bf16 else _f32(x)
     if x.ndim != 2 or x.shape[1] != packed.K:
         raise ValueError(f"x must be [M, {packed.K}], got {x.shape}")
     M = x.shape[0]
@@ -223,11 +226,11 @@ def matmul(x, packed: PackedWeight, bias=None, mode=0.0, threshold=0.0, mask=Tru
         raise ValueError(f"{packed.format} data must have shape {expect}, got {data.shape}")
     sc = None if packed.scale is None else _f32(packed.scale)
     zp = None if packed.zero_point is None else _f32(packed.zero_point)
-    y = np.empty((M, packed.N), np.float32)
+    y = np.empty((M, packed.N), x.dtype)
     rc = lib.actsparse_core_matmul(
         _ptr(x), M, FORMATS[packed.format], packed.K, packed.N, packed.group_size, _ptr(data), _ptr(sc), _ptr(zp),
         _ptr(b), float(mode), float(threshold), int(bool(mask)), _ptr(y), int(threads),
-        None if kernel is None else kernel.encode())
+        None if kernel is None else kernel.encode(), int(bf16))
     if rc != 0:
         raise KernelError(lib.actsparse_core_last_error().decode())
     return y

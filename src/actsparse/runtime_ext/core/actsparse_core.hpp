@@ -20,13 +20,16 @@ static constexpr int64_t row_bytes(WeightFormat f, int64_t n) {
        : f == WeightFormat::U8 ? n : (n + 1) / 2;
 }
 
-// A bf16 value (2 bytes at p, little-endian) is the high half of an f32.
-static inline float bf16_to_float(const uint8_t* p) {
-  const uint32_t bits = uint32_t(p[0]) << 16 | uint32_t(p[1]) << 24;
+// A bf16 value is the high half of an f32.
+static inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t bits = uint32_t(b) << 16;
   float v;
   std::memcpy(&v, &bits, 4);
   return v;
 }
+
+// The same from 2 bytes at p, little-endian (any alignment).
+static inline float bf16_to_float(const uint8_t* p) { return bf16_bits_to_float(uint16_t(p[0] | p[1] << 8)); }
 
 // f32 -> bf16 bits, rounded to nearest even; NaN stays NaN. Branch-free, so loops over it vectorise.
 static inline uint16_t float_to_bf16(float f) {
@@ -89,6 +92,12 @@ struct Params { float mode = 0.f; float threshold = 0.f; bool mask = true; };
 // kernel: null = best for this CPU; else a name from available_kernels() (throws std::invalid_argument if unknown/unsupported).
 void matmul(const float* x, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
             float* y, const Executor& ex, const char* kernel = nullptr);
+
+// The same with x and y of one activation type: bf16 (uint16 bits) computes in f32 from the widened x
+// and rounds y to nearest even, with no f32 copy of a prefill's x or y.
+enum class Activations : int { F32 = 0, BF16 = 1 };
+void matmul(const void* x, Activations type, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
+            void* y, const Executor& ex, const char* kernel = nullptr);
 std::vector<std::string> available_kernels();  // supported on this CPU, e.g. {"scalar","avx2","avx512"}
 std::string best_kernel();
 

@@ -104,18 +104,19 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
     r.gsum = gsum_buf.get() + i * ng;
     const float* xi = x + i * K;
     const int64_t gs = f == WeightFormat::U4 ? w.group_size : K;
+    const bool round = f == WeightFormat::U4 && ops.u4_bf16;
     int64_t L = 0;
     double total = 0.0;
     for (int64_t g = 0; g < ng; ++g) {
       r.gpos[g] = L;
       double s = 0.0;
       for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
-        const float v = xi[k] - p.mode;
+        const float v = xi[k] - p.mode, zk = round ? bf16_bits_to_float(float_to_bf16(v)) : v;
         r.idx[L] = int32_t(k);
-        r.z[L] = v;
+        r.z[L] = zk;
         const bool keep = !p.mask || !(std::fabs(v) <= p.threshold);  // NaN/Inf are kept
         L += keep;
-        s += keep ? v : 0.f;
+        s += keep ? zk : 0.f;
       }
       r.gsum[g] = float(s);
       total += s;
@@ -217,8 +218,10 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
 // into a per-task buffer, then an MR x NR register-blocked micro-kernel. BF16 weights on a kernel with
 // pair_gemm multiply in bf16: panels hold pairs of bf16 values along K, one 32-bit word per pair.
 
-void prefill(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
-             float* y, const Executor& ex) {
+// bf16: x and y hold bf16 values (uint16 bits). Rows are widened while they are packed, and each unit's
+// f32 result is rounded into y from a per-task buffer once its last K block is done.
+void prefill(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
+             void* yv, bool bf16, const Executor& ex) {
   const int64_t K = w.K, N = w.N, MR = ops.gemm_mr, NR = ops.gemm_nr;
   const bool pairs = w.format == WeightFormat::BF16 && ops.pair_gemm;
   const int64_t U = pairs ? 2 : 1, KU = ceil_div(K, U);  // panel rows: K values, or ceil(K/2) pairs
@@ -237,11 +240,14 @@ void prefill(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, c
       for (int64_t i = 0; i < MR; ++i) {
         const int64_t row = pm * MR + i;
         if (row < M) {
-          const float* xr = x + row * K;
-          for (int64_t k = 0; k < K; ++k) {
-            const float v = xr[k] - p.mode;
-            z[k] = (!p.mask || !(std::fabs(v) <= p.threshold)) ? v : 0.f;
-          }
+          auto mask = [&](auto xr, auto widen) {
+            for (int64_t k = 0; k < K; ++k) {
+              const float v = widen(xr[k]) - p.mode;
+              z[k] = (!p.mask || !(std::fabs(v) <= p.threshold)) ? v : 0.f;
+            }
+          };
+          if (bf16) mask(static_cast<const uint16_t*>(xv) + row * K, [](uint16_t b) { return bf16_bits_to_float(b); });
+          else mask(static_cast<const float*>(xv) + row * K, [](float v) { return v; });
         } else {
           std::fill(z.get(), z.get() + K, 0.f);  // rows past M are zero
         }
@@ -267,35 +273,57 @@ void prefill(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, c
   const int64_t units = nnb * nmb, ntasks = std::min<int64_t>(conc, units);
   ex.parallel(ntasks, [&](int64_t t) {
     auto wbuf = scratch<float>(KC * round_up(NC, NR));
+    auto ybuf = scratch<float>(bf16 ? MCp * MR * NC : 0);  // a unit's f32 result before it is rounded
     for (int64_t u = t; u < units; u += ntasks) {
       const int64_t nb = u % nnb, mb = u / nnb;
       const int64_t n0 = nb * NC, nc = std::min(NC, N - n0);
-      const int64_t p0 = mb * MCp, p1 = std::min(nmp, p0 + MCp);
-      for (int64_t i = p0 * MR; i < std::min(M, p1 * MR); ++i)
-        for (int64_t j = 0; j < nc; ++j) y[i * N + n0 + j] = bias ? bias[n0 + j] : 0.f;
+      const int64_t p0 = mb * MCp, p1 = std::min(nmp, p0 + MCp), r0 = p0 * MR, r1 = std::min(M, p1 * MR);
+      // c(i, j): row i (of M), column n0 + j
+      const int64_t ldc = bf16 ? NC : N;
+      float* const c0 = bf16 ? ybuf.get() - r0 * NC : static_cast<float*>(yv) + n0;
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t j = 0; j < nc; ++j) c0[i * ldc + j] = bias ? bias[n0 + j] : 0.f;
       for (int64_t k0 = 0; k0 < KU; k0 += KC) {
         const int64_t kc = std::min(KC, KU - k0);
         if (pairs) ops.pair_pack(w, 2 * k0, std::min(2 * kc, K - 2 * k0), n0, nc, reinterpret_cast<uint32_t*>(wbuf.get()));
         else ops.pack(w, k0, kc, n0, nc, wbuf.get());
+        // While this block multiplies, the next one this task packs is prefetched into L2, a share per
+        // M panel: each row's slice lies in its own page, where the hardware prefetchers stop.
+        const int64_t nu = k0 + KC < KU ? u : u + ntasks, nk0 = nu == u ? k0 + KC : 0;
+        const int64_t pk0 = U * nk0, pk1 = nu < units ? std::min(K, U * std::min(KU, nk0 + KC)) : pk0;
+        const int64_t pn0 = (nu % nnb) * NC, line_bytes = row_bytes(w.format, std::min(NC, N - pn0)) + 63;
+        const int64_t lines = (pk1 - pk0) * (line_bytes / 64), share = ceil_div(lines, p1 - p0);
+        int64_t line = 0;
         for (int64_t pm = p0; pm < p1; ++pm) {
+          for (const int64_t end = std::min(lines, line + share); line < end; ++line) {
+            int64_t col;
+            const uint8_t* row = tile_row(w, pk0 + line / (line_bytes / 64), pn0, col);
+            __builtin_prefetch(row + row_bytes(w.format, col) + 64 * (line % (line_bytes / 64)), 0, 2);
+          }
           const float* zpan = zp.get() + (pm * KU + k0) * MR;
           const int64_t mr = std::min(MR, M - pm * MR);
           for (int64_t j = 0; j < nc; j += NR) {
-            float* c = y + pm * MR * N + n0 + j;
+            float* c = c0 + pm * MR * ldc + j;
             const float* wpan = wbuf.get() + (j / NR) * kc * NR;
             if (pairs)
-              ops.pair_gemm(reinterpret_cast<const uint32_t*>(zpan), reinterpret_cast<const uint32_t*>(wpan), kc, c, N,
+              ops.pair_gemm(reinterpret_cast<const uint32_t*>(zpan), reinterpret_cast<const uint32_t*>(wpan), kc, c, ldc,
                             mr, std::min(NR, nc - j));
             else
-              ops.gemm(zpan, wpan, kc, c, N, mr, std::min(NR, nc - j));
+              ops.gemm(zpan, wpan, kc, c, ldc, mr, std::min(NR, nc - j));
           }
         }
       }
+      if (bf16)
+        for (int64_t i = r0; i < r1; ++i) {
+          uint16_t* yr = static_cast<uint16_t*>(yv) + i * N + n0;
+          const float* cr = c0 + i * ldc;
+          for (int64_t j = 0; j < nc; ++j) yr[j] = float_to_bf16(cr[j]);
+        }
     }
   });
 }
 
-void validate(const float* x, int64_t M, const PackedWeight& w, float* y) {
+void validate(const void* x, int64_t M, const PackedWeight& w, const void* y) {
   if (M < 0 || w.K < 1 || w.N < 1) throw std::invalid_argument("actsparse: need M >= 0, K >= 1, N >= 1");
   if (w.K > INT32_MAX) throw std::invalid_argument("actsparse: K too large");
   if (M > 0 && (!x || !y || !w.data)) throw std::invalid_argument("actsparse: null x, y or weight data");
@@ -318,17 +346,26 @@ void validate(const float* x, int64_t M, const PackedWeight& w, float* y) {
 
 }  // namespace
 
-void matmul(const float* x, int64_t M, const PackedWeight& w, const float* bias, const Params& p, float* y,
-            const Executor& ex, const char* kernel) {
+void matmul(const void* x, Activations type, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
+            void* y, const Executor& ex, const char* kernel) {
   const KernelEntry* k = find_kernel(kernel);
   validate(x, M, w, y);
+  if (type != Activations::F32 && type != Activations::BF16) throw std::invalid_argument("actsparse: unknown activation type");
   if (M == 0) return;
   const Ops& ops = *k->ops();
-  if (M <= 4) {
-    decode(ops, x, M, w, bias, p, y, ex);
-  } else {
-    prefill(ops, x, M, w, bias, p, y, ex);
-  }
+  const bool bf16 = type == Activations::BF16;
+  if (M > 4) return prefill(ops, x, M, w, bias, p, y, bf16, ex);
+  if (!bf16) return decode(ops, static_cast<const float*>(x), M, w, bias, p, static_cast<float*>(y), ex);
+  auto xf = scratch<float>(M * w.K);  // a few rows: widened and rounded on the calling thread
+  auto yf = scratch<float>(M * w.N);
+  for (int64_t i = 0; i < M * w.K; ++i) xf[i] = bf16_bits_to_float(static_cast<const uint16_t*>(x)[i]);
+  decode(ops, xf.get(), M, w, bias, p, yf.get(), ex);
+  for (int64_t i = 0; i < M * w.N; ++i) static_cast<uint16_t*>(y)[i] = float_to_bf16(yf[i]);
+}
+
+void matmul(const float* x, int64_t M, const PackedWeight& w, const float* bias, const Params& p, float* y,
+            const Executor& ex, const char* kernel) {
+  matmul(x, Activations::F32, M, w, bias, p, y, ex, kernel);
 }
 
 std::vector<std::string> available_kernels() {

@@ -1,6 +1,8 @@
 // avx512 with a bf16 prefill for BF16 weights: AVX512-BF16 dot products (vdpbf16ps) on pairs along K.
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "kernel_ops.hpp"
 
 namespace actsparse {
@@ -8,7 +10,7 @@ namespace detail {
 namespace {
 
 // The avx512 GEMM's tile (Gemm<Avx512, 6, 4>): prefill builds the activation panels for gemm_mr rows.
-// (No std templates in this file: nothing compiled with -mavx512bf16 may be merged into generic code.)
+// (No std templates in this file, only internal ones: nothing compiled with -mavx512bf16 may be merged into generic code.)
 constexpr int MR = 6, NV = 4, NR = NV * 16;
 
 void pack_pairs(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) {
@@ -65,6 +67,103 @@ void gemm_pairs(const uint32_t* zpan, const uint32_t* wpan, int64_t kc2, float* 
   }
 }
 
+// U4 decode as bf16 dot products, two rows per vdpbf16ps (instead of widening every code to f32 and one
+// FMA per row). The interleaved bytes of two rows, zero-extended to 16-bit words, give for 16 columns
+// the pairs (row a, row b): code c becomes the bf16 value 1 + c/16 (1.0 with c in the top four mantissa
+// bits), and the broadcast pair (16 z_a, 16 z_b) multiplies it to z (16 + c) exactly, summed in f32.
+// The driver rounds z to bf16 (Ops::u4_bf16); u4_apply16 subtracts the 16 zsum. Lanes hold even columns,
+// then odd ones, per 32 columns: the layout of the avx512 kernel's U4 acc.
+inline void u4_codes(const uint8_t* a, const uint8_t* b, __m512bh& even, __m512bh& odd) {
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+  const __m128i y = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  const __m512i w = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(x, y), _mm_unpacklo_epi8(x, y)));
+  const __m512i one = _mm512_set1_epi16(0x3f80), top4 = _mm512_set1_epi16(0x78);
+  even = (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi16(w, 3), top4, one, 0xea);  // (A & B) | C
+  odd = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 1), top4, one, 0xea);
+}
+
+inline uint32_t z_pair(float a, float b) {  // (16 a, 16 b) as bf16: exact, a and b are bf16 values
+  uint32_t ua, ub;
+  a *= 16.f;
+  b *= 16.f;
+  std::memcpy(&ua, &a, 4);
+  std::memcpy(&ub, &b, 4);
+  return ua >> 16 | (ub & 0xffff0000u);
+}
+
+inline float u4_code(const uint8_t* row, int64_t c) { return float((row[c >> 1] >> ((c & 1) * 4)) & 0xf); }
+
+// acc[0..n) += sum_j z[j] (16 + code_j) over the rows p[0..2P) (pairs of rows; a missing second row is
+// the first again with z = 0). acc is loaded and stored once per 2P rows.
+template <int P, bool L2>
+inline void u4_pairs(float* acc, int64_t n, const uint8_t* const* p, const float* z, const uint8_t* const* next) {
+  __m512bh zp[P];
+  for (int j = 0; j < P; ++j) zp[j] = (__m512bh)_mm512_set1_epi32(int(z_pair(z[2 * j], z[2 * j + 1])));
+  const int64_t nv = n / 32 * 32;
+  for (int64_t c = 0, off = 0; c < nv; c += 32, off += 16) {
+    if (next && c % 128 == 0)  // one 64-byte line of each upcoming row per 128 columns
+      for (int j = 0; j < 2 * P; ++j) _mm_prefetch(reinterpret_cast<const char*>(next[j] + off), L2 ? _MM_HINT_T1 : _MM_HINT_T0);
+    __m512 ae = _mm512_loadu_ps(acc + c), ao = _mm512_loadu_ps(acc + c + 16);
+    for (int j = 0; j < P; ++j) {
+      __m512bh e, o;
+      u4_codes(p[2 * j] + off, p[2 * j + 1] + off, e, o);
+      ae = _mm512_dpbf16_ps(ae, zp[j], e);
+      ao = _mm512_dpbf16_ps(ao, zp[j], o);
+    }
+    _mm512_storeu_ps(acc + c, ae);
+    _mm512_storeu_ps(acc + c + 16, ao);
+  }
+  for (int64_t c = nv; c < n; ++c)
+    for (int j = 0; j < 2 * P; ++j) acc[c] += z[j] * (16.f + u4_code(p[j], c));
+}
+
+// Like the avx512 rows for U4: groups of 4 live rows, the rows some groups ahead prefetched (see rows_f).
+template <bool L2>
+void u4_rows(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const float* z, int64_t R) {
+  constexpr int G = 4;
+  constexpr int64_t ahead = L2 ? 4 * G : G;  // 4 groups ahead into L2, or the next group into L1
+  int64_t r = 0;
+  for (; r + G <= R; r += G) {
+    const uint8_t* p[G];
+    const uint8_t* q[G];
+    for (int j = 0; j < G; ++j) p[j] = base + int64_t(idx[r + j]) * rb;
+    const bool pf = r + ahead + G <= R;
+    if (pf)
+      for (int j = 0; j < G; ++j) q[j] = base + int64_t(idx[r + ahead + j]) * rb;
+    u4_pairs<G / 2, L2>(acc, n, p, z + r, pf ? q : nullptr);
+  }
+  for (; r < R; r += 2) {
+    const uint8_t* p[2] = {base + int64_t(idx[r]) * rb, base + int64_t(idx[r + (r + 1 < R)]) * rb};
+    const float zz[2] = {z[r], r + 1 < R ? z[r + 1] : 0.f};
+    u4_pairs<1, L2>(acc, n, p, zz, nullptr);
+  }
+}
+
+void rows(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const float* z,
+          int64_t R, bool prefetch_l2) {
+  if (f == WeightFormat::U4)
+    return prefetch_l2 ? u4_rows<true>(acc, n, base, rb, idx, z, R) : u4_rows<false>(acc, n, base, rb, idx, z, R);
+  ops_avx512()->rows(f, acc, n, base, rb, idx, z, R, prefetch_l2);
+}
+
+// y[0..n) += scale * (acc - (zp + 16) * zsum), acc in the even/odd layout above.
+void u4_apply16(float* y, const float* acc, int64_t n, const float* scale, const float* zp, float zsum) {
+  const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i ih = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512 zs = _mm512_set1_ps(zsum), sixteen = _mm512_set1_ps(16.f);
+  int64_t c = 0;
+  for (; c + 32 <= n; c += 32) {
+    const __m512 e = _mm512_loadu_ps(acc + c), o = _mm512_loadu_ps(acc + c + 16);
+    const __m512 v[2] = {_mm512_permutex2var_ps(e, il, o), _mm512_permutex2var_ps(e, ih, o)};
+    for (int h = 0; h < 2; ++h) {
+      const float* at = zp + c + 16 * h;
+      const __m512 t = _mm512_fnmadd_ps(_mm512_add_ps(_mm512_loadu_ps(at), sixteen), zs, v[h]);
+      _mm512_storeu_ps(y + c + 16 * h, _mm512_fmadd_ps(_mm512_loadu_ps(scale + c + 16 * h), t, _mm512_loadu_ps(y + c + 16 * h)));
+    }
+  }
+  for (; c < n; ++c) y[c] += scale[c] * (acc[c] - (zp[c] + 16.f) * zsum);
+}
+
 }  // namespace
 
 const Ops* ops_avx512bf16() {
@@ -72,6 +171,9 @@ const Ops* ops_avx512bf16() {
     Ops o = *ops_avx512();
     o.pair_pack = pack_pairs;
     o.pair_gemm = gemm_pairs;
+    o.rows = rows;
+    o.u4_apply = u4_apply16;
+    o.u4_bf16 = true;
     return o;
   }();
   return &ops;

@@ -27,6 +27,8 @@ struct Ops {
   // c[mr x nr] += zpan[kc2][MR] · wpan[kc2][NR], both of bf16 pairs, accumulated in f32.
   void (*pair_gemm)(const uint32_t* zpan, const uint32_t* wpan, int64_t kc2, float* c, int64_t ldc, int64_t mr,
                     int64_t nr) = nullptr;
+  // Decode's U4 rows multiply z rounded to bf16: the driver rounds z (and sums the rounded values).
+  bool u4_bf16 = false;
 };
 
 #define ACTSPARSE_KERNEL(name, check, automatic) const Ops* ops_##name();

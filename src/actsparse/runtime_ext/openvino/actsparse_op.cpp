@@ -103,23 +103,9 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     p.mode = m_mode;
     p.threshold = m_threshold;
     p.mask = decode || m_prune_prefill;
-    const OpenVINOExecutor ex;
-    if (x.get_element_type() == ov::element::f32) {
-        matmul(x.data<const float>(), M, weight, bias, p, outputs[0].data<float>(), ex);
-        return true;
-    }
-    // bf16 in and out: widened to f32 for the core, the result rounded back (what a Reorder would do),
-    // one row per task (a prefill converts megabytes)
-    std::unique_ptr<float[]> xf(new float[size_t(M * K)]), yf(new float[size_t(M * N)]);
-    const auto* xb = static_cast<const uint8_t*>(x.data());
-    auto* yb = static_cast<uint16_t*>(outputs[0].data());
-    ex.parallel(M, [&](int64_t i) {
-        for (int64_t k = i * K; k < (i + 1) * K; ++k) xf[size_t(k)] = bf16_to_float(xb + 2 * k);
-    });
-    matmul(xf.get(), M, weight, bias, p, yf.get(), ex);
-    ex.parallel(M, [&](int64_t i) {
-        for (int64_t n = i * N; n < (i + 1) * N; ++n) yb[n] = float_to_bf16(yf[size_t(n)]);
-    });
+    // bf16 x (bf16 exports): the core reads it and rounds y to bf16, as a Reorder around the op would
+    const auto type = x.get_element_type() == ov::element::f32 ? Activations::F32 : Activations::BF16;
+    matmul(x.data(), type, M, weight, bias, p, outputs[0].data(), OpenVINOExecutor{});
     return true;
 }
 
