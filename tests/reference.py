@@ -101,17 +101,20 @@ def assert_close_through_flips(got: np.ndarray, expected: np.ndarray, exact_posi
     assert (np.exp(log_p) * (log_p - log_q)).sum(-1).mean() < 0.045
 
 
-def make_weight(fmt: str, K: int, N: int, G: int, rng):
-    """A random packed weight ``[K, N]`` of format ``fmt`` (u4: group size ``G``), NNCF-like codes."""
+def make_weight(fmt: str, K: int, N: int, G: int, rng, tile_cols: int = 0):
+    """A random packed weight ``[K, N]`` of format ``fmt`` (u4: group size ``G``), NNCF-like codes, stored
+    in tiles of ``tile_cols`` columns (0: the format's default)."""
     from actsparse.runtime_ext import kernels as ks
 
     if fmt == "f32":
-        return ks.pack_f32(rng.standard_normal((K, N)))
+        return ks.pack_f32(rng.standard_normal((K, N)), tile_cols)
     if fmt == "f16":
-        return ks.pack_f16(rng.standard_normal((K, N)))
+        return ks.pack_f16(rng.standard_normal((K, N)), tile_cols)
     if fmt == "bf16":
-        return ks.pack_bf16(rng.standard_normal((K, N)))
+        return ks.pack_bf16(rng.standard_normal((K, N)), tile_cols)
     if fmt == "u8":
-        return ks.pack_u8(rng.integers(0, 256, (K, N)), rng.uniform(0.001, 0.02, N), rng.integers(100, 156, N))
+        return ks.pack_u8(rng.integers(0, 256, (K, N)), rng.uniform(0.001, 0.02, N), rng.integers(100, 156, N),
+                          tile_cols)
     ng = K // G
-    return ks.pack_u4(rng.integers(0, 16, (K, N)), rng.uniform(0.01, 0.2, (ng, N)), rng.integers(6, 10, (ng, N)), G)
+    return ks.pack_u4(rng.integers(0, 16, (K, N)), rng.uniform(0.01, 0.2, (ng, N)), rng.integers(6, 10, (ng, N)), G,
+                      tile_cols)

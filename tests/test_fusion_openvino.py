@@ -142,10 +142,12 @@ def test_consumers_of_one_input_become_one_op(fmt):
     register(core)
     compiled = core.compile_model(materialize(model, core), "CPU", EXACT_CONFIG)
     result = compiled.create_infer_request().infer({"x": xs})
-    pruned = pruned_input(xs, mode, tau)
+    z = pruned_input(xs, mode, tau) - np.float32(mode)  # z'; the folded bias adds mode·W back
+    if multiplies_in_bf16(fmt, 3):
+        z = torch_bf16(z)  # u4 decode steps multiply bf16 activations on CPUs with AVX512-BF16
     tol = 1e-4 * np.abs(xs).sum()
-    np.testing.assert_allclose(result[compiled.output(0)], pruned @ dg.T, rtol=1e-4, atol=tol)
-    np.testing.assert_allclose(result[compiled.output(1)], pruned @ du.T, rtol=1e-4, atol=tol)
+    np.testing.assert_allclose(result[compiled.output(0)], z @ dg.T + mode * dg.sum(1), rtol=1e-4, atol=tol)
+    np.testing.assert_allclose(result[compiled.output(1)], z @ du.T + mode * du.sum(1), rtol=1e-4, atol=tol)
 
 
 def test_dense_prefill_and_decode_and_every_channel_pruned():
@@ -159,6 +161,30 @@ def test_dense_prefill_and_decode_and_every_channel_pruned():
     np.testing.assert_allclose(_run(model, quiet), quiet @ dequant.T, rtol=1e-5, atol=1e-4)
     assert set_prefill_sparse(model) == 1
     np.testing.assert_allclose(_run(model, prompt), pruned_input(prompt, -0.2, 0.5) @ dequant.T, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_ir_without_tile_cols_reads_2048_column_tiles(legacy):
+    """The op's tile_cols says how W is stored (exports write it; u8 uses 8192-column tiles); an IR
+    written before the attribute existed has none and was stored in 2048-column tiles."""
+    from actsparse.passes.openvino_fuse import ActSparseMatMul
+    from actsparse.runtime_ext import kernels as ks
+
+    k, n, mode, tau = 64, 8300, 0.1, 0.6
+    q = RNG.integers(0, 256, (k, n)).astype(np.uint8)
+    scale, zp = RNG.uniform(0.01, 0.1, n).astype(np.float32), RNG.integers(100, 156, n).astype(np.float32)
+    packed = ks.pack_u8(q, scale, zp, ks.LEGACY_TILE_COLS if legacy else 0)
+    attrs = {"weight_format": "u8", "out_features": n, "group_size": k, "mode": mode, "threshold": tau,
+             "prefill": "sparse", "has_bias": False, **({} if legacy else {"tile_cols": packed.tile_cols})}
+    x = ops.parameter([-1, -1, k], np.float32, name="x")
+    op = ActSparseMatMul([x.output(0), ops.constant(packed.data).output(0),
+                          ops.constant(np.concatenate([scale, zp])).output(0)], attrs)
+    model = ov.Model([op.output(0)], [x])
+    dequant = (q - zp) * scale
+    for xs in (RNG.normal(size=(1, 1, k)), RNG.normal(size=(1, 5, k))):
+        xs = xs.astype(np.float32)
+        expected = (pruned_input(xs, mode, tau) - mode) @ dequant
+        np.testing.assert_allclose(_run(model, xs), expected, rtol=1e-4, atol=1e-4 * np.abs(xs).sum() * np.abs(dequant).max())
 
 
 def test_nan_propagates_through_the_op():

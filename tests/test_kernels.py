@@ -16,7 +16,8 @@ except (FileNotFoundError, OSError) as e:  # library not built
     skip_without_extension(f"the kernel core library is not built ({e})")
 
 FORMATS = ["f32", "f16", "bf16", "u8", "u4"]
-# (K, N); N > 2048 spans several stored column tiles (ks.TILE_COLS), the last one partial
+# (K, N); N > 2048 spans several stored column tiles of f32/f16/bf16 (ks.TILE_COLS), the last one partial;
+# test_tile_widths covers u8/u4's wider tiles
 SHAPES = [(1, 1), (7, 3), (64, 17), (130, 33), (64, 100), (7, 1), (130, 100), (33, 4500)]
 U4_SHAPES = [(32, 1), (64, 17), (128, 33), (256, 100), (384, 3), (64, 4101)]  # G from GROUPS dividing K
 GROUPS = [32, 64, 128]
@@ -59,15 +60,19 @@ def cases():
 
 
 def test_tile_major_layout():
-    """Stored bytes: tile t (TILE_COLS columns, the last one narrower) holds rows 0..K-1 of its columns."""
+    """Stored bytes: tile t (tile_cols columns, the last one narrower) holds rows 0..K-1 of its columns."""
     a = np.arange(3 * 4200, dtype=np.float32).reshape(3, 4200)
     tiled = ks.pack_f32(a).data
     expect = np.concatenate([a[:, :2048].ravel(), a[:, 2048:4096].ravel(), a[:, 4096:].ravel()])
-    assert ks.TILE_COLS == 2048 and tiled.shape == a.shape
+    assert ks.TILE_COLS["f32"] == 2048 and tiled.shape == a.shape
     np.testing.assert_array_equal(tiled.ravel(), expect)
     np.testing.assert_array_equal(ks.from_tiles(tiled, "f32"), a)
-    q = np.arange(2 * 4101).reshape(2, 4101) % 16
-    np.testing.assert_array_equal(ks.dequantize(ks.pack_u4(q, np.ones((1, 4101)), np.zeros((1, 4101)), 2)), q)
+    q = np.arange(2 * 8300).reshape(2, 8300) % 256
+    tiled = ks.pack_u8(q, np.ones(8300), np.zeros(8300)).data
+    assert ks.TILE_COLS["u8"] == 8192 and tiled.ravel()[2 * 8192] == q[0, 8192]
+    q %= 16
+    np.testing.assert_array_equal(ks.dequantize(ks.pack_u4(q, np.ones((1, 8300)), np.zeros((1, 8300)), 2)), q)
+    np.testing.assert_array_equal(ks.dequantize(ks.pack_u4(q, np.ones((1, 8300)), np.zeros((1, 8300)), 2, 128)), q)
 
 
 def test_bf16_rounding_matches_torch():
@@ -219,3 +224,26 @@ def test_bf16_activations_in_and_out(kernel, fmt, M):
     ref, scale = reference(xw[:M - 1], packed, bias, 0.2, tau, True, multiplies_in_bf16(fmt, M, kernel))
     # rounding to bf16 moves a value by at most half an ulp, 2^-8 of its magnitude
     check(widened[:M - 1], ref, scale + np.abs(ref) * 2.0 ** -8 / 1e-4, "against numpy")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tile_cols", [128, ks.LEGACY_TILE_COLS, 8192])
+def test_tile_widths(kernel, fmt, tile_cols):
+    """Any stored tile width (a multiple of 128 up to 8192; exports use TILE_COLS, older ones 2048) with N
+    spanning several tiles, decode split both ways and prefill; a width the core cannot read is refused."""
+    rng = np.random.default_rng(7)
+    K, N = 128, 8300
+    packed = make_weight(fmt, K, N, 64, rng, tile_cols)
+    assert packed.tile_cols == tile_cols
+    bias = rng.standard_normal(N).astype(np.float32)
+    for M, split in [(1, "n"), (1, "k"), (3, ""), (9, "")]:
+        x, tau = make_x(M, K, 0.1, 0.5, rng)
+        with ks.tuning(par_bytes=0, split=split):
+            y = ks.matmul(x, packed, bias, 0.1, tau, True, 2, kernel)
+        ref, scale = reference(x, packed, bias, 0.1, tau, True, multiplies_in_bf16(fmt, M, kernel))
+        check(y, ref, scale, f"{kernel} {fmt} tile_cols={tile_cols} M={M} split={split}")
+    for bad in (100, 8192 + 128):
+        packed.tile_cols = bad
+        with pytest.raises(ks.KernelError, match="tile_cols"):
+            ks.matmul(x, packed, bias, 0.1, tau, True, 2, kernel)

@@ -35,14 +35,16 @@ def weight_cases():
                 yield pytest.param("u4", K, N, G, id=f"u4-K{K}-N{N}-G{G}")
 
 
-def make_model(packed, bias, mode, tau, prefill="dense", rank=3) -> bytes:
-    """One ActSparseMatMul node; the weight (raw bytes for f16/bf16/u8/u4) and params are initializers."""
+def make_model(packed, bias, mode, tau, prefill="dense", rank=3, tile_attr=True) -> bytes:
+    """One ActSparseMatMul node; the weight (raw bytes for f16/bf16/u8/u4) and params are initializers.
+    Without tile_attr the node has no tile_cols, as files exported before it (2048-column tiles)."""
     data = packed.data.view(np.uint8) if packed.format in ("f16", "bf16") else packed.data
     params = [p.reshape(-1) for p in (bias, packed.scale, packed.zero_point) if p is not None]
     params = np.concatenate(params).astype(np.float32) if params else np.zeros(0, np.float32)
     node = helper.make_node("ActSparseMatMul", ["x", "weight", "params"], ["y"], domain="ai.actsparse",
                             weight_format=packed.format, out_features=packed.N, group_size=packed.group_size,
-                            mode=float(mode), threshold=float(tau), prefill=prefill, has_bias=int(bias is not None))
+                            mode=float(mode), threshold=float(tau), prefill=prefill, has_bias=int(bias is not None),
+                            **({"tile_cols": packed.tile_cols} if tile_attr else {}))
     dims = ["batch", "seq"][:rank - 1]
     graph = helper.make_graph(
         [node], "actsparse", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*dims, packed.K])],
@@ -206,6 +208,34 @@ def test_openvino_reads_the_same_onnx(tmp_path, fmt, G, prefill):
         ref, scale = reference(x, packed, bias, 0.2, 0.5, shape[1] == 1 or prefill == "sparse")
         check(y_ort, ref, scale, f"ORT {fmt} {shape}")
         check(y_ov, y_ort, scale, f"OpenVINO vs ORT {fmt} {shape}")
+
+
+@pytest.mark.parametrize("fmt", ["u8", "u4"])
+@pytest.mark.parametrize("legacy", [False, True])
+def test_tile_cols_attribute_and_files_without_it(tmp_path, fmt, legacy):
+    """u8/u4 weights are stored in 8192-column tiles and the node says so (tile_cols); a node without
+    the attribute was exported with 2048-column tiles. ORT and OpenVINO's ONNX frontend read both."""
+    import openvino as ov
+
+    from actsparse.runtime_ext import extension_problem, register
+
+    rng = np.random.default_rng(8)
+    packed = make_weight(fmt, 64, 8300, 32, rng, ks.LEGACY_TILE_COLS if legacy else 0)
+    assert packed.tile_cols == (2048 if legacy else 8192)
+    bias = rng.standard_normal(8300).astype(np.float32)
+    path = tmp_path / "actsparse.onnx"
+    path.write_bytes(make_model(packed, bias, 0.2, 0.5, "sparse", tile_attr=not legacy))
+    runtimes = [ort.InferenceSession(str(path), session_options(2), providers=["CPUExecutionProvider"]).run]
+    if not extension_problem():
+        core = ov.Core()
+        register(core)
+        compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        runtimes.append(lambda _, feed: [compiled(feed["x"])[0]])
+    for shape in [(1, 1, 64), (1, 6, 64)]:
+        x = make_x(shape, 0.2, 0.5, rng)
+        ref, scale = reference(x, packed, bias, 0.2, 0.5, True)
+        for run in runtimes:
+            check(run(None, {"x": x})[0], ref, scale, f"{fmt} legacy={legacy} {shape}")
 
 
 def test_output_shape_is_inferred():

@@ -25,7 +25,7 @@ from .._common import ActSparseError
 from ..calibration.onnx_backend import LINEAR_OPS, Index, consumers, dequantized, gemm_bias, read_weight, weight_refusal
 from ..calibration.plan import group_settings
 from ..runtime_ext import ONNX_DOMAIN, OP_TYPE
-from ..runtime_ext.kernels import to_tiles
+from ..runtime_ext.kernels import TILE_COLS, to_tiles
 
 log = logging.getLogger("actsparse")
 KEEP_DENSE = "keep_dense"
@@ -182,7 +182,8 @@ def fuse(model: onnx.ModelProto, plan: dict) -> dict[str, int]:
                               weight_format=fmt, out_features=int(sum(widths)),
                               group_size=int(weights[0][1].shape[0]) if fmt == "u8" else 0,
                               mode=float(layer["mode"]), threshold=float(layer["threshold"]),
-                              prefill="dense" if f"{prefix}/{KEEP_DENSE}" in nodes else "sparse", has_bias=1)
+                              prefill="dense" if f"{prefix}/{KEEP_DENSE}" in nodes else "sparse", has_bias=1,
+                              tile_cols=TILE_COLS[fmt])
         fused_nodes = [op]
         if len(outputs) > 1:
             new_inits.append(numpy_helper.from_array(np.array(widths, np.int64), f"{prefix}/widths"))

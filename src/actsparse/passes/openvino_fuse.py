@@ -23,7 +23,7 @@ from openvino import opset13 as ops
 
 from ..calibration.plan import group_settings
 from ..runtime_ext import OP_TYPE, OPENVINO_OPSET
-from ..runtime_ext.kernels import pack_u4, to_bf16, to_tiles
+from ..runtime_ext.kernels import TILE_COLS, pack_u4, to_bf16, to_tiles
 from .openvino import KEEP_DENSE, _prefix
 
 log = logging.getLogger("actsparse")
@@ -190,7 +190,7 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
                              {"weight_format": fmt, "out_features": int(sum(widths)), "group_size": int(group_size),
                               "mode": float(layer["mode"]), "threshold": float(layer["threshold"]),
                               "prefill": "dense" if f"{prefix}/{KEEP_DENSE}" in nodes else "sparse",
-                              "has_bias": any(f is not None for f in folds)})
+                              "has_bias": any(f is not None for f in folds), "tile_cols": TILE_COLS[fmt]})
         op.set_friendly_name(f"{prefix}/{OP_TYPE}")
         y = ops.convert(op.output(0), "f32").output(0) if bf16_io else op.output(0)
         outputs = [y]

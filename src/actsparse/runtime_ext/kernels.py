@@ -36,7 +36,7 @@ def _load():
         lib = ctypes.CDLL(str(path))
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.actsparse_core_matmul.argtypes = [p, i64, ctypes.c_int, i64, i64, i64, p, p, p, p, f32, f32,
-                                              ctypes.c_int, p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+                                              ctypes.c_int, p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, i64]
         lib.actsparse_core_matmul.restype = ctypes.c_int
         for name in ("actsparse_core_last_error", "actsparse_core_kernels", "actsparse_core_best_kernel"):
             getattr(lib, name).argtypes = []
@@ -89,7 +89,10 @@ def tuning(**knobs):
         set_tuning(**old)
 
 
-TILE_COLS = 2048  # kTileCols of actsparse_core.hpp: the stored layout, baked into exported models
+# Columns per stored tile (default_tile_cols of actsparse_core.hpp), written into each fused op as its
+# tile_cols attribute; an op without one was exported with LEGACY_TILE_COLS.
+TILE_COLS = {"f32": 2048, "f16": 2048, "bf16": 2048, "u8": 8192, "u4": 8192}
+LEGACY_TILE_COLS = 2048
 
 
 def row_bytes(fmt: str, n: int) -> int:
@@ -97,23 +100,24 @@ def row_bytes(fmt: str, n: int) -> int:
     return {"f32": 4 * n, "f16": 2 * n, "bf16": 2 * n, "u8": n, "u4": (n + 1) // 2}[fmt]
 
 
-def to_tiles(data: np.ndarray, fmt: str) -> np.ndarray:
+def to_tiles(data: np.ndarray, fmt: str, tile_cols: Optional[int] = None) -> np.ndarray:
     """Input-channel-major ``[K, row bytes]`` data in the kernel's tile-major order, same shape and dtype.
 
-    Columns are cut into tiles of TILE_COLS; tile t holds its K row slices one after another.
+    Columns are cut into tiles of ``tile_cols`` (default TILE_COLS[fmt]); tile t holds its K row slices
+    one after another.
     """
     b = np.ascontiguousarray(data).view(np.uint8).reshape(data.shape[0], -1)
-    tb = row_bytes(fmt, TILE_COLS)
+    tb = row_bytes(fmt, tile_cols or TILE_COLS[fmt])
     return np.concatenate([b[:, i:i + tb].ravel() for i in range(0, b.shape[1], tb)] or [b.ravel()]).view(
         data.dtype).reshape(data.shape)
 
 
-def from_tiles(data: np.ndarray, fmt: str) -> np.ndarray:
+def from_tiles(data: np.ndarray, fmt: str, tile_cols: Optional[int] = None) -> np.ndarray:
     """The inverse of :func:`to_tiles`."""
     flat = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
     K = data.shape[0]
     out = np.empty((K, flat.size // max(K, 1)), np.uint8)
-    tb, pos = row_bytes(fmt, TILE_COLS), 0
+    tb, pos = row_bytes(fmt, tile_cols or TILE_COLS[fmt]), 0
     for i in range(0, out.shape[1], tb):
         w = min(tb, out.shape[1] - i)
         out[:, i:i + w] = flat[pos:pos + K * w].reshape(K, w)
@@ -132,6 +136,10 @@ class PackedWeight:
     data: np.ndarray                     # f32 [K,N] / uint16 [K,N] / uint8 [K,N] / uint8 [K, ceil(N/2)]
     scale: Optional[np.ndarray] = None   # u8: [N]; u4: [K/G, N]
     zero_point: Optional[np.ndarray] = None
+    tile_cols: int = 0                   # columns per stored tile; 0: TILE_COLS[format]
+
+    def __post_init__(self):
+        self.tile_cols = self.tile_cols or TILE_COLS[self.format]
 
     @property
     def row_bytes(self) -> int:
@@ -142,14 +150,16 @@ def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def pack_f32(w_kn) -> PackedWeight:
+# pack_*: tile_cols 0 stores the format's default tiles (TILE_COLS)
+
+def pack_f32(w_kn, tile_cols: int = 0) -> PackedWeight:
     w = _f32(w_kn)
-    return PackedWeight("f32", w.shape[0], w.shape[1], 0, to_tiles(w, "f32"))
+    return PackedWeight("f32", w.shape[0], w.shape[1], 0, to_tiles(w, "f32", tile_cols), tile_cols=tile_cols)
 
 
-def pack_f16(w_kn) -> PackedWeight:
+def pack_f16(w_kn, tile_cols: int = 0) -> PackedWeight:
     w = np.ascontiguousarray(np.asarray(w_kn, dtype=np.float16)).view(np.uint16)
-    return PackedWeight("f16", w.shape[0], w.shape[1], 0, to_tiles(w, "f16"))
+    return PackedWeight("f16", w.shape[0], w.shape[1], 0, to_tiles(w, "f16", tile_cols), tile_cols=tile_cols)
 
 
 def to_bf16(w) -> np.ndarray:
@@ -159,18 +169,19 @@ def to_bf16(w) -> np.ndarray:
     return np.where(np.isnan(u.view(np.float32)), ((u >> 16) | 0x40).astype(np.uint16), rounded)
 
 
-def pack_bf16(w_kn) -> PackedWeight:
+def pack_bf16(w_kn, tile_cols: int = 0) -> PackedWeight:
     w = to_bf16(w_kn)
-    return PackedWeight("bf16", w.shape[0], w.shape[1], 0, to_tiles(w, "bf16"))
+    return PackedWeight("bf16", w.shape[0], w.shape[1], 0, to_tiles(w, "bf16", tile_cols), tile_cols=tile_cols)
 
 
-def pack_u8(q_kn, scale, zp) -> PackedWeight:
+def pack_u8(q_kn, scale, zp, tile_cols: int = 0) -> PackedWeight:
     q = np.ascontiguousarray(q_kn, dtype=np.uint8)
     K, N = q.shape
-    return PackedWeight("u8", K, N, K, to_tiles(q, "u8"), _f32(scale).reshape(N), _f32(zp).reshape(N))
+    return PackedWeight("u8", K, N, K, to_tiles(q, "u8", tile_cols), _f32(scale).reshape(N), _f32(zp).reshape(N),
+                        tile_cols)
 
 
-def pack_u4(q_kn, scale, zp, group_size: int) -> PackedWeight:
+def pack_u4(q_kn, scale, zp, group_size: int, tile_cols: int = 0) -> PackedWeight:
     q = np.asarray(q_kn, dtype=np.uint8)
     K, N = q.shape
     if K % group_size:
@@ -181,13 +192,14 @@ def pack_u4(q_kn, scale, zp, group_size: int) -> PackedWeight:
         q = np.concatenate([q, np.zeros((K, 1), np.uint8)], axis=1)
     packed = np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4))  # even n -> low nibble
     ng = K // group_size
-    return PackedWeight("u4", K, N, group_size, to_tiles(packed, "u4"), _f32(scale).reshape(ng, N), _f32(zp).reshape(ng, N))
+    return PackedWeight("u4", K, N, group_size, to_tiles(packed, "u4", tile_cols), _f32(scale).reshape(ng, N),
+                        _f32(zp).reshape(ng, N), tile_cols)
 
 
 def dequantize(packed: PackedWeight) -> np.ndarray:
     """Independent numpy reference: float32 [K, N]."""
     K, N = packed.K, packed.N
-    data = from_tiles(packed.data, packed.format)
+    data = from_tiles(packed.data, packed.format, packed.tile_cols)
     if packed.format == "f32":
         return data.astype(np.float32)
     if packed.format == "f16":
@@ -230,7 +242,7 @@ def matmul(x, packed: PackedWeight, bias=None, mode=0.0, threshold=0.0, mask=Tru
     rc = lib.actsparse_core_matmul(
         _ptr(x), M, FORMATS[packed.format], packed.K, packed.N, packed.group_size, _ptr(data), _ptr(sc), _ptr(zp),
         _ptr(b), float(mode), float(threshold), int(bool(mask)), _ptr(y), int(threads),
-        None if kernel is None else kernel.encode(), int(bf16))
+        None if kernel is None else kernel.encode(), int(bf16), int(packed.tile_cols))
     if rc != 0:
         raise KernelError(lib.actsparse_core_last_error().decode())
     return y

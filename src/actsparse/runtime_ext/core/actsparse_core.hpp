@@ -39,31 +39,39 @@ static inline uint16_t float_to_bf16(float f) {
   return uint16_t((u & 0x7fffffff) > 0x7f800000 ? quiet : rounded);
 }
 
-// Weights are stored input-channel-major in column tiles: the columns are cut into tiles of kTileCols
+// Weights are stored input-channel-major in column tiles: the columns are cut into tiles of tile_cols
 // (the last one narrower), and tile t holds its K rows one after another, row stride
 // row_bytes(format, width of t). A decode step then streams each live row's slice of a tile from one
 // contiguous block (at sparsity 0 the whole tile is one sequential stream), not one slice every N columns.
-constexpr int64_t kTileCols = 2048;
+// tile_cols is a multiple of 128, at most kMaxTileCols. Exports use default_tile_cols: 2048 columns
+// (8 KB f32 or 4 KB f16/bf16 row slices), 8192 for u8/u4, whose 2048-column slices (2 KB, 1 KB) were
+// too short to stream well at sparsity 0.5. Models written before the width was an attribute of the op
+// use kLegacyTileCols for every format.
+constexpr int64_t kLegacyTileCols = 2048, kMaxTileCols = 8192;
+static constexpr int64_t default_tile_cols(WeightFormat f) {
+  return f == WeightFormat::U8 || f == WeightFormat::U4 ? 8192 : 2048;
+}
 
 struct PackedWeight {
   WeightFormat format;
   int64_t K, N;
   int64_t group_size;       // U4: K-group size; U8: K; F32/F16/BF16: 0
-  const void* data;         // tile-major, see kTileCols
+  const void* data;         // tile-major, see tile_cols
   const float* scale;       // U8: [N]; U4: [(K/G)*N]; null otherwise
   const float* zero_point;  // same shape as scale; null otherwise
+  int64_t tile_cols = kLegacyTileCols;
 };
 
 // Row stride in bytes of the tile holding column n (the last tile is narrower).
 static inline int64_t tile_row_bytes(const PackedWeight& w, int64_t n) {
-  return row_bytes(w.format, std::min(kTileCols, w.N - n / kTileCols * kTileCols));
+  return row_bytes(w.format, std::min(w.tile_cols, w.N - n / w.tile_cols * w.tile_cols));
 }
 
 // Row k of the tile holding column n, and n's column within that tile.
 static inline const uint8_t* tile_row(const PackedWeight& w, int64_t k, int64_t n, int64_t& col) {
-  const int64_t t = n / kTileCols;
-  col = n - t * kTileCols;
-  return static_cast<const uint8_t*>(w.data) + t * w.K * row_bytes(w.format, kTileCols) + k * tile_row_bytes(w, n);
+  const int64_t t = n / w.tile_cols;
+  col = n - t * w.tile_cols;
+  return static_cast<const uint8_t*>(w.data) + t * w.K * row_bytes(w.format, w.tile_cols) + k * tile_row_bytes(w, n);
 }
 
 struct Executor {  // runs fn(0..ntasks-1), maybe in parallel

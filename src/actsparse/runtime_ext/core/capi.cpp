@@ -32,10 +32,10 @@ extern "C" {
 __attribute__((visibility("default"))) int actsparse_core_matmul(
     const void* x, int64_t M, int format, int64_t K, int64_t N, int64_t group_size, const void* data,
     const float* scale, const float* zero_point, const float* bias, float mode, float threshold, int mask, void* y,
-    int threads, const char* kernel, int activations) {
+    int threads, const char* kernel, int activations, int64_t tile_cols) {
   try {
     if (format < 0 || format > 4) throw std::invalid_argument("actsparse: format must be 0..4");
-    const actsparse::PackedWeight w{actsparse::WeightFormat(format), K, N, group_size, data, scale, zero_point};
+    const actsparse::PackedWeight w{actsparse::WeightFormat(format), K, N, group_size, data, scale, zero_point, tile_cols};
     actsparse::Params p;
     p.mode = mode;
     p.threshold = threshold;

@@ -172,10 +172,10 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
     const int64_t ntasks = par ? std::min<int64_t>(conc, ceil_div(N, 128)) : 1;
     const int64_t chunk = round_up(ceil_div(N, ntasks), 128);
     ex.parallel(ceil_div(N, chunk), [&](int64_t t) {
-      alignas(64) float acc[kTileCols], out[kTileCols];
-      const int64_t c1 = std::min(N, (t + 1) * chunk);
+      alignas(64) float acc[kMaxTileCols], out[kMaxTileCols];
+      const int64_t c1 = std::min(N, (t + 1) * chunk), tc = w.tile_cols;
       for (int64_t n0 = t * chunk, n; n0 < c1; n0 += n) {
-        n = std::min(c1, (n0 / kTileCols + 1) * kTileCols) - n0;  // up to the end of the chunk or stored tile
+        n = std::min(c1, (n0 / tc + 1) * tc) - n0;  // up to the end of the chunk or stored tile
         for (int64_t i = 0; i < M; ++i) {
           std::memset(out, 0, sizeof(float) * size_t(n));
           tile(rows[i], 0, rows[i].L, n0, n, out, acc);
@@ -198,11 +198,11 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
   auto part = scratch<float>(ntasks * N);
   std::atomic<int64_t> finished{0};
   ex.parallel(ntasks, [&](int64_t t) {
-    alignas(64) float acc[kTileCols];
+    alignas(64) float acc[kMaxTileCols];
     float* pt = part.get() + t * N;
     std::memset(pt, 0, sizeof(float) * size_t(N));
-    for (int64_t n0 = 0; n0 < N; n0 += kTileCols)
-      tile(r, cut[size_t(t)], cut[size_t(t + 1)], n0, std::min(kTileCols, N - n0), pt + n0, acc);
+    for (int64_t n0 = 0; n0 < N; n0 += w.tile_cols)
+      tile(r, cut[size_t(t)], cut[size_t(t + 1)], n0, std::min(w.tile_cols, N - n0), pt + n0, acc);
     // The last task to finish sums the partials: N is narrow here (a few thousand adds), cheaper than a
     // second hand-off to the pool.
     if (finished.fetch_add(1, std::memory_order_acq_rel) + 1 < ntasks) return;
@@ -327,6 +327,8 @@ void validate(const void* x, int64_t M, const PackedWeight& w, const void* y) {
   if (M < 0 || w.K < 1 || w.N < 1) throw std::invalid_argument("actsparse: need M >= 0, K >= 1, N >= 1");
   if (w.K > INT32_MAX) throw std::invalid_argument("actsparse: K too large");
   if (M > 0 && (!x || !y || !w.data)) throw std::invalid_argument("actsparse: null x, y or weight data");
+  if (w.tile_cols < 128 || w.tile_cols > kMaxTileCols || w.tile_cols % 128)
+    throw std::invalid_argument("actsparse: tile_cols must be a multiple of 128 up to " + std::to_string(kMaxTileCols));
   switch (w.format) {
     case WeightFormat::F32:
     case WeightFormat::F16:

@@ -19,7 +19,7 @@ void pack_pairs(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64
     const bool odd = 2 * q + 1 < kc;
     auto dst = [&](int64_t j) { return out + ((j / NR) * kc2 + q) * NR + j % NR; };
     int64_t j = 0;
-    for (; j + 16 <= nc; j += 16) {  // 16 divides kTileCols: a step never straddles a stored tile
+    for (; j + 16 <= nc; j += 16) {  // 16 divides tile_cols: a step never straddles a stored tile
       int64_t col;
       const auto* lo = reinterpret_cast<const uint16_t*>(tile_row(w, k0 + 2 * q, n0 + j, col)) + col;
       __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));

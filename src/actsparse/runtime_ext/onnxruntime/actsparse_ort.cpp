@@ -102,7 +102,7 @@ size_t element_size(ONNXTensorElementDataType t) { return t == ONNX_TENSOR_ELEME
 // Attributes are parsed once, when ORT creates the kernel for a node.
 struct Kernel {
   WeightFormat format;
-  int64_t N, group_size;
+  int64_t N, group_size, tile_cols = kLegacyTileCols;  // a model without tile_cols predates the attribute
   float mode, threshold;
   bool prune_prefill, has_bias;
   std::atomic<int> width{0};  // the pool's width, measured on the first call (0: not yet)
@@ -116,6 +116,10 @@ struct Kernel {
     threshold = info.GetAttribute<float>("threshold");
     const std::string prefill = info.GetAttribute<std::string>("prefill");
     has_bias = info.GetAttribute<int64_t>("has_bias") != 0;
+    try {
+      tile_cols = info.GetAttribute<int64_t>("tile_cols");
+    } catch (const Ort::Exception&) {  // absent: the legacy layout
+    }
     if (prefill != "dense" && prefill != "sparse") fail("prefill must be dense or sparse, got '" + prefill + "'");
     if (N < 1) fail("out_features must be >= 1");
     if (format == WeightFormat::U4 && group_size < 1) fail("u4 needs group_size >= 1");
@@ -158,7 +162,7 @@ struct Kernel {
     const float* bias = has_bias ? p : nullptr;
     const float* scale = per_channel ? p + (has_bias ? N : 0) : nullptr;
     const float* zero_point = scale ? scale + per_channel : nullptr;
-    const PackedWeight w{format, K, N, group_size, weight.GetTensorRawData(), scale, zero_point};
+    const PackedWeight w{format, K, N, group_size, weight.GetTensorRawData(), scale, zero_point, tile_cols};
 
     // One token per sequence is a decode step: always pruned. Longer inputs are prefill.
     const size_t rank = shape.size();

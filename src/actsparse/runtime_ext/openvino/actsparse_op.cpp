@@ -28,7 +28,8 @@ WeightFormat parse_format(const std::string& name) {
 }  // namespace
 
 ActSparseMatMul::ActSparseMatMul(const ov::OutputVector& args, std::string weight_format, int64_t out_features,
-                                 int64_t group_size, float mode, float threshold, std::string prefill, bool has_bias)
+                                 int64_t group_size, float mode, float threshold, std::string prefill, bool has_bias,
+                                 int64_t tile_cols)
     : Op(args),
       m_weight_format(std::move(weight_format)),
       m_out_features(out_features),
@@ -36,7 +37,8 @@ ActSparseMatMul::ActSparseMatMul(const ov::OutputVector& args, std::string weigh
       m_mode(mode),
       m_threshold(threshold),
       m_prefill(std::move(prefill)),
-      m_has_bias(has_bias) {
+      m_has_bias(has_bias),
+      m_tile_cols(tile_cols) {
     constructor_validate_and_infer_types();
 }
 
@@ -62,7 +64,7 @@ void ActSparseMatMul::validate_and_infer_types() {
 
 std::shared_ptr<ov::Node> ActSparseMatMul::clone_with_new_inputs(const ov::OutputVector& new_args) const {
     return std::make_shared<ActSparseMatMul>(new_args, m_weight_format, m_out_features, m_group_size, m_mode,
-                                             m_threshold, m_prefill, m_has_bias);
+                                             m_threshold, m_prefill, m_has_bias, m_tile_cols);
 }
 
 bool ActSparseMatMul::visit_attributes(ov::AttributeVisitor& visitor) {
@@ -73,6 +75,7 @@ bool ActSparseMatMul::visit_attributes(ov::AttributeVisitor& visitor) {
     visitor.on_attribute("threshold", m_threshold);
     visitor.on_attribute("prefill", m_prefill);
     visitor.on_attribute("has_bias", m_has_bias);
+    visitor.on_attribute("tile_cols", m_tile_cols);
     return true;
 }
 
@@ -98,7 +101,8 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
                     (m_has_bias ? N : 0) + 2 * per_channel);
     const float* bias = m_has_bias ? params : nullptr;
     const float* scale = per_channel ? params + (m_has_bias ? N : 0) : nullptr;
-    PackedWeight weight{format, K, N, m_group_size, inputs[1].data(), scale, scale ? scale + per_channel : nullptr};
+    PackedWeight weight{format, K, N, m_group_size, inputs[1].data(), scale, scale ? scale + per_channel : nullptr,
+                        m_tile_cols};
     Params p;
     p.mode = m_mode;
     p.threshold = m_threshold;

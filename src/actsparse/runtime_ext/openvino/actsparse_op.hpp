@@ -12,14 +12,15 @@ namespace actsparse {
 // Inputs: x [..., K] f32 or bf16 (the output has x's type); W packed [K, N] (f32, or u8 bytes for f16/u8/u4, see PackedWeight);
 // params f32 = [bias (N, when has_bias) | scale | zero_point] (scale and zero point: N each for
 // u8, (K/G)·N each for u4, none for f32/f16). m, τ and the policy are attributes: the CPU plugin
-// re-runs generic shape inference on every call of a custom op, at a cost per input.
+// re-runs generic shape inference on every call of a custom op, at a cost per input. tile_cols: W's
+// stored column tiles (PackedWeight); an IR without it was written with kLegacyTileCols.
 class ActSparseMatMul : public ov::op::Op {
 public:
     OPENVINO_OP("ActSparseMatMul", "actsparse");
 
     ActSparseMatMul() = default;
     ActSparseMatMul(const ov::OutputVector& args, std::string weight_format, int64_t out_features, int64_t group_size,
-                    float mode, float threshold, std::string prefill, bool has_bias);
+                    float mode, float threshold, std::string prefill, bool has_bias, int64_t tile_cols);
 
     void validate_and_infer_types() override;
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& new_args) const override;
@@ -35,6 +36,7 @@ private:
     float m_threshold = 0.f;
     std::string m_prefill = "dense";
     bool m_has_bias = false;
+    int64_t m_tile_cols = kLegacyTileCols;
     // Derived from the attributes in validate_and_infer_types, so evaluate compares no strings.
     WeightFormat m_format = WeightFormat::F32;
     bool m_prune_prefill = false;

@@ -16,7 +16,8 @@ ov::OutputVector convert_onnx(const ov::frontend::NodeContext& node) {
         node.get_attribute<std::string>("weight_format"), node.get_attribute<int64_t>("out_features"),
         node.get_attribute<int64_t>("group_size"), node.get_attribute<float>("mode"),
         node.get_attribute<float>("threshold"), node.get_attribute<std::string>("prefill"),
-        node.get_attribute<int64_t>("has_bias") != 0)};
+        node.get_attribute<int64_t>("has_bias") != 0,
+        node.get_attribute<int64_t>("tile_cols", actsparse::kLegacyTileCols))};
 }
 
 }  // namespace
