@@ -11,13 +11,20 @@ def torch_bf16(a) -> np.ndarray:
     return torch.from_numpy(np.asarray(a, np.float32)).to(torch.bfloat16).double().numpy()
 
 
-def multiplies_in_bf16(fmt: str, rows: int, kernel: str | None = None) -> bool:
+def multiplies_in_bf16(fmt: str, rows: int, kernel: str | None = None, bf16_io: bool = False) -> bool:
     """Whether the kernel core rounds the activations to bf16: the avx512bf16 kernel (``kernel``, or the
-    one chosen for this CPU) with bf16 weights in a prefill call (more than 4 rows; up to 4 is decode),
-    or with u4 weights in a decode call."""
+    one chosen for this CPU) in a prefill call (more than 4 rows; up to 4 is decode) with bf16 weights
+    or bf16 activations (``bf16_io``), or in a decode call with u4 weights."""
     from actsparse.runtime_ext import kernels as ks
 
-    return (kernel or ks.best_kernel()) == "avx512bf16" and (fmt == "bf16" and rows > 4 or fmt == "u4" and rows <= 4)
+    return (kernel or ks.best_kernel()) == "avx512bf16" and ((fmt == "bf16" or bf16_io) and rows > 4 or
+                                                            fmt == "u4" and rows <= 4)
+
+
+def weights_in_bf16(fmt: str, rows: int, kernel: str | None = None, bf16_io: bool = False) -> bool:
+    """Whether it also rounds the dequantised weights to bf16: such a prefill with bf16 activations and
+    weights of another format."""
+    return bf16_io and fmt != "bf16" and rows > 4 and multiplies_in_bf16(fmt, rows, kernel, bf16_io)
 
 
 def pruned_input(x: np.ndarray, mode: float, tau: float) -> np.ndarray:

@@ -14,7 +14,7 @@ from actsparse.passes.openvino import apply_plan, set_prefill_sparse
 from actsparse.passes.openvino_fuse import fuse, materialize, read_weight
 from actsparse.runtime_ext import OP_TYPE, extension_problem, read_model, register
 from conftest import plan_of, run_cli, skip_without_extension
-from reference import multiplies_in_bf16, ov_logits, pruned_input, torch_bf16
+from reference import multiplies_in_bf16, ov_logits, pruned_input, torch_bf16, weights_in_bf16
 
 skip_without_extension(extension_problem())
 RNG = np.random.default_rng(0)
@@ -79,9 +79,16 @@ def test_one_node_matches_numpy_and_the_unfused_pattern(fmt, n, k, mode):
     assert [op.get_type_name() for op in model.get_ordered_ops()].count(OP_TYPE) == 1
     assert "MatMul" not in [op.get_type_name() for op in model.get_ordered_ops()]
     fused = _run(model, x)
-    expected = pruned_input(x, mode, tau) @ dequant.T
+    # z'·W + m·rowsum(W) (the folded bias keeps f32 weights); this 6-token prefill multiplies in bf16 on
+    # CPUs with AVX512-BF16 unless the weights are f32
+    z, w = pruned_input(x, mode, tau) - np.float32(mode), dequant.T
+    bf16 = multiplies_in_bf16(fmt, 6)
+    if bf16:
+        z, w = torch_bf16(z), torch_bf16(w) if weights_in_bf16(fmt, 6) else w
+    expected = z @ w + mode * dequant.sum(1)
+    atol = (2 ** -8 if bf16 else 1e-4) * (np.abs(z) @ np.abs(w)).max()
     np.testing.assert_allclose(fused, expected, rtol=1e-4, atol=1e-4 * np.abs(x).sum(-1, keepdims=True).max())
-    np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=1e-4 * np.abs(x).sum(-1, keepdims=True).max())
+    np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=atol + 1e-4 * np.abs(x).sum(-1, keepdims=True).max())
 
 
 def _ov_bf16(x: np.ndarray) -> np.ndarray:
@@ -183,8 +190,36 @@ def test_ir_without_tile_cols_reads_2048_column_tiles(legacy):
     dequant = (q - zp) * scale
     for xs in (RNG.normal(size=(1, 1, k)), RNG.normal(size=(1, 5, k))):
         xs = xs.astype(np.float32)
-        expected = (pruned_input(xs, mode, tau) - mode) @ dequant
-        np.testing.assert_allclose(_run(model, xs), expected, rtol=1e-4, atol=1e-4 * np.abs(xs).sum() * np.abs(dequant).max())
+        z, w = pruned_input(xs, mode, tau) - mode, dequant
+        if weights_in_bf16("u8", xs.shape[1]):  # a prefill on CPUs with AVX512-BF16
+            z, w = torch_bf16(z), torch_bf16(w)
+        np.testing.assert_allclose(_run(model, xs), z @ w, rtol=1e-4, atol=1e-4 * np.abs(xs).sum() * np.abs(dequant).max())
+
+
+def test_bf16_graphs_give_the_op_bf16_activations():
+    """Where OpenVINO runs a graph in bf16, runtime_ext.compile_model puts each f32 op between Converts (so
+    the plugin needs no Reorders around it) and the op's prefill then multiplies in bf16, as the plugin's
+    own FullyConnected does; an f32 compilation is left exact."""
+    from actsparse.runtime_ext import bf16_activations, compile_model
+
+    k, n, mode, tau = 64, 40, 0.1, 0.6
+    model, plan, dequant = _one_matmul("u8", n, k, mode, tau, "sparse")
+    fuse(model, plan)
+    core = ov.Core()
+    register(core)
+    x = RNG.normal(size=(1, 6, k)).astype(np.float32)
+    f32, bf16 = materialize(model, core), materialize(model, core)
+    y32 = compile_model(core, f32, "CPU", EXACT_CONFIG)({"x": x})[0]
+    assert "Convert" not in [o.get_type_name() for o in f32.get_ordered_ops()]
+    np.testing.assert_allclose(y32, pruned_input(x, mode, tau) @ dequant.T, rtol=1e-4, atol=1e-4 * np.abs(x).sum())
+    y16 = compile_model(core, bf16, "CPU", {**EXACT_CONFIG, "INFERENCE_PRECISION_HINT": "bf16"})({"x": x})[0]
+    op = next(o for o in bf16.get_ordered_ops() if o.get_type_name() == OP_TYPE)
+    assert op.get_input_element_type(0).to_string() == "bf16" and bf16_activations(bf16) == 0
+    z, w = pruned_input(_ov_bf16(x), mode, tau) - np.float32(mode), dequant.T
+    if multiplies_in_bf16("u8", 6, bf16_io=True):
+        z, w = torch_bf16(z), torch_bf16(w)
+    expected = torch_bf16(z @ w + mode * dequant.sum(1))
+    np.testing.assert_allclose(y16, expected, rtol=2 ** -7, atol=1e-4 * np.abs(x).sum())
 
 
 def test_nan_propagates_through_the_op():

@@ -8,7 +8,7 @@ import pytest
 
 from actsparse.runtime_ext import kernels as ks
 from conftest import skip_without_extension
-from reference import make_weight, multiplies_in_bf16, torch_bf16
+from reference import make_weight, multiplies_in_bf16, torch_bf16, weights_in_bf16
 
 try:
     KERNELS = ks.available_kernels()
@@ -32,13 +32,16 @@ def make_x(M, K, mode, sparsity, rng):
     return (z + mode).astype(np.float32), 0.5
 
 
-def reference(x, packed, bias, mode, tau, mask, bf16_activations=False):
-    """float64 numpy; with bf16_activations the masked z' is rounded to bf16 first (torch's rounding)."""
+def reference(x, packed, bias, mode, tau, mask, kernel=None, rows=None, bf16_io=False):
+    """float64 numpy. Where the kernel core multiplies in bf16 for a call of ``kernel`` on ``rows`` rows
+    (default: x's), the masked z' and maybe the dequantised weights are rounded to bf16 first (torch's rounding)."""
+    rows = rows or x.shape[0]
     z = x.astype(np.float64) - np.float32(mode)
     zp = np.where(~(np.abs(z) <= tau), z, 0.0) if mask else z
-    if bf16_activations:
+    if multiplies_in_bf16(packed.format, rows, kernel, bf16_io):
         zp = torch_bf16(zp)
-    w = ks.dequantize(packed).astype(np.float64)
+    w = ks.dequantize(packed)
+    w = (torch_bf16(w) if weights_in_bf16(packed.format, rows, kernel, bf16_io) else w).astype(np.float64)
     y = zp @ w + (0.0 if bias is None else bias)
     scale = np.abs(zp) @ np.abs(w) + (0.0 if bias is None else np.abs(bias))  # sum |terms| per output
     return y, scale
@@ -96,7 +99,7 @@ def test_against_numpy_and_scalar(kernel, fmt, K, N, G, M):
         b = bias if with_bias else None
         y = ks.matmul(x, packed, b, mode, tau, True, threads, kernel)
         pairs = multiplies_in_bf16(fmt, M, kernel)
-        ref, scale = reference(x, packed, b, mode, tau, True, pairs)
+        ref, scale = reference(x, packed, b, mode, tau, True, kernel)
         what = f"{kernel} s={sparsity} t={threads} mode={mode}"
         check(y, ref, scale, what)
         if not pairs:  # the scalar kernel multiplies f32 activations
@@ -129,7 +132,7 @@ def test_mask_off_is_dense(kernel, fmt, M):
     packed = make_weight(fmt, K, N, 64, rng)
     x = rng.standard_normal((M, K)).astype(np.float32)
     y = ks.matmul(x, packed, None, 0.25, 1e30, False, 2, kernel)  # huge tau would prune everything if masked
-    ref, scale = reference(x, packed, None, 0.25, 1e30, False, multiplies_in_bf16(fmt, M, kernel))
+    ref, scale = reference(x, packed, None, 0.25, 1e30, False, kernel)
     check(y, ref, scale, f"{kernel} dense")
     assert np.abs(y).max() > 0
 
@@ -146,7 +149,7 @@ def test_nonfinite_inputs_propagate(kernel, fmt, M, bad):
     x[M - 1, 5] = bad
     y = ks.matmul(x, packed, None, 0.0, tau, True, 2, kernel)
     assert not np.isfinite(y[M - 1]).any(), "non-finite input must reach every output of its row"
-    ref, scale = reference(x[:M - 1], packed, None, 0.0, tau, True, multiplies_in_bf16(fmt, M, kernel))
+    ref, scale = reference(x[:M - 1], packed, None, 0.0, tau, True, kernel, M)
     check(y[:M - 1], ref, scale, "other rows unaffected")
 
 
@@ -174,7 +177,7 @@ def test_large_tiled_and_threaded_paths(kernel, fmt, split, prefetch):
         x, tau = make_x(M, K, 0.1, sparsity, rng)
         with ks.tuning(par_bytes=0, split=split, prefetch=prefetch):
             y = ks.matmul(x, packed, bias, 0.1, tau, True, 2, kernel)
-        ref, scale = reference(x, packed, bias, 0.1, tau, True, multiplies_in_bf16(fmt, M, kernel))
+        ref, scale = reference(x, packed, bias, 0.1, tau, True, kernel)
         check(y, ref, scale, f"{kernel} {fmt} split={split} prefetch={prefetch} M={M} s={sparsity}")
 
 
@@ -205,8 +208,9 @@ def bf16_bits(a) -> np.ndarray:
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("M", [1, 3, 37])
 def test_bf16_activations_in_and_out(kernel, fmt, M):
-    """bf16 x and y (OpenVINO's bf16 graphs): the f32 product of the widened x, rounded to nearest even.
-    N spans several prefill N blocks and two threads, so every unit's rounding pass is covered."""
+    """bf16 x and y (OpenVINO's bf16 graphs): the product of the widened x, rounded to nearest even; a
+    prefill multiplies in bf16 then, whatever the weight format. N spans several prefill N blocks and two
+    threads, so every unit's rounding pass is covered."""
     rng = np.random.default_rng(6)
     K, N = 256, 2100
     packed = make_weight(fmt, K, N, 64, rng)
@@ -217,11 +221,12 @@ def test_bf16_activations_in_and_out(kernel, fmt, M):
     xw = (xb.astype(np.uint32) << 16).view(np.float32)
     y = ks.matmul(xb, packed, bias, 0.2, tau, True, 2, kernel)
     assert y.dtype == np.uint16 and y.shape == (M, N)
-    yf = ks.matmul(xw, packed, bias, 0.2, tau, True, 2, kernel)
-    np.testing.assert_array_equal(y[:M - 1], bf16_bits(yf[:M - 1]))
+    if M <= 4 or fmt == "bf16" or not multiplies_in_bf16(fmt, M, kernel, True):  # the f32 call computes the same
+        yf = ks.matmul(xw, packed, bias, 0.2, tau, True, 2, kernel)
+        np.testing.assert_array_equal(y[:M - 1], bf16_bits(yf[:M - 1]))
     widened = (y.astype(np.uint32) << 16).view(np.float32)
     assert np.isnan(widened[M - 1]).all(), "a NaN input must stay NaN through the bf16 rounding"
-    ref, scale = reference(xw[:M - 1], packed, bias, 0.2, tau, True, multiplies_in_bf16(fmt, M, kernel))
+    ref, scale = reference(xw[:M - 1], packed, bias, 0.2, tau, True, kernel, M, bf16_io=True)
     # rounding to bf16 moves a value by at most half an ulp, 2^-8 of its magnitude
     check(widened[:M - 1], ref, scale + np.abs(ref) * 2.0 ** -8 / 1e-4, "against numpy")
 
@@ -230,7 +235,7 @@ def test_bf16_activations_in_and_out(kernel, fmt, M):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("tile_cols", [128, ks.LEGACY_TILE_COLS, 8192])
 def test_tile_widths(kernel, fmt, tile_cols):
-    """Any stored tile width (a multiple of 128 up to 8192; exports use TILE_COLS, older ones 2048) with N
+    """Any stored tile width (a power of two from 128 to 8192; exports use TILE_COLS, older ones 2048) with N
     spanning several tiles, decode split both ways and prefill; a width the core cannot read is refused."""
     rng = np.random.default_rng(7)
     K, N = 128, 8300
@@ -241,9 +246,9 @@ def test_tile_widths(kernel, fmt, tile_cols):
         x, tau = make_x(M, K, 0.1, 0.5, rng)
         with ks.tuning(par_bytes=0, split=split):
             y = ks.matmul(x, packed, bias, 0.1, tau, True, 2, kernel)
-        ref, scale = reference(x, packed, bias, 0.1, tau, True, multiplies_in_bf16(fmt, M, kernel))
+        ref, scale = reference(x, packed, bias, 0.1, tau, True, kernel)
         check(y, ref, scale, f"{kernel} {fmt} tile_cols={tile_cols} M={M} split={split}")
-    for bad in (100, 8192 + 128):
+    for bad in (100, 384, 16384):
         packed.tile_cols = bad
         with pytest.raises(ks.KernelError, match="tile_cols"):
             ks.matmul(x, packed, bias, 0.1, tau, True, 2, kernel)

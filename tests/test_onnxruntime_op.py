@@ -11,7 +11,7 @@ from actsparse._common import ActSparseError
 from actsparse.runtime_ext import ONNXRUNTIME_LIBRARY, onnxruntime_problem, session_options
 from actsparse.runtime_ext import kernels as ks
 from conftest import skip_without_extension
-from reference import make_weight, multiplies_in_bf16, torch_bf16
+from reference import make_weight, multiplies_in_bf16, torch_bf16, weights_in_bf16
 
 skip_without_extension(onnxruntime_problem())
 
@@ -67,7 +67,8 @@ def reference(x, packed, bias, mode, tau, mask):
         z = np.where(~(np.abs(z) <= tau), z, 0.0)
     if multiplies_in_bf16(packed.format, x.size // packed.K):
         z = torch_bf16(z)
-    w = ks.dequantize(packed).astype(np.float64)
+    w = ks.dequantize(packed)
+    w = (torch_bf16(w) if weights_in_bf16(packed.format, x.size // packed.K) else w).astype(np.float64)
     b = 0.0 if bias is None else bias.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         return z @ w + b, np.abs(z) @ np.abs(w) + np.abs(b)

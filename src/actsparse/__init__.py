@@ -28,12 +28,13 @@ def load(output: str | os.PathLike, device: str = "CPU", **kwargs):
     output, an optimum ``ORTModelForCausalLM`` on the CPU; ``device`` is then ignored).
 
     A fused model needs the ActSparseMatMul extension: it is registered with the Cores that
-    optimum-intel reads and compiles models with, or with the ONNX Runtime session.
+    optimum-intel reads and compiles models with, or with the ONNX Runtime session. Where OpenVINO
+    will run the model in bf16, its ops take and return bf16 (``runtime_ext.bf16_activations``).
     """
     from pathlib import Path
 
     from .calibration.plan import read_plan
-    from .runtime_ext import register, session_options
+    from .runtime_ext import bf16_activations, register, runs_in_bf16, session_options
 
     plan, _ = read_plan(output, with_statistics=False)
     if (Path(output) / "model.onnx").is_file():
@@ -45,7 +46,16 @@ def load(output: str | os.PathLike, device: str = "CPU", **kwargs):
     from optimum.intel import OVModelForCausalLM
     from optimum.intel.openvino import modeling_base, modeling_decoder
 
-    if plan.get("passes", {}).get("fused"):
-        for core in {id(m.core): m.core for m in (modeling_base, modeling_decoder)}.values():
-            register(core)
-    return OVModelForCausalLM.from_pretrained(output, device=device, **kwargs)
+    if not plan.get("passes", {}).get("fused"):
+        return OVModelForCausalLM.from_pretrained(output, device=device, **kwargs)
+    for core in {id(m.core): m.core for m in (modeling_base, modeling_decoder)}.values():
+        register(core)
+    if kwargs.get("compile_only"):
+        return OVModelForCausalLM.from_pretrained(output, device=device, **kwargs)
+    compile_now = kwargs.pop("compile", True)
+    model = OVModelForCausalLM.from_pretrained(output, device=device, compile=False, **kwargs)
+    if runs_in_bf16(modeling_base.core, model._device, model.ov_config):
+        bf16_activations(model.model)
+    if compile_now:
+        model.compile()
+    return model

@@ -92,10 +92,11 @@ def _worker(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int) 
     import openvino as ov
 
     from .calibration.openvino_backend import feed
-    from .runtime_ext import read_model
+    from .runtime_ext import compile_model, read_model
 
     core = ov.Core()
-    compiled = core.compile_model(read_model(core, folder / "openvino_model.xml"), "CPU", {"INFERENCE_NUM_THREADS": threads} if threads else {})
+    compiled = compile_model(core, read_model(core, folder / "openvino_model.xml"), "CPU",
+                             {"INFERENCE_NUM_THREADS": threads} if threads else {})
     request = compiled.create_infer_request()
     names = [i.get_any_name() for i in compiled.inputs]
     vocab = compiled.output("logits").get_partial_shape()[-1].get_length()

@@ -67,6 +67,50 @@ def read_model(core, xml):
     return core.read_model(xml)
 
 
+def runs_in_bf16(core, device: str = "CPU", config: dict | None = None) -> bool:
+    """Whether ``device`` will run a graph compiled with ``config`` in bf16 (the CPU plugin's default
+    where the CPU has AVX512-BF16 or AMX)."""
+    config = config or {}
+    if str(config.get("EXECUTION_MODE_HINT", "")).upper().endswith("ACCURACY"):
+        return False
+    try:
+        hint = config.get("INFERENCE_PRECISION_HINT") or core.get_property(device, "INFERENCE_PRECISION_HINT")
+    except RuntimeError:  # a device without the property (or none at all): not ours to change
+        return False
+    return (hint.to_string() if hasattr(hint, "to_string") else str(hint)) == "bf16"
+
+
+def bf16_activations(model) -> int:
+    """Put every ActSparseMatMul that takes f32 between Convert(bf16) and Convert(f32), in place; return
+    how many. For a graph the device runs in bf16: its values are bf16 there anyway, so the Converts
+    change nothing but let the plugin drop the bf16<->f32 Reorders it would put around the op, and the
+    op's prefill then multiplies in bf16 like the plugin's own FullyConnected. Under f32 inference the
+    Converts would round x and y: do not apply it there (see compile_model)."""
+    from openvino import opset13 as ops
+
+    count = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != OP_TYPE or op.get_input_element_type(0).to_string() != "f32":
+            continue
+        consumers = list(op.output(0).get_target_inputs())
+        op.input(0).replace_source_output(ops.convert(op.input_value(0), "bf16").output(0))
+        op.validate_and_infer_types()
+        back = ops.convert(op.output(0), "f32").output(0)
+        for consumer in consumers:
+            consumer.replace_source_output(back)
+        count += 1
+    if count:
+        model.validate_nodes_and_infer_types()
+    return count
+
+
+def compile_model(core, model, device: str = "CPU", config: dict | None = None):
+    """``core.compile_model``, after :func:`bf16_activations` where the device runs the graph in bf16."""
+    if runs_in_bf16(core, device, config):
+        bf16_activations(model)
+    return core.compile_model(model, device, config or {})
+
+
 ONNXRUNTIME_LIBRARY = "libactsparse_onnxruntime.so"
 
 

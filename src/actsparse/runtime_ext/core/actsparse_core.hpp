@@ -43,7 +43,7 @@ static inline uint16_t float_to_bf16(float f) {
 // (the last one narrower), and tile t holds its K rows one after another, row stride
 // row_bytes(format, width of t). A decode step then streams each live row's slice of a tile from one
 // contiguous block (at sparsity 0 the whole tile is one sequential stream), not one slice every N columns.
-// tile_cols is a multiple of 128, at most kMaxTileCols. Exports use default_tile_cols: 2048 columns
+// tile_cols is a power of two from 128 to kMaxTileCols (tile_row then needs no division). Exports use default_tile_cols: 2048 columns
 // (8 KB f32 or 4 KB f16/bf16 row slices), 8192 for u8/u4, whose 2048-column slices (2 KB, 1 KB) were
 // too short to stream well at sparsity 0.5. Models written before the width was an attribute of the op
 // use kLegacyTileCols for every format.
@@ -64,14 +64,15 @@ struct PackedWeight {
 
 // Row stride in bytes of the tile holding column n (the last tile is narrower).
 static inline int64_t tile_row_bytes(const PackedWeight& w, int64_t n) {
-  return row_bytes(w.format, std::min(w.tile_cols, w.N - n / w.tile_cols * w.tile_cols));
+  return row_bytes(w.format, std::min(w.tile_cols, w.N - (n & -w.tile_cols)));
 }
 
 // Row k of the tile holding column n, and n's column within that tile.
 static inline const uint8_t* tile_row(const PackedWeight& w, int64_t k, int64_t n, int64_t& col) {
-  const int64_t t = n / w.tile_cols;
-  col = n - t * w.tile_cols;
-  return static_cast<const uint8_t*>(w.data) + t * w.K * row_bytes(w.format, w.tile_cols) + k * tile_row_bytes(w, n);
+  const int64_t start = n & -w.tile_cols;  // the tile's first column
+  col = n - start;
+  // the tiles before hold K rows of `start` columns in all (start is even: u4 bytes are exact)
+  return static_cast<const uint8_t*>(w.data) + w.K * row_bytes(w.format, start) + k * tile_row_bytes(w, n);
 }
 
 struct Executor {  // runs fn(0..ntasks-1), maybe in parallel

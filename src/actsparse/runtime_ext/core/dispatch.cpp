@@ -215,15 +215,16 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
 
 // ---------------------------------------------------------------------------------------------
 // Prefill (M > 4): masked rows are packed into [K][MR] panels, weights dequantised per [KC x NC] block
-// into a per-task buffer, then an MR x NR register-blocked micro-kernel. BF16 weights on a kernel with
-// pair_gemm multiply in bf16: panels hold pairs of bf16 values along K, one 32-bit word per pair.
+// into a per-task buffer, then an MR x NR register-blocked micro-kernel. On a kernel with pair_gemm, BF16
+// weights or bf16 activations (a graph OpenVINO runs in bf16; the weights are then rounded too, as its own
+// FullyConnected does) multiply in bf16: panels hold pairs of bf16 values along K, one 32-bit word per pair.
 
 // bf16: x and y hold bf16 values (uint16 bits). Rows are widened while they are packed, and each unit's
 // f32 result is rounded into y from a per-task buffer once its last K block is done.
 void prefill(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
              void* yv, bool bf16, const Executor& ex) {
   const int64_t K = w.K, N = w.N, MR = ops.gemm_mr, NR = ops.gemm_nr;
-  const bool pairs = w.format == WeightFormat::BF16 && ops.pair_gemm;
+  const bool pairs = (w.format == WeightFormat::BF16 || bf16) && ops.pair_gemm;
   const int64_t U = pairs ? 2 : 1, KU = ceil_div(K, U);  // panel rows: K values, or ceil(K/2) pairs
   const int conc = std::max(1, ex.concurrency());
   const int64_t nmp = ceil_div(M, MR);
@@ -327,8 +328,8 @@ void validate(const void* x, int64_t M, const PackedWeight& w, const void* y) {
   if (M < 0 || w.K < 1 || w.N < 1) throw std::invalid_argument("actsparse: need M >= 0, K >= 1, N >= 1");
   if (w.K > INT32_MAX) throw std::invalid_argument("actsparse: K too large");
   if (M > 0 && (!x || !y || !w.data)) throw std::invalid_argument("actsparse: null x, y or weight data");
-  if (w.tile_cols < 128 || w.tile_cols > kMaxTileCols || w.tile_cols % 128)
-    throw std::invalid_argument("actsparse: tile_cols must be a multiple of 128 up to " + std::to_string(kMaxTileCols));
+  if (w.tile_cols < 128 || w.tile_cols > kMaxTileCols || (w.tile_cols & (w.tile_cols - 1)))
+    throw std::invalid_argument("actsparse: tile_cols must be a power of two from 128 to " + std::to_string(kMaxTileCols));
   switch (w.format) {
     case WeightFormat::F32:
     case WeightFormat::F16:

@@ -13,7 +13,29 @@ namespace {
 // (No std templates in this file, only internal ones: nothing compiled with -mavx512bf16 may be merged into generic code.)
 constexpr int MR = 6, NV = 4, NR = NV * 16;
 
+// f32/f16/u8/u4: each pair of rows dequantised to f32 panels by the avx512 kernel's pack (an L1 buffer),
+// then rounded to nearest even.
+constexpr int64_t kMaxPanels = 8;  // nc <= kMaxPanels * NR: the driver's N blocks are at most 256 columns
+
+void pack_pairs_dequantised(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) {
+  const int64_t kc2 = (kc + 1) / 2, np = (nc + NR - 1) / NR;
+  alignas(64) float buf[kMaxPanels * 2 * NR];  // [np][2][NR]
+  for (int64_t q = 0; q < kc2; ++q) {
+    const int64_t rows = 2 * q + 1 < kc ? 2 : 1;
+    ops_avx512()->pack(w, k0 + 2 * q, rows, n0, nc, buf);
+    for (int64_t p = 0; p < np; ++p)
+      for (int v = 0; v < NV; ++v) {
+        const float* lo = buf + p * rows * NR + 16 * v;
+        const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo)));
+        const __m512i h = rows == 2 ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo + NR)))
+                                    : _mm512_setzero_si512();
+        _mm512_storeu_si512(out + (p * kc2 + q) * NR + 16 * v, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+      }
+  }
+}
+
 void pack_pairs(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) {
+  if (w.format != WeightFormat::BF16) return pack_pairs_dequantised(w, k0, kc, n0, nc, out);
   const int64_t kc2 = (kc + 1) / 2, np = (nc + NR - 1) / NR;
   for (int64_t q = 0; q < kc2; ++q) {
     const bool odd = 2 * q + 1 < kc;

@@ -20,9 +20,10 @@ struct Ops {
   void (*pack)(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, float* out);
   // c[mr x nr] += zpan[kc][MR] * wpan[kc][NR]; c row stride ldc; mr <= MR, nr <= NR valid.
   void (*gemm)(const float* zpan, const float* wpan, int64_t kc, float* c, int64_t ldc, int64_t mr, int64_t nr);
-  // Optional bf16 prefill for BF16 weights (null where the CPU has no bf16 dot product), same MR x NR tiles:
-  // values travel as pairs along K in one 32-bit word (row k0 + 2q in the low half, k0 + 2q + 1 in the high).
-  // pair_pack: W[k0:k0+kc, n0:n0+nc] into out[ceil(nc/NR)][ceil(kc/2)][NR], zero padded.
+  // Optional bf16 prefill (null where the CPU has no bf16 dot product), same MR x NR
+  // tiles: values travel as pairs along K in one 32-bit word (row k0 + 2q in the low half, k0 + 2q + 1 in the
+  // high). pair_pack: W[k0:k0+kc, n0:n0+nc] (dequantised, rounded to bf16) into out[ceil(nc/NR)][ceil(kc/2)][NR],
+  // zero padded.
   void (*pair_pack)(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) = nullptr;
   // c[mr x nr] += zpan[kc2][MR] · wpan[kc2][NR], both of bf16 pairs, accumulated in f32.
   void (*pair_gemm)(const uint32_t* zpan, const uint32_t* wpan, int64_t kc2, float* c, int64_t ldc, int64_t mr,
