@@ -279,11 +279,11 @@ void prefill(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, c
       const int64_t nb = u % nnb, mb = u / nnb;
       const int64_t n0 = nb * NC, nc = std::min(NC, N - n0);
       const int64_t p0 = mb * MCp, p1 = std::min(nmp, p0 + MCp), r0 = p0 * MR, r1 = std::min(M, p1 * MR);
-      // c(i, j): row i (of M), column n0 + j
+      // c[(i - r0) * ldc + j]: row i (of M), column n0 + j
       const int64_t ldc = bf16 ? NC : N;
-      float* const c0 = bf16 ? ybuf.get() - r0 * NC : static_cast<float*>(yv) + n0;
-      for (int64_t i = r0; i < r1; ++i)
-        for (int64_t j = 0; j < nc; ++j) c0[i * ldc + j] = bias ? bias[n0 + j] : 0.f;
+      float* const c = bf16 ? ybuf.get() : static_cast<float*>(yv) + r0 * N + n0;
+      for (int64_t i = 0; i < r1 - r0; ++i)
+        for (int64_t j = 0; j < nc; ++j) c[i * ldc + j] = bias ? bias[n0 + j] : 0.f;
       for (int64_t k0 = 0; k0 < KU; k0 += KC) {
         const int64_t kc = std::min(KC, KU - k0);
         if (pairs) ops.pair_pack(w, 2 * k0, std::min(2 * kc, K - 2 * k0), n0, nc, reinterpret_cast<uint32_t*>(wbuf.get()));
@@ -304,20 +304,20 @@ void prefill(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, c
           const float* zpan = zp.get() + (pm * KU + k0) * MR;
           const int64_t mr = std::min(MR, M - pm * MR);
           for (int64_t j = 0; j < nc; j += NR) {
-            float* c = c0 + pm * MR * ldc + j;
+            float* ct = c + (pm * MR - r0) * ldc + j;
             const float* wpan = wbuf.get() + (j / NR) * kc * NR;
             if (pairs)
-              ops.pair_gemm(reinterpret_cast<const uint32_t*>(zpan), reinterpret_cast<const uint32_t*>(wpan), kc, c, ldc,
+              ops.pair_gemm(reinterpret_cast<const uint32_t*>(zpan), reinterpret_cast<const uint32_t*>(wpan), kc, ct, ldc,
                             mr, std::min(NR, nc - j));
             else
-              ops.gemm(zpan, wpan, kc, c, ldc, mr, std::min(NR, nc - j));
+              ops.gemm(zpan, wpan, kc, ct, ldc, mr, std::min(NR, nc - j));
           }
         }
       }
       if (bf16)
         for (int64_t i = r0; i < r1; ++i) {
           uint16_t* yr = static_cast<uint16_t*>(yv) + i * N + n0;
-          const float* cr = c0 + i * ldc;
+          const float* cr = c + (i - r0) * ldc;
           for (int64_t j = 0; j < nc; ++j) yr[j] = float_to_bf16(cr[j]);
         }
     }
