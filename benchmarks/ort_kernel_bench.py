@@ -82,7 +82,7 @@ def ours(packed: ks.PackedWeight, tau: float) -> bytes:
     params = np.concatenate(params).astype(np.float32) if params else np.zeros(0, np.float32)
     node = helper.make_node("ActSparseMatMul", ["x", "weight", "params"], ["y"], domain="ai.actsparse",
                             weight_format=packed.format, out_features=packed.N, group_size=packed.group_size,
-                            mode=0.0, threshold=tau, prefill="dense", has_bias=0)
+                            mode=0.0, threshold=tau, prefill="dense", has_bias=0, tile_cols=packed.tile_cols)
     return model(node, packed.K, {"weight": data, "params": params}, "ai.actsparse")
 
 
