@@ -17,7 +17,36 @@ constexpr int MR = 6, NV = 4, NR = NV * 16;
 // then rounded to nearest even.
 constexpr int64_t kMaxPanels = 8;  // nc <= kMaxPanels * NR: the driver's N blocks are at most 256 columns
 
+// U8 (per-column scale and zero point) straight into pairs, 16 columns of two rows per step.
+inline __m512i u8_pair(const uint8_t* a, const uint8_t* b, __m512 zp, __m512 sc) {
+  auto bf16 = [&](const uint8_t* p) {
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_sub_ps(v, zp), sc)));
+  };
+  return _mm512_or_si512(bf16(a), b ? _mm512_slli_epi32(bf16(b), 16) : _mm512_setzero_si512());
+}
+
+void pack_pairs_u8(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) {
+  const int64_t kc2 = (kc + 1) / 2, np = (nc + NR - 1) / NR;
+  for (int64_t j = 0; j < np * NR; j += 16) {
+    uint32_t* dst = out + (j / NR) * kc2 * NR + j % NR;
+    if (j >= nc) {  // padding columns of the last panel
+      for (int64_t q = 0; q < kc2; ++q) _mm512_storeu_si512(dst + q * NR, _mm512_setzero_si512());
+      continue;
+    }
+    const __m512 zp = _mm512_loadu_ps(w.zero_point + n0 + j), sc = _mm512_loadu_ps(w.scale + n0 + j);
+    int64_t col;
+    const uint8_t* base = tile_row(w, k0, n0 + j, col) + col;
+    const int64_t rb = tile_row_bytes(w, n0 + j);
+    for (int64_t q = 0; q < kc2; ++q) {
+      const uint8_t* a = base + 2 * q * rb;
+      _mm512_storeu_si512(dst + q * NR, u8_pair(a, 2 * q + 1 < kc ? a + rb : nullptr, zp, sc));
+    }
+  }
+}
+
 void pack_pairs_dequantised(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) {
+  if (w.format == WeightFormat::U8 && nc % 16 == 0) return pack_pairs_u8(w, k0, kc, n0, nc, out);
   const int64_t kc2 = (kc + 1) / 2, np = (nc + NR - 1) / NR;
   alignas(64) float buf[kMaxPanels * 2 * NR];  // [np][2][NR]
   for (int64_t q = 0; q < kc2; ++q) {
