@@ -29,7 +29,9 @@ def cpu_runs_bf16() -> bool:
     """Whether OpenVINO's CPU plugin runs fp32 models in bf16 by default on this machine."""
     import openvino as ov
 
-    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string() == "bf16"
+    from ..runtime_ext import runs_in_bf16
+
+    return runs_in_bf16(ov.Core())
 
 
 def compress_weights(ir: Path, weight_format: str, group_size: int) -> None:

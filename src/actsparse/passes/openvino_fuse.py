@@ -22,7 +22,7 @@ import openvino as ov
 from openvino import opset13 as ops
 
 from ..calibration.plan import group_settings
-from ..runtime_ext import OP_TYPE, OPENVINO_OPSET
+from ..runtime_ext import OP_TYPE, OPENVINO_OPSET, bf16_io
 from ..runtime_ext.kernels import TILE_COLS, pack_u4, to_bf16, to_tiles
 from .openvino import KEEP_DENSE, _prefix
 
@@ -182,17 +182,15 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
             params += [scale, zero_point]
         data = pack_u4(data, scale, zero_point, group_size).data if fmt == "u4" else to_tiles(data, fmt)
         params = np.concatenate([p.ravel().astype(np.float32) for p in params]) if params else np.zeros(0, np.float32)
-        # bf16 weights are for CPUs where OpenVINO runs the graph in bf16: the op then also takes and
-        # returns bf16, and the plugin drops the two bf16<->f32 Reorders it would put around an f32 op
-        bf16_io = fmt == "bf16"
-        op = ActSparseMatMul([ops.convert(x, "bf16").output(0) if bf16_io else x, ops.constant(data).output(0),
-                              ops.constant(params).output(0)],
+        op = ActSparseMatMul([x, ops.constant(data).output(0), ops.constant(params).output(0)],
                              {"weight_format": fmt, "out_features": int(sum(widths)), "group_size": int(group_size),
                               "mode": float(layer["mode"]), "threshold": float(layer["threshold"]),
                               "prefill": "dense" if f"{prefix}/{KEEP_DENSE}" in nodes else "sparse",
                               "has_bias": any(f is not None for f in folds), "tile_cols": TILE_COLS[fmt]})
         op.set_friendly_name(f"{prefix}/{OP_TYPE}")
-        y = ops.convert(op.output(0), "f32").output(0) if bf16_io else op.output(0)
+        # bf16 weights are for CPUs where OpenVINO runs the graph in bf16: the op then also takes and
+        # returns bf16 (Converts in the file), so the plugin needs no Reorders around it
+        y = bf16_io(op) if fmt == "bf16" else op.output(0)
         outputs = [y]
         if len(matmuls) > 1:
             split = ops.variadic_split(y, ops.constant(np.int64(-1)), ops.constant(np.array(widths, np.int64)))

@@ -80,28 +80,31 @@ def runs_in_bf16(core, device: str = "CPU", config: dict | None = None) -> bool:
     return (hint.to_string() if hasattr(hint, "to_string") else str(hint)) == "bf16"
 
 
-def bf16_activations(model) -> int:
-    """Put every ActSparseMatMul that takes f32 between Convert(bf16) and Convert(f32), in place; return
-    how many. For a graph the device runs in bf16: its values are bf16 there anyway, so the Converts
-    change nothing but let the plugin drop the bf16<->f32 Reorders it would put around the op, and the
-    op's prefill then multiplies in bf16 like the plugin's own FullyConnected. Under f32 inference the
-    Converts would round x and y: do not apply it there (see compile_model)."""
+def bf16_io(op):
+    """Put one f32 ActSparseMatMul between Convert(bf16) and Convert(f32); return the f32 output that now
+    feeds its consumers. In a graph the device runs in bf16, the values there are bf16 anyway: the
+    Converts change nothing but let the plugin drop the bf16<->f32 Reorders it would put around the op,
+    and the op's prefill then multiplies in bf16 like the plugin's own FullyConnected. Under f32
+    inference they round x and y (bf16 exports accept that: their weights are bf16 already)."""
     from openvino import opset13 as ops
 
-    count = 0
-    for op in model.get_ordered_ops():
-        if op.get_type_name() != OP_TYPE or op.get_input_element_type(0).to_string() != "f32":
-            continue
-        consumers = list(op.output(0).get_target_inputs())
-        op.input(0).replace_source_output(ops.convert(op.input_value(0), "bf16").output(0))
-        op.validate_and_infer_types()
-        back = ops.convert(op.output(0), "f32").output(0)
-        for consumer in consumers:
-            consumer.replace_source_output(back)
-        count += 1
-    if count:
+    consumers = list(op.output(0).get_target_inputs())
+    op.input(0).replace_source_output(ops.convert(op.input_value(0), "bf16").output(0))
+    op.validate_and_infer_types()
+    back = ops.convert(op.output(0), "f32").output(0)
+    for consumer in consumers:
+        consumer.replace_source_output(back)
+    return back
+
+
+def bf16_activations(model) -> int:
+    """:func:`bf16_io` for every ActSparseMatMul of ``model`` that takes f32, in place; return how many.
+    Only for a device that runs the graph in bf16 (see compile_model)."""
+    wrapped = [bf16_io(op) for op in model.get_ordered_ops()
+               if op.get_type_name() == OP_TYPE and op.get_input_element_type(0).to_string() == "f32"]
+    if wrapped:
         model.validate_nodes_and_infer_types()
-    return count
+    return len(wrapped)
 
 
 def compile_model(core, model, device: str = "CPU", config: dict | None = None):

@@ -89,7 +89,7 @@ def tuning(**knobs):
         set_tuning(**old)
 
 
-# Columns per stored tile (default_tile_cols of actsparse_core.hpp), written into each fused op as its
+# Columns per stored tile by format (see PackedWeight in actsparse_core.hpp), written into each fused op as its
 # tile_cols attribute; an op without one was exported with LEGACY_TILE_COLS.
 TILE_COLS = {"f32": 2048, "f16": 2048, "bf16": 2048, "u8": 8192, "u4": 8192}
 LEGACY_TILE_COLS = 2048

@@ -43,14 +43,11 @@ static inline uint16_t float_to_bf16(float f) {
 // (the last one narrower), and tile t holds its K rows one after another, row stride
 // row_bytes(format, width of t). A decode step then streams each live row's slice of a tile from one
 // contiguous block (at sparsity 0 the whole tile is one sequential stream), not one slice every N columns.
-// tile_cols is a power of two from 128 to kMaxTileCols (tile_row then needs no division). Exports use default_tile_cols: 2048 columns
-// (8 KB f32 or 4 KB f16/bf16 row slices), 8192 for u8/u4, whose 2048-column slices (2 KB, 1 KB) were
-// too short to stream well at sparsity 0.5. Models written before the width was an attribute of the op
-// use kLegacyTileCols for every format.
+// tile_cols is a power of two from 128 to kMaxTileCols (tile_row then needs no division). Exports choose
+// it per format (kernels.TILE_COLS): 2048 columns (8 KB f32 or 4 KB f16/bf16 row slices), 8192 for u8/u4,
+// whose 2048-column slices (2 KB, 1 KB) were too short to stream well at sparsity 0.5. Models written
+// before the width was an attribute of the op use kLegacyTileCols for every format.
 constexpr int64_t kLegacyTileCols = 2048, kMaxTileCols = 8192;
-static constexpr int64_t default_tile_cols(WeightFormat f) {
-  return f == WeightFormat::U8 || f == WeightFormat::U4 ? 8192 : 2048;
-}
 
 struct PackedWeight {
   WeightFormat format;

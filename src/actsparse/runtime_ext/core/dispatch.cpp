@@ -85,8 +85,10 @@ struct LiveRow {
   float* gsum;         // U4: sum of z per group
 };
 
-void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
-            float* y, const Executor& ex) {
+// bf16: x and y hold bf16 values (uint16 bits), widened as the live rows are built and rounded as y is
+// written.
+void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
+            void* yv, bool bf16, const Executor& ex) {
   const WeightFormat f = w.format;
   const int64_t K = w.K, N = w.N, rb = row_bytes(f, N);  // bytes of one whole (all-tile) row
   const int64_t ng = f == WeightFormat::U4 ? K / w.group_size : 1;
@@ -102,7 +104,9 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
     r.z = z_buf.get() + i * K;
     r.gpos = gpos_buf.get() + i * (ng + 1);
     r.gsum = gsum_buf.get() + i * ng;
-    const float* xi = x + i * K;
+    auto x_at = [&](int64_t k) {
+      return bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(xv)[i * K + k]) : static_cast<const float*>(xv)[i * K + k];
+    };
     const int64_t gs = f == WeightFormat::U4 ? w.group_size : K;
     const bool round = f == WeightFormat::U4 && ops.u4_bf16;
     int64_t L = 0;
@@ -111,7 +115,7 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
       r.gpos[g] = L;
       double s = 0.0;
       for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
-        const float v = xi[k] - p.mode, zk = round ? bf16_bits_to_float(float_to_bf16(v)) : v;
+        const float v = x_at(k) - p.mode, zk = round ? bf16_bits_to_float(float_to_bf16(v)) : v;
         r.idx[L] = int32_t(k);
         r.z[L] = zk;
         const bool keep = !p.mask || !(std::fabs(v) <= p.threshold);  // NaN/Inf are kept
@@ -139,12 +143,14 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
   if (force == 'k') split_k = M == 1 && par;
   if (force == 'n') split_k = false;
 
-  auto finish_cols = [&](float* yi, const float* acc, int64_t n0, int64_t n, float zsum) {
+  auto finish_cols = [&](int64_t i, const float* acc, int64_t n0, int64_t n, float zsum) {
     // y = acc (+bias) for F32/F16/BF16; y = scale*(acc - zp*zsum) (+bias) for U8; U4 groups already applied.
     for (int64_t j = 0; j < n; ++j) {
       float v = acc[j];
       if (f == WeightFormat::U8) v = w.scale[n0 + j] * (v - w.zero_point[n0 + j] * zsum);
-      yi[n0 + j] = bias ? v + bias[n0 + j] : v;
+      if (bias) v += bias[n0 + j];
+      if (bf16) static_cast<uint16_t*>(yv)[i * N + n0 + j] = float_to_bf16(v);
+      else static_cast<float*>(yv)[i * N + n0 + j] = v;
     }
   };
 
@@ -175,11 +181,11 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
       alignas(64) float acc[kMaxTileCols], out[kMaxTileCols];
       const int64_t c1 = std::min(N, (t + 1) * chunk), tc = w.tile_cols;
       for (int64_t n0 = t * chunk, n; n0 < c1; n0 += n) {
-        n = std::min(c1, (n0 / tc + 1) * tc) - n0;  // up to the end of the chunk or stored tile
+        n = std::min(c1, (n0 & -tc) + tc) - n0;  // up to the end of the chunk or stored tile
         for (int64_t i = 0; i < M; ++i) {
           std::memset(out, 0, sizeof(float) * size_t(n));
           tile(rows[i], 0, rows[i].L, n0, n, out, acc);
-          finish_cols(y + i * N, out, n0, n, rows[i].zsum);
+          finish_cols(i, out, n0, n, rows[i].zsum);
         }
       }
     });
@@ -209,7 +215,7 @@ void decode(const Ops& ops, const float* x, int64_t M, const PackedWeight& w, co
     float* sum = part.get();
     for (int64_t u = 1; u < ntasks; ++u)
       for (int64_t j = 0; j < N; ++j) sum[j] += sum[u * N + j];
-    finish_cols(y, sum, 0, N, r.zsum);
+    finish_cols(0, sum, 0, N, r.zsum);
   });
 }
 
@@ -357,13 +363,8 @@ void matmul(const void* x, Activations type, int64_t M, const PackedWeight& w, c
   if (M == 0) return;
   const Ops& ops = *k->ops();
   const bool bf16 = type == Activations::BF16;
-  if (M > 4) return prefill(ops, x, M, w, bias, p, y, bf16, ex);
-  if (!bf16) return decode(ops, static_cast<const float*>(x), M, w, bias, p, static_cast<float*>(y), ex);
-  auto xf = scratch<float>(M * w.K);  // a few rows: widened and rounded on the calling thread
-  auto yf = scratch<float>(M * w.N);
-  for (int64_t i = 0; i < M * w.K; ++i) xf[i] = bf16_bits_to_float(static_cast<const uint16_t*>(x)[i]);
-  decode(ops, xf.get(), M, w, bias, p, yf.get(), ex);
-  for (int64_t i = 0; i < M * w.N; ++i) static_cast<uint16_t*>(y)[i] = float_to_bf16(yf[i]);
+  if (M > 4) prefill(ops, x, M, w, bias, p, y, bf16, ex);
+  else decode(ops, x, M, w, bias, p, y, bf16, ex);
 }
 
 void matmul(const float* x, int64_t M, const PackedWeight& w, const float* bias, const Params& p, float* y,

@@ -1,4 +1,5 @@
-// avx512 with a bf16 prefill for BF16 weights: AVX512-BF16 dot products (vdpbf16ps) on pairs along K.
+// avx512 with AVX512-BF16 dot products (vdpbf16ps): the prefill of BF16 weights or bf16 activations on
+// pairs along K, and U4 decode on pairs of rows.
 #include <immintrin.h>
 
 #include <cstring>
@@ -12,10 +13,6 @@ namespace {
 // The avx512 GEMM's tile (Gemm<Avx512, 6, 4>): prefill builds the activation panels for gemm_mr rows.
 // (No std templates in this file, only internal ones: nothing compiled with -mavx512bf16 may be merged into generic code.)
 constexpr int MR = 6, NV = 4, NR = NV * 16;
-
-// f32/f16/u8/u4: each pair of rows dequantised to f32 panels by the avx512 kernel's pack (an L1 buffer),
-// then rounded to nearest even.
-constexpr int64_t kMaxPanels = 8;  // nc <= kMaxPanels * NR: the driver's N blocks are at most 256 columns
 
 // U8 (per-column scale and zero point) straight into pairs, 16 columns of two rows per step.
 inline __m512i u8_pair(const uint8_t* a, const uint8_t* b, __m512 zp, __m512 sc) {
@@ -44,6 +41,10 @@ void pack_pairs_u8(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, in
     }
   }
 }
+
+// f32/f16/u8/u4: each pair of rows dequantised to f32 panels by the avx512 kernel's pack (an L1 buffer),
+// then rounded to nearest even; u8 without the buffer where its 16-column steps cover nc.
+constexpr int64_t kMaxPanels = 8;  // nc <= kMaxPanels * NR: the driver's N blocks are at most 256 columns
 
 void pack_pairs_dequantised(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) {
   if (w.format == WeightFormat::U8 && nc % 16 == 0) return pack_pairs_u8(w, k0, kc, n0, nc, out);
@@ -122,8 +123,9 @@ void gemm_pairs(const uint32_t* zpan, const uint32_t* wpan, int64_t kc2, float* 
 // FMA per row). The interleaved bytes of two rows, zero-extended to 16-bit words, give for 16 columns
 // the pairs (row a, row b): code c becomes the bf16 value 1 + c/16 (1.0 with c in the top four mantissa
 // bits), and the broadcast pair (16 z_a, 16 z_b) multiplies it to z (16 + c) exactly, summed in f32.
-// The driver rounds z to bf16 (Ops::u4_bf16); u4_apply16 subtracts the 16 zsum. Lanes hold even columns,
-// then odd ones, per 32 columns: the layout of the avx512 kernel's U4 acc.
+// The driver rounds z to bf16 (Ops::u4_bf16); u4_rows takes the 16·Σz back off, so acc gets Σ z·c as
+// the Ops::rows contract says. Lanes hold even columns, then odd ones, per 32 columns: the layout of the
+// avx512 kernel's U4 acc, which its u4_apply reads.
 inline void u4_codes(const uint8_t* a, const uint8_t* b, __m512bh& even, __m512bh& odd) {
   const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
   const __m128i y = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
@@ -144,17 +146,19 @@ inline uint32_t z_pair(float a, float b) {  // (16 a, 16 b) as bf16: exact, a an
 
 inline float u4_code(const uint8_t* row, int64_t c) { return float((row[c >> 1] >> ((c & 1) * 4)) & 0xf); }
 
-// acc[0..n) += sum_j z[j] (16 + code_j) over the rows p[0..2P) (pairs of rows; a missing second row is
-// the first again with z = 0). acc is loaded and stored once per 2P rows.
+// acc[0..n) += sum_j z[j] (16 + code_j) - off over the rows p[0..2P) (pairs of rows; a missing second
+// row is the first again with z = 0). acc is loaded and stored once per 2P rows.
 template <int P, bool L2>
-inline void u4_pairs(float* acc, int64_t n, const uint8_t* const* p, const float* z, const uint8_t* const* next) {
+inline void u4_pairs(float* acc, int64_t n, const uint8_t* const* p, const float* z, const uint8_t* const* next,
+                     float off) {
+  const __m512 offv = _mm512_set1_ps(off);
   __m512bh zp[P];
   for (int j = 0; j < P; ++j) zp[j] = (__m512bh)_mm512_set1_epi32(int(z_pair(z[2 * j], z[2 * j + 1])));
   const int64_t nv = n / 32 * 32;
   for (int64_t c = 0, off = 0; c < nv; c += 32, off += 16) {
     if (next && c % 128 == 0)  // one 64-byte line of each upcoming row per 128 columns
       for (int j = 0; j < 2 * P; ++j) _mm_prefetch(reinterpret_cast<const char*>(next[j] + off), L2 ? _MM_HINT_T1 : _MM_HINT_T0);
-    __m512 ae = _mm512_loadu_ps(acc + c), ao = _mm512_loadu_ps(acc + c + 16);
+    __m512 ae = _mm512_sub_ps(_mm512_loadu_ps(acc + c), offv), ao = _mm512_sub_ps(_mm512_loadu_ps(acc + c + 16), offv);
     for (int j = 0; j < P; ++j) {
       __m512bh e, o;
       u4_codes(p[2 * j] + off, p[2 * j + 1] + off, e, o);
@@ -164,8 +168,10 @@ inline void u4_pairs(float* acc, int64_t n, const uint8_t* const* p, const float
     _mm512_storeu_ps(acc + c, ae);
     _mm512_storeu_ps(acc + c + 16, ao);
   }
-  for (int64_t c = nv; c < n; ++c)
+  for (int64_t c = nv; c < n; ++c) {
+    acc[c] -= off;
     for (int j = 0; j < 2 * P; ++j) acc[c] += z[j] * (16.f + u4_code(p[j], c));
+  }
 }
 
 // Like the avx512 rows for U4: groups of 4 live rows, the rows some groups ahead prefetched (see rows_f).
@@ -173,6 +179,8 @@ template <bool L2>
 void u4_rows(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const float* z, int64_t R) {
   constexpr int G = 4;
   constexpr int64_t ahead = L2 ? 4 * G : G;  // 4 groups ahead into L2, or the next group into L1
+  float off = 0.f;  // 16·Σz, taken off in the first pass over acc (then 0)
+  for (int64_t r = 0; r < R; ++r) off += 16.f * z[r];
   int64_t r = 0;
   for (; r + G <= R; r += G) {
     const uint8_t* p[G];
@@ -181,12 +189,14 @@ void u4_rows(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32
     const bool pf = r + ahead + G <= R;
     if (pf)
       for (int j = 0; j < G; ++j) q[j] = base + int64_t(idx[r + ahead + j]) * rb;
-    u4_pairs<G / 2, L2>(acc, n, p, z + r, pf ? q : nullptr);
+    u4_pairs<G / 2, L2>(acc, n, p, z + r, pf ? q : nullptr, off);
+    off = 0.f;
   }
   for (; r < R; r += 2) {
     const uint8_t* p[2] = {base + int64_t(idx[r]) * rb, base + int64_t(idx[r + (r + 1 < R)]) * rb};
     const float zz[2] = {z[r], r + 1 < R ? z[r + 1] : 0.f};
-    u4_pairs<1, L2>(acc, n, p, zz, nullptr);
+    u4_pairs<1, L2>(acc, n, p, zz, nullptr, off);
+    off = 0.f;
   }
 }
 
@@ -197,24 +207,6 @@ void rows(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb
   ops_avx512()->rows(f, acc, n, base, rb, idx, z, R, prefetch_l2);
 }
 
-// y[0..n) += scale * (acc - (zp + 16) * zsum), acc in the even/odd layout above.
-void u4_apply16(float* y, const float* acc, int64_t n, const float* scale, const float* zp, float zsum) {
-  const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i ih = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512 zs = _mm512_set1_ps(zsum), sixteen = _mm512_set1_ps(16.f);
-  int64_t c = 0;
-  for (; c + 32 <= n; c += 32) {
-    const __m512 e = _mm512_loadu_ps(acc + c), o = _mm512_loadu_ps(acc + c + 16);
-    const __m512 v[2] = {_mm512_permutex2var_ps(e, il, o), _mm512_permutex2var_ps(e, ih, o)};
-    for (int h = 0; h < 2; ++h) {
-      const float* at = zp + c + 16 * h;
-      const __m512 t = _mm512_fnmadd_ps(_mm512_add_ps(_mm512_loadu_ps(at), sixteen), zs, v[h]);
-      _mm512_storeu_ps(y + c + 16 * h, _mm512_fmadd_ps(_mm512_loadu_ps(scale + c + 16 * h), t, _mm512_loadu_ps(y + c + 16 * h)));
-    }
-  }
-  for (; c < n; ++c) y[c] += scale[c] * (acc[c] - (zp[c] + 16.f) * zsum);
-}
-
 }  // namespace
 
 const Ops* ops_avx512bf16() {
@@ -223,7 +215,6 @@ const Ops* ops_avx512bf16() {
     o.pair_pack = pack_pairs;
     o.pair_gemm = gemm_pairs;
     o.rows = rows;
-    o.u4_apply = u4_apply16;
     o.u4_bf16 = true;
     return o;
   }();
