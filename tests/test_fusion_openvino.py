@@ -196,6 +196,20 @@ def test_ir_without_tile_cols_reads_2048_column_tiles(legacy):
         np.testing.assert_allclose(_run(model, xs), z @ w, rtol=1e-4, atol=1e-4 * np.abs(xs).sum() * np.abs(dequant).max())
 
 
+def test_bad_tile_cols_is_refused_when_the_ir_is_read():
+    from actsparse.passes.openvino_fuse import ActSparseMatMul
+
+    x = ops.parameter([-1, 8], np.float32, name="x")
+    op = ActSparseMatMul([x.output(0), ops.constant(np.zeros((8, 4), np.float32)).output(0),
+                          ops.constant(np.zeros(0, np.float32)).output(0)],
+                         {"weight_format": "f32", "out_features": 4, "group_size": 0, "mode": 0.0, "threshold": 0.5,
+                          "prefill": "dense", "has_bias": False, "tile_cols": 100})
+    core = ov.Core()
+    register(core)
+    with pytest.raises(Exception, match="tile_cols must be a power of two from 128 to 8192, got 100"):
+        materialize(ov.Model([op.output(0)], [x]), core)
+
+
 def test_bf16_graphs_give_the_op_bf16_activations():
     """Where OpenVINO runs a graph in bf16, runtime_ext.compile_model puts each f32 op between Converts (so
     the plugin needs no Reorders around it) and the op's prefill then multiplies in bf16, as the plugin's

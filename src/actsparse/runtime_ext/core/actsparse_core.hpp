@@ -48,6 +48,7 @@ static inline uint16_t float_to_bf16(float f) {
 // whose 2048-column slices (2 KB, 1 KB) were too short to stream well at sparsity 0.5. Models written
 // before the width was an attribute of the op use kLegacyTileCols for every format.
 constexpr int64_t kLegacyTileCols = 2048, kMaxTileCols = 8192;
+static constexpr bool valid_tile_cols(int64_t t) { return t >= 128 && t <= kMaxTileCols && (t & (t - 1)) == 0; }
 
 struct PackedWeight {
   WeightFormat format;

@@ -334,7 +334,7 @@ void validate(const void* x, int64_t M, const PackedWeight& w, const void* y) {
   if (M < 0 || w.K < 1 || w.N < 1) throw std::invalid_argument("actsparse: need M >= 0, K >= 1, N >= 1");
   if (w.K > INT32_MAX) throw std::invalid_argument("actsparse: K too large");
   if (M > 0 && (!x || !y || !w.data)) throw std::invalid_argument("actsparse: null x, y or weight data");
-  if (w.tile_cols < 128 || w.tile_cols > kMaxTileCols || (w.tile_cols & (w.tile_cols - 1)))
+  if (!valid_tile_cols(w.tile_cols))
     throw std::invalid_argument("actsparse: tile_cols must be a power of two from 128 to " + std::to_string(kMaxTileCols));
   switch (w.format) {
     case WeightFormat::F32:

@@ -122,6 +122,7 @@ struct Kernel {
     }
     if (prefill != "dense" && prefill != "sparse") fail("prefill must be dense or sparse, got '" + prefill + "'");
     if (N < 1) fail("out_features must be >= 1");
+    if (!valid_tile_cols(tile_cols)) fail("tile_cols must be a power of two from 128 to 8192, got " + std::to_string(tile_cols));
     if (format == WeightFormat::U4 && group_size < 1) fail("u4 needs group_size >= 1");
     prune_prefill = prefill == "sparse";
   }

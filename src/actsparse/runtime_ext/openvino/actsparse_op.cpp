@@ -49,6 +49,8 @@ void ActSparseMatMul::validate_and_infer_types() {
     // bf16 x (bf16 exports): the op then returns bf16 too, and OpenVINO's bf16 graph needs no Reorder around it
     const auto x_type = get_input_element_type(0);
     NODE_VALIDATION_CHECK(this, x_type == ov::element::f32 || x_type == ov::element::bf16, "x must be f32 or bf16");
+    NODE_VALIDATION_CHECK(this, valid_tile_cols(m_tile_cols), "tile_cols must be a power of two from 128 to ",
+                          kMaxTileCols, ", got ", m_tile_cols);
     m_format = parse_format(m_weight_format);
     m_prune_prefill = m_prefill == "sparse";
     const auto format = m_format;
