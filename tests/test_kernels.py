@@ -8,7 +8,7 @@ import pytest
 
 from actsparse.runtime_ext import kernels as ks
 from conftest import skip_without_extension
-from reference import make_weight, multiplies_in_bf16, torch_bf16, weights_in_bf16
+from reference import int8_live, make_weight, multiplies_in_bf16, quantises_activations, torch_bf16, weights_in_bf16
 
 try:
     KERNELS = ks.available_kernels()
@@ -151,6 +151,37 @@ def test_nonfinite_inputs_propagate(kernel, fmt, M, bad):
     assert not np.isfinite(y[M - 1]).any(), "non-finite input must reach every output of its row"
     ref, scale = reference(x[:M - 1], packed, None, 0.0, tau, True, kernel, M)
     check(y[:M - 1], ref, scale, "other rows unaffected")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("M", [1, 2, 4])
+@pytest.mark.parametrize("K,N", [(7, 3), (64, 64), (300, 130), (520, 2305), (96, 8192 + 64)])
+def test_int8_activations(kernel, M, K, N):
+    """u8 decode with int8_activations: on a kernel with int8 dot products, exactly the product of the
+    runs-of-8 quantised live activations (reference.int8_live) with the dequantised weights, which differs
+    from the f32 product; on the others the f32 product. Split-N and split-K; NaN still propagates."""
+    rng = np.random.default_rng(K * 31 + N + M)
+    packed = make_weight("u8", K, N, 0, rng)
+    bias = rng.standard_normal(N).astype(np.float32)
+    quantised = quantises_activations("u8", M, kernel)
+    for sparsity, split in [(0.0, "n"), (0.5, "k"), (0.9, ""), (0.5, "n")]:
+        x, tau = make_x(M, K, 0.2, sparsity, rng)
+        with ks.tuning(par_bytes=0, split=split):
+            y = ks.matmul(x, packed, bias, 0.2, tau, True, 2, kernel, int8_activations=True)
+        exact, scale = reference(x, packed, bias, 0.2, tau, True, kernel)
+        z = (x - np.float32(0.2)).astype(np.float32)
+        z = np.where(np.abs(z) <= tau, np.float32(0), z)
+        q = int8_live(z) if quantised else z
+        ref = q.astype(np.float64) @ ks.dequantize(packed).astype(np.float64) + bias
+        check(y, ref, scale, f"{kernel} M={M} s={sparsity} split={split}")
+        if quantised and K >= 64:  # the quantisation is real: the f32 product falls outside check's tolerance
+            assert np.any(np.abs(y - exact) > 1e-4 * scale + 1e-6), "int8_activations changed nothing"
+    x, tau = make_x(M, K, 0.0, 0.5, rng)
+    x[M - 1, K // 2] = np.nan
+    y = ks.matmul(x, packed, None, 0.0, tau, True, 2, kernel, int8_activations=True)
+    assert np.isnan(y[M - 1]).all()
+    ref, scale = reference(x[:M - 1], packed, None, 0.0, tau, True, kernel, M)
+    check(y[:M - 1], ref, scale, "the other rows of a call with a NaN are computed in f32")
 
 
 def test_errors_are_reported():

@@ -29,12 +29,15 @@ def load(output: str | os.PathLike, device: str = "CPU", **kwargs):
 
     A fused model needs the ActSparseMatMul extension: it is registered with the Cores that
     optimum-intel reads and compiles models with, or with the ONNX Runtime session. Where OpenVINO
-    will run the model in bf16, its ops take and return bf16 (``runtime_ext.bf16_activations``).
+    will run the model in bf16, its ops take and return bf16 (``runtime_ext.bf16_activations``); where it
+    quantises the activations of its own int8 FullyConnected (its default), so do the ops with int8 weights
+    (``runtime_ext.int8_activations``).
     """
     from pathlib import Path
 
     from .calibration.plan import read_plan
-    from .runtime_ext import bf16_activations, register, runs_in_bf16, session_options
+    from .runtime_ext import (bf16_activations, int8_activations, quantises_activations, register, runs_in_bf16,
+                              session_options)
 
     plan, _ = read_plan(output, with_statistics=False)
     if (Path(output) / "model.onnx").is_file():
@@ -56,6 +59,7 @@ def load(output: str | os.PathLike, device: str = "CPU", **kwargs):
     model = OVModelForCausalLM.from_pretrained(output, device=device, compile=False, **kwargs)
     if runs_in_bf16(modeling_base.core, model._device, model.ov_config):
         bf16_activations(model.model)
+    int8_activations(model.model, quantises_activations(modeling_base.core, model._device, model.ov_config))
     if compile_now:
         model.compile()
     return model

@@ -36,7 +36,8 @@ def _load():
         lib = ctypes.CDLL(str(path))
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.actsparse_core_matmul.argtypes = [p, i64, ctypes.c_int, i64, i64, i64, p, p, p, p, f32, f32,
-                                              ctypes.c_int, p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, i64]
+                                              ctypes.c_int, p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, i64,
+                                              ctypes.c_int]
         lib.actsparse_core_matmul.restype = ctypes.c_int
         for name in ("actsparse_core_last_error", "actsparse_core_kernels", "actsparse_core_best_kernel"):
             getattr(lib, name).argtypes = []
@@ -222,9 +223,13 @@ def _ptr(a: Optional[np.ndarray]):
 
 
 def matmul(x, packed: PackedWeight, bias=None, mode=0.0, threshold=0.0, mask=True, threads=1,
-           kernel: Optional[str] = None) -> np.ndarray:
+           kernel: Optional[str] = None, int8_activations: bool = False) -> np.ndarray:
     """y = z'·W + bias. A uint16 x holds bf16 values (as OpenVINO's bf16 graphs pass them); y is then bf16
-    (uint16, rounded to nearest even) too. Any other x is converted to float32."""
+    (uint16, rounded to nearest even) too. Any other x is converted to float32. int8_activations: a u8
+    decode (up to 4 rows) quantises its live activations z = x − m to int8, where the kernel has int8 dot
+    products (avx512bf16, which needs AVX512-VNNI too): each run of 8 consecutive live channels gets the
+    scale max|z| / 127 and q = round(z / scale), as the CPU plugin's dynamic quantisation does for its own
+    u8 FullyConnected. NaN or Inf anywhere among the live values keeps the call in f32."""
     lib = _load()
     bf16 = isinstance(x, np.ndarray) and x.dtype == np.uint16
     x = np.ascontiguousarray(x) if bf16 else _f32(x)
@@ -242,7 +247,8 @@ def matmul(x, packed: PackedWeight, bias=None, mode=0.0, threshold=0.0, mask=Tru
     rc = lib.actsparse_core_matmul(
         _ptr(x), M, FORMATS[packed.format], packed.K, packed.N, packed.group_size, _ptr(data), _ptr(sc), _ptr(zp),
         _ptr(b), float(mode), float(threshold), int(bool(mask)), _ptr(y), int(threads),
-        None if kernel is None else kernel.encode(), int(bf16), int(packed.tile_cols))
+        None if kernel is None else kernel.encode(), int(bf16), int(packed.tile_cols),
+        int(bool(int8_activations)))
     if rc != 0:
         raise KernelError(lib.actsparse_core_last_error().decode())
     return y

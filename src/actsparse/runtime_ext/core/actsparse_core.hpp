@@ -93,7 +93,10 @@ struct ThreadExecutor final : Executor {
   std::unique_ptr<Pool> pool_;
 };
 
-struct Params { float mode = 0.f; float threshold = 0.f; bool mask = true; };
+// int8_activations: U8 decode may quantise the live activations to int8, one scale per 32 of them (as
+// OpenVINO's CPU plugin quantises a FullyConnected's activations by default), where the kernel has int8 dot
+// products; it computes in f32 otherwise, and whenever a live activation is NaN or Inf.
+struct Params { float mode = 0.f; float threshold = 0.f; bool mask = true; bool int8_activations = false; };
 
 // y = z'·W + bias; x [M,K], y [M,N] float row-major contiguous; bias may be null.
 // kernel: null = best for this CPU; else a name from available_kernels() (throws std::invalid_argument if unknown/unsupported).

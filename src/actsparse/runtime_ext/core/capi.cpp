@@ -32,7 +32,7 @@ extern "C" {
 __attribute__((visibility("default"))) int actsparse_core_matmul(
     const void* x, int64_t M, int format, int64_t K, int64_t N, int64_t group_size, const void* data,
     const float* scale, const float* zero_point, const float* bias, float mode, float threshold, int mask, void* y,
-    int threads, const char* kernel, int activations, int64_t tile_cols) {
+    int threads, const char* kernel, int activations, int64_t tile_cols, int int8_activations) {
   try {
     if (format < 0 || format > 4) throw std::invalid_argument("actsparse: format must be 0..4");
     const actsparse::PackedWeight w{actsparse::WeightFormat(format), K, N, group_size, data, scale, zero_point, tile_cols};
@@ -40,6 +40,7 @@ __attribute__((visibility("default"))) int actsparse_core_matmul(
     p.mode = mode;
     p.threshold = threshold;
     p.mask = mask != 0;
+    p.int8_activations = int8_activations != 0;
     actsparse::matmul(x, actsparse::Activations(activations), M, w, bias, p, y, executor(threads), kernel);
     return 0;
   } catch (const std::exception& e) {

@@ -83,6 +83,8 @@ struct LiveRow {
   float zsum = 0.f;    // U8
   int64_t* gpos;       // U4: live positions [gpos[g], gpos[g+1]) belong to group g
   float* gsum;         // U4: sum of z per group
+  int8_t* q;           // U8 on int8 activations: z / qs[chunk], chunks of kQ8Chunk live rows
+  float* qs;
 };
 
 // bf16: x and y hold bf16 values (uint16 bits), widened as the live rows are built and rounded as y is
@@ -98,6 +100,7 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
   auto gsum_buf = scratch<float>(M * ng);
   LiveRow rows[4];
   int64_t live_total = 0;
+  bool finite = true;
   for (int64_t i = 0; i < M; ++i) {
     LiveRow& r = rows[i];
     r.idx = idx_buf.get() + i * K;
@@ -121,6 +124,7 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
         const bool keep = !p.mask || !(std::fabs(v) <= p.threshold);  // NaN/Inf are kept
         L += keep;
         s += keep ? zk : 0.f;
+        finite &= !keep || std::isfinite(v);
       }
       r.gsum[g] = float(s);
       total += s;
@@ -129,6 +133,32 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     r.L = L;
     r.zsum = float(total);
     live_total += L;
+  }
+
+  // U8 on int8 activations: each chunk of kQ8Chunk live rows gets the scale max|z| / 127, and z becomes
+  // scale * q, so that the zero-point term (zsum) and any f32 tail use the same values as the int8 products.
+  const bool q8 = f == WeightFormat::U8 && p.int8_activations && ops.rows_q8 && finite;
+  auto q_buf = scratch<int8_t>(q8 ? M * K : 0);
+  auto qs_buf = scratch<float>(q8 ? M * ceil_div(K, detail::kQ8Chunk) : 0);
+  for (int64_t i = 0; q8 && i < M; ++i) {
+    LiveRow& r = rows[i];
+    r.q = q_buf.get() + i * K;
+    r.qs = qs_buf.get() + i * ceil_div(K, detail::kQ8Chunk);
+    double total = 0.0;
+    for (int64_t c0 = 0; c0 < r.L; c0 += detail::kQ8Chunk) {
+      const int64_t c1 = std::min(r.L, c0 + detail::kQ8Chunk);
+      float m = 0.f;
+      for (int64_t k = c0; k < c1; ++k) m = std::max(m, std::fabs(r.z[k]));
+      const float scale = m / 127.f, inv = m > 0.f ? 127.f / m : 0.f;
+      r.qs[c0 / detail::kQ8Chunk] = scale;
+      for (int64_t k = c0; k < c1; ++k) {
+        const float qk = std::min(127.f, std::max(-127.f, std::nearbyint(r.z[k] * inv)));
+        r.q[k] = int8_t(qk);
+        r.z[k] = scale * qk;
+        total += r.z[k];
+      }
+    }
+    r.zsum = float(total);
   }
 
   const int conc = std::max(1, ex.concurrency());
@@ -161,6 +191,10 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     const uint8_t* base = tile_row(w, 0, n0, col);
     base += row_bytes(f, col);  // col is a multiple of 128, so even for U4
     const int64_t trb = tile_row_bytes(w, n0);
+    if (q8) {  // s0 is a multiple of kQ8Chunk
+      ops.rows_q8(out, n, base, trb, r.idx + s0, r.q + s0, r.qs + s0 / detail::kQ8Chunk, s1 - s0, prefetch_l2);
+      return;
+    }
     if (f != WeightFormat::U4) {
       ops.rows(f, out, n, base, trb, r.idx + s0, r.z + s0, s1 - s0, prefetch_l2);
       return;
@@ -198,6 +232,7 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
   std::vector<int64_t> cut(size_t(ntasks + 1));
   for (int64_t t = 0; t <= ntasks; ++t) {
     int64_t c = r.L * t / ntasks;
+    if (q8) c -= c % detail::kQ8Chunk;  // int8 chunks are not split
     if (f == WeightFormat::U4 && t > 0 && t < ntasks) c = r.gpos[std::upper_bound(r.gpos, r.gpos + ng, c) - r.gpos - 1];
     cut[size_t(t)] = t == ntasks ? r.L : c;
   }

@@ -2,6 +2,7 @@
 // pairs along K, and U4 decode on pairs of rows.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "kernel_ops.hpp"
@@ -200,6 +201,71 @@ void u4_rows(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32
   }
 }
 
+// U8 decode on int8 activations (AVX512-VNNI), as OpenVINO's own int8 FullyConnected computes by default:
+// the driver quantises the live z in chunks of kQ8Chunk rows (one scale each, q = z / scale in [-127, 127]),
+// and vpdpbusd multiplies four rows' u8 codes by their four q at once, summed exactly in int32. Per chunk
+// and 64 columns, four int32 accumulators stay in registers; the bytes of rows (a, b, c, d) are interleaved
+// into 32-bit words with two rounds of unpacks, which leaves the columns of each 128-bit lane transposed
+// (accumulator k, lane L, word j = column 16L + 4k + j); the flush transposes the 4 x 4 lanes back.
+template <bool L2>
+void u8_rows_q8(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
+                const float* scale, int64_t R) {
+  constexpr int C = int(kQ8Chunk), NG = C / 4;
+  constexpr int64_t ahead = L2 ? 2 * C : C;  // rows ahead whose lines are prefetched: 2 chunks into L2, or the next into L1
+  const int64_t nv = n / 64 * 64;
+  for (int64_t c0 = 0, ci = 0; c0 < R; c0 += C, ++ci) {
+    const int64_t c1 = std::min(R, c0 + C);
+    const uint8_t* p[C];
+    const uint8_t* next[C];
+    int32_t qw[NG];
+    for (int g = 0; g < NG; ++g) {
+      uint32_t w = 0;
+      for (int j = 0; j < 4; ++j) {
+        const int64_t r = c0 + 4 * g + j;  // rows past the chunk: its first row again, times 0
+        p[4 * g + j] = base + int64_t(idx[r < c1 ? r : c0]) * rb;
+        next[4 * g + j] = r + ahead < R ? base + int64_t(idx[r + ahead]) * rb : nullptr;
+        w |= uint32_t(uint8_t(r < c1 ? q[r] : 0)) << (8 * j);
+      }
+      qw[g] = int32_t(w);
+    }
+    const __m512 sv = _mm512_set1_ps(scale[ci]);
+    for (int64_t c = 0; c < nv; c += 64) {
+      for (int j = 0; j < C; ++j)
+        if (next[j]) _mm_prefetch(reinterpret_cast<const char*>(next[j] + c), L2 ? _MM_HINT_T1 : _MM_HINT_T0);
+      __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+      for (int g = 0; g < NG; ++g) {
+        const uint8_t* const* pg = p + 4 * g;
+        const __m512i r0 = _mm512_loadu_si512(pg[0] + c), r1 = _mm512_loadu_si512(pg[1] + c);
+        const __m512i r2 = _mm512_loadu_si512(pg[2] + c), r3 = _mm512_loadu_si512(pg[3] + c);
+        const __m512i lo01 = _mm512_unpacklo_epi8(r0, r1), hi01 = _mm512_unpackhi_epi8(r0, r1);
+        const __m512i lo23 = _mm512_unpacklo_epi8(r2, r3), hi23 = _mm512_unpackhi_epi8(r2, r3);
+        const __m512i qb = _mm512_set1_epi32(qw[g]);
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_unpacklo_epi16(lo01, lo23), qb);
+        a1 = _mm512_dpbusd_epi32(a1, _mm512_unpackhi_epi16(lo01, lo23), qb);
+        a2 = _mm512_dpbusd_epi32(a2, _mm512_unpacklo_epi16(hi01, hi23), qb);
+        a3 = _mm512_dpbusd_epi32(a3, _mm512_unpackhi_epi16(hi01, hi23), qb);
+      }
+      const __m512i t0 = _mm512_shuffle_i32x4(a0, a1, 0x44), t1 = _mm512_shuffle_i32x4(a0, a1, 0xee);
+      const __m512i t2 = _mm512_shuffle_i32x4(a2, a3, 0x44), t3 = _mm512_shuffle_i32x4(a2, a3, 0xee);
+      const __m512i o[4] = {_mm512_shuffle_i32x4(t0, t2, 0x88), _mm512_shuffle_i32x4(t0, t2, 0xdd),
+                            _mm512_shuffle_i32x4(t1, t3, 0x88), _mm512_shuffle_i32x4(t1, t3, 0xdd)};
+      for (int l = 0; l < 4; ++l)
+        _mm512_storeu_ps(acc + c + 16 * l, _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(o[l]), _mm512_loadu_ps(acc + c + 16 * l)));
+    }
+    for (int64_t c = nv; c < n; ++c) {
+      int32_t s = 0;
+      for (int64_t r = c0; r < c1; ++r) s += int32_t(q[r]) * base[int64_t(idx[r]) * rb + c];
+      acc[c] += scale[ci] * float(s);
+    }
+  }
+}
+
+void rows_q8(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
+             const float* scale, int64_t R, bool prefetch_l2) {
+  return prefetch_l2 ? u8_rows_q8<true>(acc, n, base, rb, idx, q, scale, R)
+                     : u8_rows_q8<false>(acc, n, base, rb, idx, q, scale, R);
+}
+
 void rows(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const float* z,
           int64_t R, bool prefetch_l2) {
   if (f == WeightFormat::U4)
@@ -216,6 +282,7 @@ const Ops* ops_avx512bf16() {
     o.pair_gemm = gemm_pairs;
     o.rows = rows;
     o.u4_bf16 = true;
+    o.rows_q8 = rows_q8;
     return o;
   }();
   return &ops;

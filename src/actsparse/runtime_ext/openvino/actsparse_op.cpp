@@ -29,7 +29,7 @@ WeightFormat parse_format(const std::string& name) {
 
 ActSparseMatMul::ActSparseMatMul(const ov::OutputVector& args, std::string weight_format, int64_t out_features,
                                  int64_t group_size, float mode, float threshold, std::string prefill, bool has_bias,
-                                 int64_t tile_cols)
+                                 int64_t tile_cols, bool int8_activations)
     : Op(args),
       m_weight_format(std::move(weight_format)),
       m_out_features(out_features),
@@ -38,7 +38,8 @@ ActSparseMatMul::ActSparseMatMul(const ov::OutputVector& args, std::string weigh
       m_threshold(threshold),
       m_prefill(std::move(prefill)),
       m_has_bias(has_bias),
-      m_tile_cols(tile_cols) {
+      m_tile_cols(tile_cols),
+      m_int8_activations(int8_activations) {
     constructor_validate_and_infer_types();
 }
 
@@ -66,7 +67,8 @@ void ActSparseMatMul::validate_and_infer_types() {
 
 std::shared_ptr<ov::Node> ActSparseMatMul::clone_with_new_inputs(const ov::OutputVector& new_args) const {
     return std::make_shared<ActSparseMatMul>(new_args, m_weight_format, m_out_features, m_group_size, m_mode,
-                                             m_threshold, m_prefill, m_has_bias, m_tile_cols);
+                                             m_threshold, m_prefill, m_has_bias, m_tile_cols,
+                                             m_int8_activations);
 }
 
 bool ActSparseMatMul::visit_attributes(ov::AttributeVisitor& visitor) {
@@ -78,6 +80,7 @@ bool ActSparseMatMul::visit_attributes(ov::AttributeVisitor& visitor) {
     visitor.on_attribute("prefill", m_prefill);
     visitor.on_attribute("has_bias", m_has_bias);
     visitor.on_attribute("tile_cols", m_tile_cols);
+    visitor.on_attribute("int8_activations", m_int8_activations);
     return true;
 }
 
@@ -109,6 +112,7 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     p.mode = m_mode;
     p.threshold = m_threshold;
     p.mask = decode || m_prune_prefill;
+    p.int8_activations = m_int8_activations;
     // bf16 x (bf16 exports): the core reads it and rounds y to bf16, as a Reorder around the op would
     const auto type = x.get_element_type() == ov::element::f32 ? Activations::F32 : Activations::BF16;
     matmul(x.data(), type, M, weight, bias, p, outputs[0].data(), OpenVINOExecutor{});

@@ -14,13 +14,17 @@ namespace actsparse {
 // u8, (K/G)·N each for u4, none for f32/f16). m, τ and the policy are attributes: the CPU plugin
 // re-runs generic shape inference on every call of a custom op, at a cost per input. tile_cols: W's
 // stored column tiles (PackedWeight); an IR without it was written with kLegacyTileCols.
+// int8_activations (u8 weights; false when absent): decode quantises the live activations to int8
+// (Params::int8_activations), as the CPU plugin's dynamic quantisation does for its own u8 FullyConnected;
+// runtime_ext.compile_model sets it from the plugin's DYNAMIC_QUANTIZATION_GROUP_SIZE.
 class ActSparseMatMul : public ov::op::Op {
 public:
     OPENVINO_OP("ActSparseMatMul", "actsparse");
 
     ActSparseMatMul() = default;
     ActSparseMatMul(const ov::OutputVector& args, std::string weight_format, int64_t out_features, int64_t group_size,
-                    float mode, float threshold, std::string prefill, bool has_bias, int64_t tile_cols);
+                    float mode, float threshold, std::string prefill, bool has_bias, int64_t tile_cols,
+                    bool int8_activations = false);
 
     void validate_and_infer_types() override;
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& new_args) const override;
@@ -37,6 +41,7 @@ private:
     std::string m_prefill = "dense";
     bool m_has_bias = false;
     int64_t m_tile_cols = kLegacyTileCols;
+    bool m_int8_activations = false;
     // Derived from the attributes in validate_and_infer_types, so evaluate compares no strings.
     WeightFormat m_format = WeightFormat::F32;
     bool m_prune_prefill = false;
