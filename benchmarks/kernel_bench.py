@@ -10,7 +10,7 @@ weights to bf16 at compile time) against our op with bf16 weights (export --weig
 the other formats use the default precision too. Each row records the precision the plugin ran. The
 fused models are compiled through actsparse.runtime_ext.compile_model, as actsparse.load and actsparse
 bench do: with the plugin's default dynamic quantisation, its int8/int4 FullyConnected multiplies int8
-activations, and so does our u8 decode (int8_activations).
+activations, and so does our u8/u4 decode (int8_activations).
 Reports median ms over many calls, the ratio against dense (speed-up), the bandwidth limit
 1/(1-s), the effective GB/s of weight bytes read, and the plugin's FullyConnected precision.
 

@@ -2,6 +2,7 @@
 
 Bytes read = live rows x row bytes (+ scale/zero-point bytes of the groups touched, for u8/u4).
 Usage: ACTSPARSE_EXT_DIR=<build dir> python benchmarks/kernel_core_bench.py [--kernel avx2] [--quick]
+       [--int8-activations]
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x11008,4096x4096")
     ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--int8-activations", action="store_true", help="u8/u4 decode on int8 activations")
     args = ap.parse_args()
     kernel = args.kernel or ks.best_kernel()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
@@ -81,7 +83,8 @@ def main():
 
                     def call():
                         i = next(it)
-                        ks.matmul(xs[i % 16], copies[i % len(copies)], None, 0.0, tau, True, threads, kernel)
+                        ks.matmul(xs[i % 16], copies[i % len(copies)], None, 0.0, tau, True, threads, kernel,
+                                  int8_activations=args.int8_activations)
                     t = timeit(call, reps)
                     base = t if s == 0 else base
                     nbytes = bytes_read(packed, live)
@@ -90,7 +93,7 @@ def main():
                                      gbps=round(nbytes / t / 1e9, 2), speedup=round(base / t, 2)))
                     print(f"{K}x{N} {fmt:3s} t={threads} s={s:.1f} {t*1e3:8.3f} ms "
                           f"{nbytes / t / 1e9:6.2f} GB/s x{base / t:5.2f}", file=sys.stderr)
-    print(json.dumps(dict(kernel=kernel, tuning=ks.get_tuning(), M=1, seconds=round(time.perf_counter() - t_start, 1), results=rows),
+    print(json.dumps(dict(kernel=kernel, tuning=ks.get_tuning(), M=1, int8_activations=args.int8_activations, seconds=round(time.perf_counter() - t_start, 1), results=rows),
                      indent=1))
 
 

@@ -28,25 +28,29 @@ def weights_in_bf16(fmt: str, rows: int, kernel: str | None = None, bf16_io: boo
 
 
 def quantises_activations(fmt: str, rows: int, kernel: str | None = None) -> bool:
-    """Whether a call with int8_activations quantises them: a u8 decode (up to 4 rows) on the avx512bf16
-    kernel (``kernel``, or the one chosen for this CPU), which has int8 dot products."""
+    """Whether a call with int8_activations quantises them: a u8 or u4 decode (up to 4 rows) on the
+    avx512bf16 kernel (``kernel``, or the one chosen for this CPU), which has int8 dot products."""
     from actsparse.runtime_ext import kernels as ks
 
-    return (kernel or ks.best_kernel()) == "avx512bf16" and fmt == "u8" and rows <= 4
+    return (kernel or ks.best_kernel()) == "avx512bf16" and fmt in ("u8", "u4") and rows <= 4
 
 
-def int8_live(z: np.ndarray) -> np.ndarray:
+def int8_live(z: np.ndarray, group_size: int = 0) -> np.ndarray:
     """The dynamic int8 quantisation of the decode's live activations: per row of z (f32, pruned
-    channels exactly 0), each run of 8 consecutive nonzero values gets the scale s = max|z| / 127 and
-    becomes s · round(z / s) (to nearest even), in f32 arithmetic."""
-    out = np.zeros_like(z, dtype=np.float32)
-    for row, dst in zip(np.asarray(z, np.float32), out):
-        live = np.flatnonzero(row)
-        for run in np.split(live, np.arange(8, live.size, 8)):
-            m = np.abs(row[run]).max(initial=np.float32(0))
-            if m > 0:
-                q = np.clip(np.rint(row[run] * (np.float32(127) / m)), -127, 127)
-                dst[run] = (m / np.float32(127)) * q
+    channels exactly 0), each run of 8 consecutive nonzero values (u4: within one group of
+    ``group_size`` channels, runs starting afresh in each) gets the scale s = max|z| / 127 and becomes
+    s · round(z / s) (to nearest even), in f32 arithmetic."""
+    z = np.asarray(z, np.float32)
+    size = group_size or z.shape[-1]
+    out = np.zeros_like(z)
+    for row, dst in zip(z, out):
+        for g0 in range(0, z.shape[-1], size):
+            live = g0 + np.flatnonzero(row[g0:g0 + size])
+            for run in np.split(live, np.arange(8, live.size, 8)):
+                m = np.abs(row[run]).max(initial=np.float32(0))
+                if m > 0:
+                    q = np.clip(np.rint(row[run] * (np.float32(127) / m)), -127, 127)
+                    dst[run] = (m / np.float32(127)) * q
     return out
 
 

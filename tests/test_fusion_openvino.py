@@ -211,9 +211,9 @@ def test_bad_tile_cols_is_refused_when_the_ir_is_read():
         materialize(ov.Model([op.output(0)], [x]), core)
 
 
-def _fused_u8(n, k, mode, tau):
-    """A fused one-node u8 model (Python twin), its dequantised [N, K] weight, and a Core with the extension."""
-    model, plan, dequant = _one_matmul("u8", n, k, mode, tau, "sparse")
+def _fused(fmt, n, k, mode, tau):
+    """A fused one-node model (Python twin), its dequantised [N, K] weight, and a Core with the extension."""
+    model, plan, dequant = _one_matmul(fmt, n, k, mode, tau, "sparse")
     fuse(model, plan)
     core = ov.Core()
     register(core)
@@ -227,7 +227,7 @@ def test_bf16_graphs_give_the_op_bf16_activations():
     from actsparse.runtime_ext import bf16_activations, compile_model
 
     k, n, mode, tau = 64, 40, 0.1, 0.6
-    model, dequant, core = _fused_u8(n, k, mode, tau)
+    model, dequant, core = _fused("u8", n, k, mode, tau)
     x = RNG.normal(size=(1, 6, k)).astype(np.float32)
     f32, bf16 = materialize(model, core), materialize(model, core)
     y32 = compile_model(core, f32, "CPU", EXACT_CONFIG)({"x": x})[0]
@@ -243,16 +243,17 @@ def test_bf16_graphs_give_the_op_bf16_activations():
     np.testing.assert_allclose(y16, expected, rtol=2 ** -7, atol=1e-4 * np.abs(x).sum())
 
 
-def test_int8_activations_follow_the_plugins_dynamic_quantisation():
-    """runtime_ext.compile_model gives u8 ops int8 activations exactly where the plugin quantises those of
-    its own int8 FullyConnected (DYNAMIC_QUANTIZATION_GROUP_SIZE, non-zero by default); the attribute
-    is absent from exported IRs, which then compute in f32 under a plain core.compile_model."""
+@pytest.mark.parametrize("fmt", ["u8", "u4"])
+def test_int8_activations_follow_the_plugins_dynamic_quantisation(fmt):
+    """runtime_ext.compile_model gives u8/u4 ops int8 activations exactly where the plugin quantises those of
+    its own int8/int4 FullyConnected (DYNAMIC_QUANTIZATION_GROUP_SIZE, non-zero by default); the attribute
+    is absent from exported IRs, which then compute as before under a plain core.compile_model."""
     from actsparse.runtime_ext import compile_model
 
     k, n, mode, tau = 256, 96, 0.1, 0.6
-    model, dequant, core = _fused_u8(n, k, mode, tau)
+    model, dequant, core = _fused(fmt, n, k, mode, tau)
     x = RNG.normal(size=(1, 1, k)).astype(np.float32)
-    z = pruned_input(x, mode, tau) - np.float32(mode)
+    z = (pruned_input(x, mode, tau) - np.float32(mode)).reshape(1, k)
     bias = mode * dequant.sum(1)
     results = {}
     for name, config in [("plain", EXACT_CONFIG), ("exact", EXACT_CONFIG),
@@ -261,12 +262,13 @@ def test_int8_activations_follow_the_plugins_dynamic_quantisation():
         op = next(o for o in fused.get_ordered_ops() if o.get_type_name() == OP_TYPE)
         compiled = (core.compile_model if name == "plain" else lambda *a: compile_model(core, *a))(fused, "CPU", config)
         assert op.get_attributes()["int8_activations"] is (name == "quantised")
-        results[name] = compiled({"x": x})[0]
+        results[name] = compiled({"x": x})[0].reshape(1, n)
     atol = 1e-5 * (np.abs(z) @ np.abs(dequant.T)).max()
-    np.testing.assert_allclose(results["plain"], z @ dequant.T + bias, rtol=1e-5, atol=atol)
+    plain = torch_bf16(z) if multiplies_in_bf16(fmt, 1) else z  # u4 decode multiplies bf16 values on such CPUs
+    np.testing.assert_allclose(results["plain"], plain @ dequant.T + bias, rtol=1e-5, atol=atol)
     np.testing.assert_array_equal(results["exact"], results["plain"])
-    expected = int8_live(z.reshape(1, k)) @ dequant.T + bias if quantises_activations("u8", 1) else z @ dequant.T + bias
-    np.testing.assert_allclose(results["quantised"].reshape(1, n), expected.reshape(1, n), rtol=1e-5, atol=atol)
+    quantised = int8_live(z, 32 if fmt == "u4" else 0) if quantises_activations(fmt, 1) else plain
+    np.testing.assert_allclose(results["quantised"], quantised @ dequant.T + bias, rtol=1e-5, atol=atol)
 
 
 def test_nan_propagates_through_the_op():

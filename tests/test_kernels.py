@@ -153,35 +153,46 @@ def test_nonfinite_inputs_propagate(kernel, fmt, M, bad):
     check(y[:M - 1], ref, scale, "other rows unaffected")
 
 
+def int8_cases():
+    for K, N in [(7, 3), (64, 64), (300, 130), (520, 2305), (96, 8192 + 64)]:
+        yield pytest.param("u8", K, N, 0, id=f"u8-K{K}-N{N}")
+    for (K, N), G in itertools.product([(64, 31), (128, 130), (384, 2305), (256, 8192 + 160)], [32, 64]):
+        yield pytest.param("u4", K, N, G, id=f"u4-K{K}-N{N}-G{G}")
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("M", [1, 2, 4])
-@pytest.mark.parametrize("K,N", [(7, 3), (64, 64), (300, 130), (520, 2305), (96, 8192 + 64)])
-def test_int8_activations(kernel, M, K, N):
-    """u8 decode with int8_activations: on a kernel with int8 dot products, exactly the product of the
+@pytest.mark.parametrize("fmt,K,N,G", list(int8_cases()))
+def test_int8_activations(kernel, M, fmt, K, N, G):
+    """u8/u4 decode with int8_activations: on a kernel with int8 dot products, exactly the product of the
     runs-of-8 quantised live activations (reference.int8_live) with the dequantised weights, which differs
-    from the f32 product; on the others the f32 product. Split-N and split-K; NaN still propagates."""
-    rng = np.random.default_rng(K * 31 + N + M)
-    packed = make_weight("u8", K, N, 0, rng)
+    from the f32 product; on the others what the call computes without it. Split-N and split-K; NaN still
+    propagates, and the other rows of such a call are computed as without int8 activations."""
+    rng = np.random.default_rng(K * 31 + N + M + G)
+    packed = make_weight(fmt, K, N, G, rng)
     bias = rng.standard_normal(N).astype(np.float32)
-    quantised = quantises_activations("u8", M, kernel)
+    quantised = quantises_activations(fmt, M, kernel)
     for sparsity, split in [(0.0, "n"), (0.5, "k"), (0.9, ""), (0.5, "n")]:
         x, tau = make_x(M, K, 0.2, sparsity, rng)
         with ks.tuning(par_bytes=0, split=split):
             y = ks.matmul(x, packed, bias, 0.2, tau, True, 2, kernel, int8_activations=True)
-        exact, scale = reference(x, packed, bias, 0.2, tau, True, kernel)
+        plain, scale = reference(x, packed, bias, 0.2, tau, True, kernel)
+        what = f"{kernel} M={M} s={sparsity} split={split}"
+        if not quantised:
+            check(y, plain, scale, what)
+            continue
         z = (x - np.float32(0.2)).astype(np.float32)
         z = np.where(np.abs(z) <= tau, np.float32(0), z)
-        q = int8_live(z) if quantised else z
-        ref = q.astype(np.float64) @ ks.dequantize(packed).astype(np.float64) + bias
-        check(y, ref, scale, f"{kernel} M={M} s={sparsity} split={split}")
-        if quantised and K >= 64:  # the quantisation is real: the f32 product falls outside check's tolerance
-            assert np.any(np.abs(y - exact) > 1e-4 * scale + 1e-6), "int8_activations changed nothing"
+        ref = int8_live(z, G).astype(np.float64) @ ks.dequantize(packed).astype(np.float64) + bias
+        check(y, ref, scale, what)
+        if K >= 64:  # the quantisation is real: the product without it falls outside check's tolerance
+            assert np.any(np.abs(y - plain) > 1e-4 * scale + 1e-6), "int8_activations changed nothing"
     x, tau = make_x(M, K, 0.0, 0.5, rng)
     x[M - 1, K // 2] = np.nan
     y = ks.matmul(x, packed, None, 0.0, tau, True, 2, kernel, int8_activations=True)
     assert np.isnan(y[M - 1]).all()
     ref, scale = reference(x[:M - 1], packed, None, 0.0, tau, True, kernel, M)
-    check(y[:M - 1], ref, scale, "the other rows of a call with a NaN are computed in f32")
+    check(y[:M - 1], ref, scale, "the other rows of a call with a NaN")
 
 
 def test_errors_are_reported():

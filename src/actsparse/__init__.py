@@ -30,7 +30,7 @@ def load(output: str | os.PathLike, device: str = "CPU", **kwargs):
     A fused model needs the ActSparseMatMul extension: it is registered with the Cores that
     optimum-intel reads and compiles models with, or with the ONNX Runtime session. Where OpenVINO
     will run the model in bf16, its ops take and return bf16 (``runtime_ext.bf16_activations``); where it
-    quantises the activations of its own int8 FullyConnected (its default), so do the ops with int8 weights
+    quantises the activations of its own int8/int4 FullyConnected (its default), so do the ops with such weights
     (``runtime_ext.int8_activations``).
     """
     from pathlib import Path

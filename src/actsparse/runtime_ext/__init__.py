@@ -108,7 +108,7 @@ def bf16_activations(model) -> int:
 
 
 def quantises_activations(core, device: str = "CPU", config: dict | None = None) -> bool:
-    """Whether ``device`` quantises the activations of its own int8-weight FullyConnected to int8 for a
+    """Whether ``device`` quantises the activations of its own int8/int4-weight FullyConnected to int8 for a
     graph compiled with ``config``: a non-zero DYNAMIC_QUANTIZATION_GROUP_SIZE (the CPU plugin's default)."""
     config = config or {}
     try:
@@ -120,10 +120,10 @@ def quantises_activations(core, device: str = "CPU", config: dict | None = None)
 
 
 def int8_activations(model, on: bool) -> int:
-    """Set the ``int8_activations`` attribute of every u8-weight ActSparseMatMul of ``model``, in place;
+    """Set the ``int8_activations`` attribute of every u8/u4-weight ActSparseMatMul of ``model``, in place;
     return how many: their decode then quantises its live activations to int8, or computes in f32."""
     ops = [op for op in model.get_ordered_ops()
-           if op.get_type_name() == OP_TYPE and op.get_attributes().get("weight_format") == "u8"]
+           if op.get_type_name() == OP_TYPE and op.get_attributes().get("weight_format") in ("u8", "u4")]
     for op in ops:
         op.set_attribute("int8_activations", bool(on))
     return len(ops)
@@ -131,7 +131,7 @@ def int8_activations(model, on: bool) -> int:
 
 def compile_model(core, model, device: str = "CPU", config: dict | None = None):
     """``core.compile_model``, after :func:`bf16_activations` where the device runs the graph in bf16, and
-    with int8 activations in the decode of u8 weights exactly where the device quantises its own (see
+    with int8 activations in the decode of u8/u4 weights exactly where the device quantises its own (see
     :func:`quantises_activations`): the op then computes what the plugin's FullyConnected would."""
     if runs_in_bf16(core, device, config):
         bf16_activations(model)

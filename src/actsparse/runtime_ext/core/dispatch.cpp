@@ -83,8 +83,8 @@ struct LiveRow {
   float zsum = 0.f;    // U8
   int64_t* gpos;       // U4: live positions [gpos[g], gpos[g+1]) belong to group g
   float* gsum;         // U4: sum of z per group
-  int8_t* q;           // U8 on int8 activations: z / qs[chunk], chunks of kQ8Chunk live rows
-  float* qs;
+  int8_t* q;           // int8 activations: z / scale of its chunk of kQ8Chunk live rows
+  float* qs;           // the scale of the chunk starting at each position
 };
 
 // bf16: x and y hold bf16 values (uint16 bits), widened as the live rows are built and rounded as y is
@@ -101,6 +101,9 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
   LiveRow rows[4];
   int64_t live_total = 0;
   bool finite = true;
+  // U4 rounds z to bf16 for a kernel's bf16 rows (Ops::u4_bf16), unless int8 activations replace them
+  const bool q8_wanted = (f == WeightFormat::U8 || f == WeightFormat::U4) && p.int8_activations && ops.rows_q8;
+  const bool round_u4 = f == WeightFormat::U4 && ops.u4_bf16, round = round_u4 && !q8_wanted;
   for (int64_t i = 0; i < M; ++i) {
     LiveRow& r = rows[i];
     r.idx = idx_buf.get() + i * K;
@@ -111,7 +114,6 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
       return bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(xv)[i * K + k]) : static_cast<const float*>(xv)[i * K + k];
     };
     const int64_t gs = f == WeightFormat::U4 ? w.group_size : K;
-    const bool round = f == WeightFormat::U4 && ops.u4_bf16;
     int64_t L = 0;
     double total = 0.0;
     for (int64_t g = 0; g < ng; ++g) {
@@ -135,28 +137,39 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     live_total += L;
   }
 
-  // U8 on int8 activations: each chunk of kQ8Chunk live rows gets the scale max|z| / 127, and z becomes
-  // scale * q, so that the zero-point term (zsum) and any f32 tail use the same values as the int8 products.
-  const bool q8 = f == WeightFormat::U8 && p.int8_activations && ops.rows_q8 && finite;
+  // int8 activations (U8/U4): each chunk of kQ8Chunk live rows (U4: from the start of its group) gets the scale
+  // max|z| / 127, and z becomes scale * q, so that the zero-point sums (zsum, gsum) and any f32 tail use the
+  // same values as the int8 products. A NaN or Inf keeps the call in f32 (U4: in bf16, rounded here).
+  const bool q8 = q8_wanted && finite;
   auto q_buf = scratch<int8_t>(q8 ? M * K : 0);
-  auto qs_buf = scratch<float>(q8 ? M * ceil_div(K, detail::kQ8Chunk) : 0);
-  for (int64_t i = 0; q8 && i < M; ++i) {
+  auto qs_buf = scratch<float>(q8 ? M * K : 0);
+  for (int64_t i = 0; i < M && (q8 || (q8_wanted && round_u4)); ++i) {
     LiveRow& r = rows[i];
-    r.q = q_buf.get() + i * K;
-    r.qs = qs_buf.get() + i * ceil_div(K, detail::kQ8Chunk);
+    if (q8) {
+      r.q = q_buf.get() + i * K;
+      r.qs = qs_buf.get() + i * K;
+    }
     double total = 0.0;
-    for (int64_t c0 = 0; c0 < r.L; c0 += detail::kQ8Chunk) {
-      const int64_t c1 = std::min(r.L, c0 + detail::kQ8Chunk);
-      float m = 0.f;
-      for (int64_t k = c0; k < c1; ++k) m = std::max(m, std::fabs(r.z[k]));
-      const float scale = m / 127.f, inv = m > 0.f ? 127.f / m : 0.f;
-      r.qs[c0 / detail::kQ8Chunk] = scale;
-      for (int64_t k = c0; k < c1; ++k) {
-        const float qk = std::min(127.f, std::max(-127.f, std::nearbyint(r.z[k] * inv)));
-        r.q[k] = int8_t(qk);
-        r.z[k] = scale * qk;
-        total += r.z[k];
+    for (int64_t g = 0; g < ng; ++g) {
+      double gs = 0.0;
+      for (int64_t c0 = r.gpos[g]; c0 < r.gpos[g + 1]; c0 += detail::kQ8Chunk) {
+        const int64_t c1 = std::min(r.gpos[g + 1], c0 + detail::kQ8Chunk);
+        if (!q8) {  // the bf16 U4 path after all
+          for (int64_t k = c0; k < c1; ++k) gs += r.z[k] = bf16_bits_to_float(float_to_bf16(r.z[k]));
+          continue;
+        }
+        float m = 0.f;
+        for (int64_t k = c0; k < c1; ++k) m = std::max(m, std::fabs(r.z[k]));
+        const float scale = m / 127.f, inv = m > 0.f ? 127.f / m : 0.f;
+        r.qs[c0] = scale;
+        for (int64_t k = c0; k < c1; ++k) {
+          const float qk = std::min(127.f, std::max(-127.f, std::nearbyint(r.z[k] * inv)));
+          r.q[k] = int8_t(qk);
+          gs += r.z[k] = scale * qk;
+        }
       }
+      r.gsum[g] = float(gs);
+      total += gs;
     }
     r.zsum = float(total);
   }
@@ -191,8 +204,8 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     const uint8_t* base = tile_row(w, 0, n0, col);
     base += row_bytes(f, col);  // col is a multiple of 128, so even for U4
     const int64_t trb = tile_row_bytes(w, n0);
-    if (q8) {  // s0 is a multiple of kQ8Chunk
-      ops.rows_q8(out, n, base, trb, r.idx + s0, r.q + s0, r.qs + s0 / detail::kQ8Chunk, s1 - s0, prefetch_l2);
+    if (f != WeightFormat::U4 && q8) {  // s0 starts a chunk
+      ops.rows_q8(f, out, n, base, trb, r.idx + s0, r.q + s0, r.qs + s0, s1 - s0, prefetch_l2);
       return;
     }
     if (f != WeightFormat::U4) {
@@ -203,7 +216,8 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
       const int64_t a = std::max(s0, r.gpos[g]), b = std::min(s1, r.gpos[g + 1]);
       if (a >= b) continue;
       std::memset(acc, 0, sizeof(float) * size_t(n));
-      ops.rows(f, acc, n, base, trb, r.idx + a, r.z + a, b - a, prefetch_l2);
+      if (q8) ops.rows_q8(f, acc, n, base, trb, r.idx + a, r.q + a, r.qs + a, b - a, prefetch_l2);  // a starts a group
+      else ops.rows(f, acc, n, base, trb, r.idx + a, r.z + a, b - a, prefetch_l2);
       ops.u4_apply(out, acc, n, w.scale + g * N + n0, w.zero_point + g * N + n0, r.gsum[g]);
     }
   };
@@ -232,7 +246,7 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
   std::vector<int64_t> cut(size_t(ntasks + 1));
   for (int64_t t = 0; t <= ntasks; ++t) {
     int64_t c = r.L * t / ntasks;
-    if (q8) c -= c % detail::kQ8Chunk;  // int8 chunks are not split
+    if (q8) c -= c % detail::kQ8Chunk;  // U8 chunks are not split (U4 cuts on groups, below)
     if (f == WeightFormat::U4 && t > 0 && t < ntasks) c = r.gpos[std::upper_bound(r.gpos, r.gpos + ng, c) - r.gpos - 1];
     cut[size_t(t)] = t == ntasks ? r.L : c;
   }

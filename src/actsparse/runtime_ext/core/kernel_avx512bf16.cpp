@@ -201,19 +201,45 @@ void u4_rows(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32
   }
 }
 
-// U8 decode on int8 activations (AVX512-VNNI), as OpenVINO's own int8 FullyConnected computes by default:
-// the driver quantises the live z in chunks of kQ8Chunk rows (one scale each, q = z / scale in [-127, 127]),
-// and vpdpbusd multiplies four rows' u8 codes by their four q at once, summed exactly in int32. Per chunk
-// and 64 columns, four int32 accumulators stay in registers; the bytes of rows (a, b, c, d) are interleaved
-// into 32-bit words with two rounds of unpacks, which leaves the columns of each 128-bit lane transposed
-// (accumulator k, lane L, word j = column 16L + 4k + j); the flush transposes the 4 x 4 lanes back.
-template <bool L2>
-void u8_rows_q8(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
-                const float* scale, int64_t R) {
+// U8 and U4 decode on int8 activations (AVX512-VNNI), as OpenVINO's own int8/int4 FullyConnected computes by
+// default: the driver quantises the live z in chunks of kQ8Chunk rows (one scale each, q = z / scale in
+// [-127, 127]), and vpdpbusd multiplies four rows' codes (u8 bytes, or u4 nibbles split into an even- and an
+// odd-column byte vector) by their four q at once, summed exactly in int32. Per chunk and 64 code bytes, the
+// int32 accumulators stay in registers.
+
+// a[k] += the products of 64 code bytes of 4 rows with the quad qb. The rows' bytes are interleaved into 32-bit
+// words by two rounds of in-lane unpacks, which leaves accumulator k, 128-bit lane L, word j holding byte
+// 16L + 4k + j.
+inline void dp4(__m512i a[4], __m512i r0, __m512i r1, __m512i r2, __m512i r3, __m512i qb) {
+  const __m512i lo01 = _mm512_unpacklo_epi8(r0, r1), hi01 = _mm512_unpackhi_epi8(r0, r1);
+  const __m512i lo23 = _mm512_unpacklo_epi8(r2, r3), hi23 = _mm512_unpackhi_epi8(r2, r3);
+  a[0] = _mm512_dpbusd_epi32(a[0], _mm512_unpacklo_epi16(lo01, lo23), qb);
+  a[1] = _mm512_dpbusd_epi32(a[1], _mm512_unpackhi_epi16(lo01, lo23), qb);
+  a[2] = _mm512_dpbusd_epi32(a[2], _mm512_unpacklo_epi16(hi01, hi23), qb);
+  a[3] = _mm512_dpbusd_epi32(a[3], _mm512_unpackhi_epi16(hi01, hi23), qb);
+}
+
+// d[l * stride ..+16) += s * (bytes 16l .. 16l + 15 of dp4's a): the 4 x 4 transpose of 128-bit lanes back.
+inline void add_scaled(const __m512i a[4], __m512 s, float* d, int64_t stride) {
+  const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[0], a[1], 0xee);
+  const __m512i t2 = _mm512_shuffle_i32x4(a[2], a[3], 0x44), t3 = _mm512_shuffle_i32x4(a[2], a[3], 0xee);
+  const __m512i o[4] = {_mm512_shuffle_i32x4(t0, t2, 0x88), _mm512_shuffle_i32x4(t0, t2, 0xdd),
+                        _mm512_shuffle_i32x4(t1, t3, 0x88), _mm512_shuffle_i32x4(t1, t3, 0xdd)};
+  for (int l = 0; l < 4; ++l)
+    _mm512_storeu_ps(d + l * stride, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(o[l]), _mm512_loadu_ps(d + l * stride)));
+}
+
+// U4's acc is the avx512 kernel's layout (16 even columns, then 16 odd ones, per 32; plain past the last
+// whole 32): 64 code bytes are 128 columns, whose even and odd nibbles land there directly.
+template <bool U4, bool L2>
+void rows_q8_f(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
+               const float* scale, int64_t R) {
   constexpr int C = int(kQ8Chunk), NG = C / 4;
   constexpr int64_t ahead = L2 ? 2 * C : C;  // rows ahead whose lines are prefetched: 2 chunks into L2, or the next into L1
-  const int64_t nv = n / 64 * 64;
-  for (int64_t c0 = 0, ci = 0; c0 < R; c0 += C, ++ci) {
+  constexpr int64_t BC = U4 ? 128 : 64;      // columns per 64 code bytes
+  const int64_t nv = n / BC * BC, n32 = n / 32 * 32;
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  for (int64_t c0 = 0; c0 < R; c0 += C) {
     const int64_t c1 = std::min(R, c0 + C);
     const uint8_t* p[C];
     const uint8_t* next[C];
@@ -228,42 +254,52 @@ void u8_rows_q8(float* acc, int64_t n, const uint8_t* base, int64_t rb, const in
       }
       qw[g] = int32_t(w);
     }
-    const __m512 sv = _mm512_set1_ps(scale[ci]);
-    for (int64_t c = 0; c < nv; c += 64) {
+    const __m512 sv = _mm512_set1_ps(scale[c0]);
+    for (int64_t c = 0, off = 0; c < nv; c += BC, off += 64) {
       for (int j = 0; j < C; ++j)
-        if (next[j]) _mm_prefetch(reinterpret_cast<const char*>(next[j] + c), L2 ? _MM_HINT_T1 : _MM_HINT_T0);
-      __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        if (next[j]) _mm_prefetch(reinterpret_cast<const char*>(next[j] + off), L2 ? _MM_HINT_T1 : _MM_HINT_T0);
+      __m512i a[4], b[4];
+      for (int k = 0; k < 4; ++k) a[k] = b[k] = _mm512_setzero_si512();
       for (int g = 0; g < NG; ++g) {
-        const uint8_t* const* pg = p + 4 * g;
-        const __m512i r0 = _mm512_loadu_si512(pg[0] + c), r1 = _mm512_loadu_si512(pg[1] + c);
-        const __m512i r2 = _mm512_loadu_si512(pg[2] + c), r3 = _mm512_loadu_si512(pg[3] + c);
-        const __m512i lo01 = _mm512_unpacklo_epi8(r0, r1), hi01 = _mm512_unpackhi_epi8(r0, r1);
-        const __m512i lo23 = _mm512_unpacklo_epi8(r2, r3), hi23 = _mm512_unpackhi_epi8(r2, r3);
+        __m512i r[4];
+        for (int j = 0; j < 4; ++j) r[j] = _mm512_loadu_si512(p[4 * g + j] + off);
         const __m512i qb = _mm512_set1_epi32(qw[g]);
-        a0 = _mm512_dpbusd_epi32(a0, _mm512_unpacklo_epi16(lo01, lo23), qb);
-        a1 = _mm512_dpbusd_epi32(a1, _mm512_unpackhi_epi16(lo01, lo23), qb);
-        a2 = _mm512_dpbusd_epi32(a2, _mm512_unpacklo_epi16(hi01, hi23), qb);
-        a3 = _mm512_dpbusd_epi32(a3, _mm512_unpackhi_epi16(hi01, hi23), qb);
+        if constexpr (U4) {
+          __m512i h[4];
+          for (int j = 0; j < 4; ++j) {
+            h[j] = _mm512_and_si512(_mm512_srli_epi16(r[j], 4), nib);
+            r[j] = _mm512_and_si512(r[j], nib);
+          }
+          dp4(b, h[0], h[1], h[2], h[3], qb);
+        }
+        dp4(a, r[0], r[1], r[2], r[3], qb);
       }
-      const __m512i t0 = _mm512_shuffle_i32x4(a0, a1, 0x44), t1 = _mm512_shuffle_i32x4(a0, a1, 0xee);
-      const __m512i t2 = _mm512_shuffle_i32x4(a2, a3, 0x44), t3 = _mm512_shuffle_i32x4(a2, a3, 0xee);
-      const __m512i o[4] = {_mm512_shuffle_i32x4(t0, t2, 0x88), _mm512_shuffle_i32x4(t0, t2, 0xdd),
-                            _mm512_shuffle_i32x4(t1, t3, 0x88), _mm512_shuffle_i32x4(t1, t3, 0xdd)};
-      for (int l = 0; l < 4; ++l)
-        _mm512_storeu_ps(acc + c + 16 * l, _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(o[l]), _mm512_loadu_ps(acc + c + 16 * l)));
+      if constexpr (U4) {
+        add_scaled(a, sv, acc + c, 32);
+        add_scaled(b, sv, acc + c + 16, 32);
+      } else {
+        add_scaled(a, sv, acc + c, 16);
+      }
     }
     for (int64_t c = nv; c < n; ++c) {
       int32_t s = 0;
-      for (int64_t r = c0; r < c1; ++r) s += int32_t(q[r]) * base[int64_t(idx[r]) * rb + c];
-      acc[c] += scale[ci] * float(s);
+      for (int64_t r = c0; r < c1; ++r) {
+        const uint8_t* row = base + int64_t(idx[r]) * rb;
+        s += int32_t(q[r]) * (U4 ? (row[c >> 1] >> ((c & 1) * 4)) & 0xf : row[c]);
+      }
+      const int64_t pos = U4 && c < n32 ? (c & ~int64_t(31)) + (c & 1) * 16 + (c & 31) / 2 : c;
+      acc[pos] += scale[c0] * float(s);
     }
   }
 }
 
-void rows_q8(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
-             const float* scale, int64_t R, bool prefetch_l2) {
-  return prefetch_l2 ? u8_rows_q8<true>(acc, n, base, rb, idx, q, scale, R)
-                     : u8_rows_q8<false>(acc, n, base, rb, idx, q, scale, R);
+void rows_q8(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx,
+             const int8_t* q, const float* scale, int64_t R, bool prefetch_l2) {
+  if (f == WeightFormat::U4)
+    return prefetch_l2 ? rows_q8_f<true, true>(acc, n, base, rb, idx, q, scale, R)
+                       : rows_q8_f<true, false>(acc, n, base, rb, idx, q, scale, R);
+  return prefetch_l2 ? rows_q8_f<false, true>(acc, n, base, rb, idx, q, scale, R)
+                     : rows_q8_f<false, false>(acc, n, base, rb, idx, q, scale, R);
 }
 
 void rows(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const float* z,

@@ -30,10 +30,11 @@ struct Ops {
   // c[mr x nr] += zpan[kc2][MR] · wpan[kc2][NR], both of bf16 pairs, accumulated in f32.
   void (*pair_gemm)(const uint32_t* zpan, const uint32_t* wpan, int64_t kc2, float* c, int64_t ldc, int64_t mr,
                     int64_t nr) = nullptr;
-  // Optional U8 decode on int8 activations: acc[0..n) += sum over chunks c of scale[c] * sum_r q[r] * Q[idx[r]][0..n),
-  // chunk c holding rows [c*kQ8Chunk, (c+1)*kQ8Chunk) of this call.
-  void (*rows_q8)(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
-                  const float* scale, int64_t R, bool prefetch_l2) = nullptr;
+  // Optional U8/U4 decode on int8 activations: acc[0..n) += sum over chunks c of scale[c*kQ8Chunk] *
+  // sum_r q[r] * Q[idx[r]][0..n), chunk c holding rows [c*kQ8Chunk, (c+1)*kQ8Chunk) of this call (U4: acc in
+  // the layout of rows, for u4_apply).
+  void (*rows_q8)(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx,
+                  const int8_t* q, const float* scale, int64_t R, bool prefetch_l2) = nullptr;
   // Decode's U4 rows multiply z rounded to bf16: the driver rounds z (and sums the rounded values).
   bool u4_bf16 = false;
 };

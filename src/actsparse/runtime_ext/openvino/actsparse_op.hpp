@@ -14,8 +14,8 @@ namespace actsparse {
 // u8, (K/G)·N each for u4, none for f32/f16). m, τ and the policy are attributes: the CPU plugin
 // re-runs generic shape inference on every call of a custom op, at a cost per input. tile_cols: W's
 // stored column tiles (PackedWeight); an IR without it was written with kLegacyTileCols.
-// int8_activations (u8 weights; false when absent): decode quantises the live activations to int8
-// (Params::int8_activations), as the CPU plugin's dynamic quantisation does for its own u8 FullyConnected;
+// int8_activations (u8/u4 weights; false when absent): decode quantises the live activations to int8
+// (Params::int8_activations), as the CPU plugin's dynamic quantisation does for its own u8/u4 FullyConnected;
 // runtime_ext.compile_model sets it from the plugin's DYNAMIC_QUANTIZATION_GROUP_SIZE.
 class ActSparseMatMul : public ov::op::Op {
 public:
