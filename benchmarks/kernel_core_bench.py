@@ -1,6 +1,7 @@
 """Self-check benchmark of the C++ kernel core at decode (M=1). Prints JSON.
 
-Bytes read = live rows x row bytes (+ scale/zero-point bytes of the groups touched, for u8/u4).
+Bytes read = live rows x row bytes (+ scale/zero-point bytes of the groups touched, for u8/u4; u4 params are
+compact, 3 bytes a group and column, as exports store them).
 Usage: ACTSPARSE_EXT_DIR=<build dir> python benchmarks/kernel_core_bench.py [--kernel avx2] [--quick]
        [--int8-activations]
 """
@@ -27,7 +28,9 @@ def make(fmt, K, N, rng):
         return {"f32": ks.pack_f32, "f16": ks.pack_f16, "bf16": ks.pack_bf16}[fmt](rng.standard_normal((K, N), np.float32))
     if fmt == "u8":
         return ks.pack_u8(rng.integers(0, 256, (K, N), np.uint8), np.full(N, 0.01), np.full(N, 128.0))
-    return ks.pack_u4(rng.integers(0, 16, (K, N), np.uint8), np.full((K // G, N), 0.1), np.full((K // G, N), 8.0), G)
+    # compact params (f16 scales, u8 zero points), as exports store NNCF's int4
+    return ks.pack_u4(rng.integers(0, 16, (K, N), np.uint8), np.full((K // G, N), np.float16(0.1)),
+                      np.full((K // G, N), 8.0), G, compact=True)
 
 
 def bytes_read(packed, live):
@@ -36,7 +39,7 @@ def bytes_read(packed, live):
         b += 8 * packed.N
     elif packed.format == "u4":
         groups = np.unique(np.nonzero(live)[0] // packed.group_size).size
-        b += 8 * packed.N * groups
+        b += (3 if packed.compact else 8) * packed.N * groups
     return b
 
 

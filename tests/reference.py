@@ -18,7 +18,7 @@ def multiplies_in_bf16(fmt: str, rows: int, kernel: str | None = None, bf16_io: 
     from actsparse.runtime_ext import kernels as ks
 
     return (kernel or ks.best_kernel()) == "avx512bf16" and ((fmt == "bf16" or bf16_io) and rows > 4 or
-                                                            fmt == "u4" and rows <= 4)
+                                                            fmt.startswith("u4") and rows <= 4)
 
 
 def weights_in_bf16(fmt: str, rows: int, kernel: str | None = None, bf16_io: bool = False) -> bool:
@@ -32,7 +32,7 @@ def quantises_activations(fmt: str, rows: int, kernel: str | None = None) -> boo
     avx512bf16 kernel (``kernel``, or the one chosen for this CPU), which has int8 dot products."""
     from actsparse.runtime_ext import kernels as ks
 
-    return (kernel or ks.best_kernel()) == "avx512bf16" and fmt in ("u8", "u4") and rows <= 4
+    return (kernel or ks.best_kernel()) == "avx512bf16" and fmt in ("u8", "u4", "u4c") and rows <= 4
 
 
 def int8_live(z: np.ndarray, group_size: int = 0) -> np.ndarray:
@@ -136,7 +136,8 @@ def assert_close_through_flips(got: np.ndarray, expected: np.ndarray, exact_posi
 
 
 def make_weight(fmt: str, K: int, N: int, G: int, rng, tile_cols: int = 0):
-    """A random packed weight ``[K, N]`` of format ``fmt`` (u4: group size ``G``), NNCF-like codes, stored
+    """A random packed weight ``[K, N]`` of format ``fmt`` (u4: group size ``G``; u4c: u4 with compact params,
+    f16 scales and u8 zero points), NNCF-like codes, stored
     in tiles of ``tile_cols`` columns (0: the format's default)."""
     from actsparse.runtime_ext import kernels as ks
 
@@ -150,5 +151,5 @@ def make_weight(fmt: str, K: int, N: int, G: int, rng, tile_cols: int = 0):
         return ks.pack_u8(rng.integers(0, 256, (K, N)), rng.uniform(0.001, 0.02, N), rng.integers(100, 156, N),
                           tile_cols)
     ng = K // G
-    return ks.pack_u4(rng.integers(0, 16, (K, N)), rng.uniform(0.01, 0.2, (ng, N)), rng.integers(6, 10, (ng, N)), G,
-                      tile_cols)
+    scale = rng.uniform(0.01, 0.2, (ng, N)).astype(np.float16)  # as NNCF stores them: f32 params hold the same values
+    return ks.pack_u4(rng.integers(0, 16, (K, N)), scale, rng.integers(6, 10, (ng, N)), G, tile_cols, fmt == "u4c")

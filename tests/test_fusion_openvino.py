@@ -197,6 +197,28 @@ def test_ir_without_tile_cols_reads_2048_column_tiles(legacy):
         np.testing.assert_allclose(_run(model, xs), z @ w, rtol=1e-4, atol=1e-4 * np.abs(xs).sum() * np.abs(dequant).max())
 
 
+def test_u4_params_compact_and_f32_give_the_same_results():
+    """The fusion stores u4 params compactly, as u8 bytes [bias f32 | scale f16 | zero point u8] (NNCF's own
+    f16 scales and u4 zero points, exactly); an IR with the f32 layout [bias | scale | zero point] (written
+    before) gives bitwise the same results, decode and prefill."""
+    k, n, mode, tau, group = 128, 40, 0.25, 0.6, 32
+    model, plan, dequant = _one_matmul("u4", n, k, mode, tau, "sparse")
+    fuse(model, plan)
+    op = next(o for o in model.get_ordered_ops() if o.get_type_name() == OP_TYPE)
+    params = op.input_value(2).get_node().get_data()
+    ng = k // group
+    assert params.dtype == np.uint8 and params.size == 4 * n + 3 * ng * n
+    bias, scale = params[:4 * n].view(np.float32), params[4 * n:4 * n + 2 * ng * n].view(np.float16)
+    zp = params[4 * n + 2 * ng * n:]
+    np.testing.assert_allclose(bias, mode * dequant.sum(1), rtol=1e-5)
+    xs = [RNG.normal(size=(1, t, k)).astype(np.float32) for t in (1, 7)]
+    compact = [_run(model, x) for x in xs]
+    legacy = np.concatenate([bias, scale.astype(np.float32), zp.astype(np.float32)])
+    op.input(2).replace_source_output(ops.constant(legacy).output(0))
+    for x, y in zip(xs, compact):
+        np.testing.assert_array_equal(_run(model, x), y)
+
+
 def test_bad_tile_cols_is_refused_when_the_ir_is_read():
     from actsparse.passes.openvino_fuse import ActSparseMatMul
 

@@ -15,7 +15,7 @@ try:
 except (FileNotFoundError, OSError) as e:  # library not built
     skip_without_extension(f"the kernel core library is not built ({e})")
 
-FORMATS = ["f32", "f16", "bf16", "u8", "u4"]
+FORMATS = ["f32", "f16", "bf16", "u8", "u4", "u4c"]  # u4c: u4 with compact params (reference.make_weight)
 # (K, N); N > 2048 spans several stored column tiles of f32/f16/bf16 (ks.TILE_COLS), the last one partial;
 # test_tile_widths covers u8/u4's wider tiles
 SHAPES = [(1, 1), (7, 3), (64, 17), (130, 33), (64, 100), (7, 1), (130, 100), (33, 4500)]
@@ -56,7 +56,7 @@ def check(y, ref, scale, what):
 
 def cases():
     for fmt in FORMATS:
-        shapes = [(K, N, G) for (K, N) in U4_SHAPES for G in GROUPS if K % G == 0] if fmt == "u4" else \
+        shapes = [(K, N, G) for (K, N) in U4_SHAPES for G in GROUPS if K % G == 0] if fmt.startswith("u4") else \
                  [(K, N, 0) for (K, N) in SHAPES]
         for (K, N, G), M in itertools.product(shapes, [1, 2, 5, 64]):
             yield pytest.param(fmt, K, N, G, M, id=f"{fmt}-K{K}-N{N}-G{G}-M{M}")
@@ -157,7 +157,8 @@ def int8_cases():
     for K, N in [(7, 3), (64, 64), (300, 130), (520, 2305), (96, 8192 + 64)]:
         yield pytest.param("u8", K, N, 0, id=f"u8-K{K}-N{N}")
     for (K, N), G in itertools.product([(64, 31), (128, 130), (384, 2305), (256, 8192 + 160)], [32, 64]):
-        yield pytest.param("u4", K, N, G, id=f"u4-K{K}-N{N}-G{G}")
+        for fmt in ("u4", "u4c"):
+            yield pytest.param(fmt, K, N, G, id=f"{fmt}-K{K}-N{N}-G{G}")
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -212,7 +213,7 @@ def test_errors_are_reported():
 def test_large_tiled_and_threaded_paths(kernel, fmt, split, prefetch):
     """Shapes spanning several column tiles, K blocks and N blocks, with threading forced on."""
     rng = np.random.default_rng(4)
-    K, N = (512, 2305) if fmt == "u4" else (520, 2305)
+    K, N = (512, 2305) if fmt.startswith("u4") else (520, 2305)
     packed = make_weight(fmt, K, N, 128, rng)
     bias = rng.standard_normal(N).astype(np.float32)
     for M, sparsity in [(1, 0.0), (1, 0.9), (3, 0.5), (37, 0.5)]:

@@ -8,7 +8,8 @@ float summation order. W is re-laid out input-channel-major ``[K, N]`` here, onc
 (``kernels.to_tiles``): a pruned input channel is then one contiguous slice per tile that the kernel
 never reads, and the slices of live channels follow one another. Compressed
 weights keep their integer codes: u8 per output channel, u4 group-wise (two codes a byte,
-low nibble first along N; the kernels' own packer), with f32 scales and zero points; f16 weights, and f32
+low nibble first along N; the kernels' own packer), with f32 scales and zero points (u4: f16 scales and
+u8 zero points, as NNCF writes them, in a u8 params tensor, where they hold those values); f16 weights, and f32
 weights of a plan whose weight format is bf16 (rounded to nearest even), are stored as their raw bytes (u8) so
 that no plugin widens them to f32. The layout replaces the original
 constant, so the model holds one copy of the weights.
@@ -23,7 +24,7 @@ from openvino import opset13 as ops
 
 from ..calibration.plan import group_settings
 from ..runtime_ext import OP_TYPE, OPENVINO_OPSET, bf16_io
-from ..runtime_ext.kernels import TILE_COLS, pack_u4, to_bf16, to_tiles
+from ..runtime_ext.kernels import TILE_COLS, compact_u4_params, pack_u4, to_bf16, to_tiles
 from .openvino import KEEP_DENSE, _prefix
 
 log = logging.getLogger("actsparse")
@@ -181,7 +182,12 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
             scale, zero_point = (np.concatenate([w[i] for w in weights], axis=-1) for i in (2, 3))
             params += [scale, zero_point]
         data = pack_u4(data, scale, zero_point, group_size).data if fmt == "u4" else to_tiles(data, fmt)
-        params = np.concatenate([p.ravel().astype(np.float32) for p in params]) if params else np.zeros(0, np.float32)
+        compact = compact_u4_params(scale, zero_point) if fmt == "u4" else None
+        if compact is not None:  # u4 as bytes [bias f32 | scale f16 | zero point u8]: 3 bytes a group and column, not 8
+            params = np.concatenate([p.ravel().astype(np.float32).view(np.uint8) for p in params[:-2]] +
+                                    [compact[0].ravel().view(np.uint8), compact[1].ravel()])
+        else:
+            params = np.concatenate([p.ravel().astype(np.float32) for p in params]) if params else np.zeros(0, np.float32)
         op = ActSparseMatMul([x, ops.constant(data).output(0), ops.constant(params).output(0)],
                              {"weight_format": fmt, "out_features": int(sum(widths)), "group_size": int(group_size),
                               "mode": float(layer["mode"]), "threshold": float(layer["threshold"]),

@@ -37,7 +37,7 @@ def _load():
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.actsparse_core_matmul.argtypes = [p, i64, ctypes.c_int, i64, i64, i64, p, p, p, p, f32, f32,
                                               ctypes.c_int, p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, i64,
-                                              ctypes.c_int]
+                                              ctypes.c_int, ctypes.c_int]
         lib.actsparse_core_matmul.restype = ctypes.c_int
         for name in ("actsparse_core_last_error", "actsparse_core_kernels", "actsparse_core_best_kernel"):
             getattr(lib, name).argtypes = []
@@ -135,8 +135,8 @@ class PackedWeight:
     N: int
     group_size: int                      # u4: K-group size; u8: K; f32/f16: 0
     data: np.ndarray                     # f32 [K,N] / uint16 [K,N] / uint8 [K,N] / uint8 [K, ceil(N/2)]
-    scale: Optional[np.ndarray] = None   # u8: [N]; u4: [K/G, N]
-    zero_point: Optional[np.ndarray] = None
+    scale: Optional[np.ndarray] = None   # u8: [N]; u4: [K/G, N]; float32, or float16 for compact u4 params
+    zero_point: Optional[np.ndarray] = None  # float32, or uint8 for compact u4 params
     tile_cols: int = 0                   # columns per stored tile; 0: TILE_COLS[format]
 
     def __post_init__(self):
@@ -145,6 +145,11 @@ class PackedWeight:
     @property
     def row_bytes(self) -> int:
         return row_bytes(self.format, self.N)
+
+    @property
+    def compact(self) -> bool:
+        """u4 params as f16 scales and u8 zero points (what the export writes), not f32."""
+        return self.scale is not None and self.scale.dtype == np.float16
 
 
 def _f32(a) -> np.ndarray:
@@ -182,7 +187,15 @@ def pack_u8(q_kn, scale, zp, tile_cols: int = 0) -> PackedWeight:
                         tile_cols)
 
 
-def pack_u4(q_kn, scale, zp, group_size: int, tile_cols: int = 0) -> PackedWeight:
+def compact_u4_params(scale, zp):
+    """(f16 scale, u8 zero point) when both hold those values exactly (as NNCF writes them), else None."""
+    scale, zp = np.asarray(scale, np.float32), np.asarray(zp, np.float32)
+    s16, z8 = scale.astype(np.float16), np.clip(zp, 0, 255).astype(np.uint8)
+    return (s16, z8) if np.array_equal(s16.astype(np.float32), scale) and np.array_equal(z8, zp) else None
+
+
+def pack_u4(q_kn, scale, zp, group_size: int, tile_cols: int = 0, compact: bool = False) -> PackedWeight:
+    """compact: params as f16 scales and u8 zero points (ValueError where they do not hold them exactly)."""
     q = np.asarray(q_kn, dtype=np.uint8)
     K, N = q.shape
     if K % group_size:
@@ -193,8 +206,13 @@ def pack_u4(q_kn, scale, zp, group_size: int, tile_cols: int = 0) -> PackedWeigh
         q = np.concatenate([q, np.zeros((K, 1), np.uint8)], axis=1)
     packed = np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4))  # even n -> low nibble
     ng = K // group_size
-    return PackedWeight("u4", K, N, group_size, to_tiles(packed, "u4", tile_cols), _f32(scale).reshape(ng, N),
-                        _f32(zp).reshape(ng, N), tile_cols)
+    scale, zp = _f32(scale).reshape(ng, N), _f32(zp).reshape(ng, N)
+    if compact:
+        params = compact_u4_params(scale, zp)
+        if params is None:
+            raise ValueError("compact u4 params need f16 scales and zero points in 0..255")
+        scale, zp = params
+    return PackedWeight("u4", K, N, group_size, to_tiles(packed, "u4", tile_cols), scale, zp, tile_cols)
 
 
 def dequantize(packed: PackedWeight) -> np.ndarray:
@@ -214,7 +232,7 @@ def dequantize(packed: PackedWeight) -> np.ndarray:
         q[:, 0::2] = data & 0xF
         q[:, 1::2] = data >> 4
         g = np.arange(K) // packed.group_size
-        return (q[:, :N] - packed.zero_point[g]) * packed.scale[g]
+        return (q[:, :N] - packed.zero_point[g].astype(np.float32)) * packed.scale[g].astype(np.float32)
     raise ValueError(packed.format)
 
 
@@ -243,14 +261,15 @@ def matmul(x, packed: PackedWeight, bias=None, mode=0.0, threshold=0.0, mask=Tru
     expect = (packed.K, packed.row_bytes if packed.format == "u4" else packed.N)
     if data.shape != expect:
         raise ValueError(f"{packed.format} data must have shape {expect}, got {data.shape}")
-    sc = None if packed.scale is None else _f32(packed.scale)
-    zp = None if packed.zero_point is None else _f32(packed.zero_point)
+    compact = packed.compact
+    sc, zp = ((np.ascontiguousarray(packed.scale), np.ascontiguousarray(packed.zero_point, np.uint8)) if compact else
+              (None if packed.scale is None else _f32(packed.scale), None if packed.zero_point is None else _f32(packed.zero_point)))
     y = np.empty((M, packed.N), x.dtype)
     rc = lib.actsparse_core_matmul(
         _ptr(x), M, FORMATS[packed.format], packed.K, packed.N, packed.group_size, _ptr(data), _ptr(sc), _ptr(zp),
         _ptr(b), float(mode), float(threshold), int(bool(mask)), _ptr(y), int(threads),
         None if kernel is None else kernel.encode(), int(bf16), int(packed.tile_cols),
-        int(bool(int8_activations)))
+        int(bool(int8_activations)), int(compact))
     if rc != 0:
         raise KernelError(lib.actsparse_core_last_error().decode())
     return y

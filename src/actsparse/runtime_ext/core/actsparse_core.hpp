@@ -31,6 +31,22 @@ static inline float bf16_bits_to_float(uint16_t b) {
 // The same from 2 bytes at p, little-endian (any alignment).
 static inline float bf16_to_float(const uint8_t* p) { return bf16_bits_to_float(uint16_t(p[0] | p[1] << 8)); }
 
+// IEEE half -> float (exact), without F16C.
+static inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in f32
+    float v = float(man) * 5.9604644775390625e-8f;
+    std::memcpy(&bits, &v, 4);
+  } else {
+    bits = exp == 31 ? 0x7f800000u | man << 13 : (exp + 112) << 23 | man << 13;
+  }
+  bits |= sign;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
 // f32 -> bf16 bits, rounded to nearest even; NaN stays NaN. Branch-free, so loops over it vectorise.
 static inline uint16_t float_to_bf16(float f) {
   uint32_t u;
@@ -58,7 +74,15 @@ struct PackedWeight {
   const float* scale;       // U8: [N]; U4: [(K/G)*N]; null otherwise
   const float* zero_point;  // same shape as scale; null otherwise
   int64_t tile_cols = kLegacyTileCols;
+  // U4 only, instead of scale and zero_point: the compact params, f16 scales and u8 zero points (the values
+  // NNCF stores, exactly), 3 bytes per group and column instead of 8.
+  const uint16_t* scale16 = nullptr;
+  const uint8_t* zp8 = nullptr;
 };
+
+// Scale and zero point number s of a U8/U4 weight (index group * N + column for U4), either layout.
+static inline float scale_at(const PackedWeight& w, int64_t s) { return w.scale16 ? half_to_float(w.scale16[s]) : w.scale[s]; }
+static inline float zero_point_at(const PackedWeight& w, int64_t s) { return w.zp8 ? float(w.zp8[s]) : w.zero_point[s]; }
 
 // Row stride in bytes of the tile holding column n (the last tile is narrower).
 static inline int64_t tile_row_bytes(const PackedWeight& w, int64_t n) {

@@ -31,11 +31,18 @@ extern "C" {
 
 __attribute__((visibility("default"))) int actsparse_core_matmul(
     const void* x, int64_t M, int format, int64_t K, int64_t N, int64_t group_size, const void* data,
-    const float* scale, const float* zero_point, const float* bias, float mode, float threshold, int mask, void* y,
-    int threads, const char* kernel, int activations, int64_t tile_cols, int int8_activations) {
+    const void* scale, const void* zero_point, const float* bias, float mode, float threshold, int mask, void* y,
+    int threads, const char* kernel, int activations, int64_t tile_cols, int int8_activations, int compact_params) {
   try {
     if (format < 0 || format > 4) throw std::invalid_argument("actsparse: format must be 0..4");
-    const actsparse::PackedWeight w{actsparse::WeightFormat(format), K, N, group_size, data, scale, zero_point, tile_cols};
+    // compact_params (U4): scale holds f16 values, zero_point u8 ones
+    actsparse::PackedWeight w{actsparse::WeightFormat(format), K, N, group_size, data,
+                              compact_params ? nullptr : static_cast<const float*>(scale),
+                              compact_params ? nullptr : static_cast<const float*>(zero_point), tile_cols};
+    if (compact_params) {
+      w.scale16 = static_cast<const uint16_t*>(scale);
+      w.zp8 = static_cast<const uint8_t*>(zero_point);
+    }
     actsparse::Params p;
     p.mode = mode;
     p.threshold = threshold;

@@ -215,10 +215,14 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t a = std::max(s0, r.gpos[g]), b = std::min(s1, r.gpos[g + 1]);
       if (a >= b) continue;
+      if (q8 && b - a <= detail::kQ8GroupRows) {  // a starts the group
+        ops.u4_group_q8(out, n, base, trb, r.idx + a, r.q + a, r.qs + a, b - a, w, g * N + n0, r.gsum[g], prefetch_l2);
+        continue;
+      }
       std::memset(acc, 0, sizeof(float) * size_t(n));
-      if (q8) ops.rows_q8(f, acc, n, base, trb, r.idx + a, r.q + a, r.qs + a, b - a, prefetch_l2);  // a starts a group
+      if (q8) ops.rows_q8(f, acc, n, base, trb, r.idx + a, r.q + a, r.qs + a, b - a, prefetch_l2);
       else ops.rows(f, acc, n, base, trb, r.idx + a, r.z + a, b - a, prefetch_l2);
-      ops.u4_apply(out, acc, n, w.scale + g * N + n0, w.zero_point + g * N + n0, r.gsum[g]);
+      ops.u4_apply(out, acc, n, w, g * N + n0, r.gsum[g]);
     }
   };
 
@@ -394,7 +398,8 @@ void validate(const void* x, int64_t M, const PackedWeight& w, const void* y) {
       if (w.group_size != 0 && w.group_size != w.K) throw std::invalid_argument("actsparse: U8 group_size must be K");
       return;
     case WeightFormat::U4:
-      if (!w.scale || !w.zero_point) throw std::invalid_argument("actsparse: U4 needs scale and zero_point");
+      if (!(w.scale && w.zero_point) && !(w.scale16 && w.zp8))
+        throw std::invalid_argument("actsparse: U4 needs scale and zero_point (f32, or f16 and u8)");
       if (w.group_size < 1 || w.K % w.group_size != 0)
         throw std::invalid_argument("actsparse: U4 group_size must divide K");
       return;

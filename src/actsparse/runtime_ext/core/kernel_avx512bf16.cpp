@@ -205,7 +205,8 @@ void u4_rows(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32
 // default: the driver quantises the live z in chunks of kQ8Chunk rows (one scale each, q = z / scale in
 // [-127, 127]), and vpdpbusd multiplies four rows' codes (u8 bytes, or u4 nibbles split into an even- and an
 // odd-column byte vector) by their four q at once, summed exactly in int32. Per chunk and 64 code bytes, the
-// int32 accumulators stay in registers.
+// int32 accumulators stay in registers. U8 adds each chunk into acc (Ops::rows_q8); U4 takes a whole group
+// into y (Ops::u4_group_q8).
 
 // a[k] += the products of 64 code bytes of 4 rows with the quad qb. The rows' bytes are interleaved into 32-bit
 // words by two rounds of in-lane unpacks, which leaves accumulator k, 128-bit lane L, word j holding byte
@@ -302,6 +303,103 @@ void rows_q8(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t
                      : rows_q8_f<false, false>(acc, n, base, rb, idx, q, scale, R);
 }
 
+// 16 scales / zero points from number s of a U4 weight's params, either layout (PackedWeight::scale16)
+inline __m512 scale16(const PackedWeight& w, int64_t s) {
+  return w.scale16 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scale16 + s)))
+                   : _mm512_loadu_ps(w.scale + s);
+}
+inline __m512 zero_point16(const PackedWeight& w, int64_t s) {
+  return w.zp8 ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.zp8 + s))))
+               : _mm512_loadu_ps(w.zero_point + s);
+}
+
+// U4 on int8 activations, one group of at most kQ8GroupRows live rows straight into y, without an acc buffer
+// or a second pass over it (sparse groups, where those passes cost as much as the rows). Per 64 code bytes
+// (128 columns), each chunk's int32 sums of the even and the odd nibbles go into f32 accumulators scaled by
+// the chunk's one scale, still in dp4's lane order; they are put back in column order once, and
+// y += scale * (acc - zp * zsum). (Longer groups, all rows advancing together, streamed 15-30 % slower than
+// rows_q8 at s=0: the driver gives them to rows_q8.)
+template <bool L2>
+void u4_group_q8_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
+                   const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum) {
+  constexpr int C = int(kQ8Chunk), NG = C / 4;
+  constexpr int64_t ahead = 256;  // bytes of each row prefetched beyond the current 64
+  const int64_t nv = n / 128 * 128, nc = (R + C - 1) / C;
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i ih = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const uint8_t* p[kQ8GroupRows];
+  int32_t qw[kQ8GroupRows / 4] = {};
+  for (int64_t r = 0; r < nc * C; ++r) {  // rows past R: the first row again, times 0
+    p[r] = base + int64_t(idx[r < R ? r : 0]) * rb;
+    qw[r / 4] |= int32_t(uint32_t(uint8_t(r < R ? q[r] : 0)) << (8 * (r % 4)));
+  }
+  for (int64_t c = 0, off = 0; c < nv; c += 128, off += 64) {
+    __m512 fa[4], fb[4];
+    for (int k = 0; k < 4; ++k) fa[k] = fb[k] = _mm512_setzero_ps();
+    for (int64_t ci = 0; ci < nc; ++ci) {
+      __m512i a[4], b[4];
+      for (int k = 0; k < 4; ++k) a[k] = b[k] = _mm512_setzero_si512();
+      for (int g = 0; g < NG; ++g) {
+        const uint8_t* const* pg = p + ci * C + 4 * g;
+        __m512i lo[4], hi[4];
+        for (int j = 0; j < 4; ++j) {
+          if (L2) _mm_prefetch(reinterpret_cast<const char*>(pg[j] + off + ahead), _MM_HINT_T1);
+          const __m512i v = _mm512_loadu_si512(pg[j] + off);
+          lo[j] = _mm512_and_si512(v, nib);
+          hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        }
+        const __m512i qb = _mm512_set1_epi32(qw[ci * NG + g]);
+        dp4(a, lo[0], lo[1], lo[2], lo[3], qb);
+        dp4(b, hi[0], hi[1], hi[2], hi[3], qb);
+      }
+      const __m512 sv = _mm512_set1_ps(qscale[ci * C]);
+      for (int k = 0; k < 4; ++k) {
+        fa[k] = _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(a[k]), fa[k]);
+        fb[k] = _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(b[k]), fb[k]);
+      }
+    }
+    // lane transpose (as add_scaled) to even columns e[l] = 32l + 0, 2, .., 30 and odd ones o[l], then
+    // interleaved into columns 32l .. 32l + 31
+    __m512 e[4], o[4];
+    auto untranspose = [](const __m512* f, __m512* out) {
+      const __m512 t0 = _mm512_shuffle_f32x4(f[0], f[1], 0x44), t1 = _mm512_shuffle_f32x4(f[0], f[1], 0xee);
+      const __m512 t2 = _mm512_shuffle_f32x4(f[2], f[3], 0x44), t3 = _mm512_shuffle_f32x4(f[2], f[3], 0xee);
+      out[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
+      out[1] = _mm512_shuffle_f32x4(t0, t2, 0xdd);
+      out[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
+      out[3] = _mm512_shuffle_f32x4(t1, t3, 0xdd);
+    };
+    untranspose(fa, e);
+    untranspose(fb, o);
+    const __m512 zsv = _mm512_set1_ps(zsum);
+    for (int l = 0; l < 4; ++l) {
+      const int64_t col = c + 32 * l;
+      const __m512 v0 = _mm512_permutex2var_ps(e[l], il, o[l]), v1 = _mm512_permutex2var_ps(e[l], ih, o[l]);
+      const __m512 t0 = _mm512_fnmadd_ps(zero_point16(w, s + col), zsv, v0);
+      const __m512 t1 = _mm512_fnmadd_ps(zero_point16(w, s + col + 16), zsv, v1);
+      _mm512_storeu_ps(y + col, _mm512_fmadd_ps(scale16(w, s + col), t0, _mm512_loadu_ps(y + col)));
+      _mm512_storeu_ps(y + col + 16, _mm512_fmadd_ps(scale16(w, s + col + 16), t1, _mm512_loadu_ps(y + col + 16)));
+    }
+  }
+  for (int64_t c = nv; c < n; ++c) {
+    float acc = 0.f;
+    for (int64_t ci = 0; ci < nc; ++ci) {
+      int32_t sum = 0;
+      for (int64_t r = ci * C; r < std::min(R, (ci + 1) * C); ++r)
+        sum += int32_t(q[r]) * ((base[int64_t(idx[r]) * rb + (c >> 1)] >> ((c & 1) * 4)) & 0xf);
+      acc += qscale[ci * C] * float(sum);
+    }
+    y[c] += scale_at(w, s + c) * (acc - zero_point_at(w, s + c) * zsum);
+  }
+}
+
+void u4_group_q8(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
+                 const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum, bool prefetch_l2) {
+  return prefetch_l2 ? u4_group_q8_f<true>(y, n, base, rb, idx, q, qscale, R, w, s, zsum)
+                     : u4_group_q8_f<false>(y, n, base, rb, idx, q, qscale, R, w, s, zsum);
+}
+
 void rows(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const float* z,
           int64_t R, bool prefetch_l2) {
   if (f == WeightFormat::U4)
@@ -319,6 +417,7 @@ const Ops* ops_avx512bf16() {
     o.rows = rows;
     o.u4_bf16 = true;
     o.rows_q8 = rows_q8;
+    o.u4_group_q8 = u4_group_q8;
     return o;
   }();
   return &ops;

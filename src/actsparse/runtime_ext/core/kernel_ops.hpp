@@ -6,7 +6,8 @@
 namespace actsparse {
 namespace detail {
 
-constexpr int64_t kQ8Chunk = 8;  // live rows per int8 activation scale (a multiple of 4)
+constexpr int64_t kQ8Chunk = 8;          // live rows per int8 activation scale (a multiple of 4)
+constexpr int64_t kQ8GroupRows = 4 * kQ8Chunk;  // u4_group_q8 takes groups of up to this many live rows
 
 struct Ops {
   int gemm_mr, gemm_nr;  // prefill micro-tile
@@ -16,8 +17,9 @@ struct Ops {
   // prefetched to (L2 far ahead, or L1 one group ahead; see Tuning::prefetch_l2).
   void (*rows)(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx,
                const float* z, int64_t R, bool prefetch_l2);
-  // y[0..n) += scale * (acc - zp * zsum)   (one U4 group)
-  void (*u4_apply)(float* y, const float* acc, int64_t n, const float* scale, const float* zp, float zsum);
+  // y[0..n) += scale * (acc - zp * zsum) for one U4 group, its scales and zero points from number s of w's
+  // (either layout: PackedWeight::scale16)
+  void (*u4_apply)(float* y, const float* acc, int64_t n, const PackedWeight& w, int64_t s, float zsum);
   // Dequantise W[k0:k0+kc, n0:n0+nc] into panels out[ceil(nc/NR)][kc][NR], zero padded. n0 % NR == 0.
   void (*pack)(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, float* out);
   // c[mr x nr] += zpan[kc][MR] * wpan[kc][NR]; c row stride ldc; mr <= MR, nr <= NR valid.
@@ -30,11 +32,16 @@ struct Ops {
   // c[mr x nr] += zpan[kc2][MR] · wpan[kc2][NR], both of bf16 pairs, accumulated in f32.
   void (*pair_gemm)(const uint32_t* zpan, const uint32_t* wpan, int64_t kc2, float* c, int64_t ldc, int64_t mr,
                     int64_t nr) = nullptr;
-  // Optional U8/U4 decode on int8 activations: acc[0..n) += sum over chunks c of scale[c*kQ8Chunk] *
-  // sum_r q[r] * Q[idx[r]][0..n), chunk c holding rows [c*kQ8Chunk, (c+1)*kQ8Chunk) of this call (U4: acc in
-  // the layout of rows, for u4_apply).
+  // Optional decode on int8 activations (null where the CPU has no int8 dot product): acc[0..n) += sum over
+  // chunks c of qscale[c*kQ8Chunk] * sum_r q[r] * Q[idx[r]][0..n), chunk c holding rows [c*kQ8Chunk, (c+1)*kQ8Chunk)
+  // of this call (U4: acc in the layout of rows, for u4_apply). u4_group_q8, for one U4 group of at most
+  // kQ8GroupRows live rows: y[0..n) += scale * (that sum - zp * zsum), with scales and zero points from
+  // number s of w's (as u4_apply), and no acc.
   void (*rows_q8)(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx,
-                  const int8_t* q, const float* scale, int64_t R, bool prefetch_l2) = nullptr;
+                  const int8_t* q, const float* qscale, int64_t R, bool prefetch_l2) = nullptr;
+  void (*u4_group_q8)(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
+                      const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum,
+                      bool prefetch_l2) = nullptr;
   // Decode's U4 rows multiply z rounded to bf16: the driver rounds z (and sums the rounded values).
   bool u4_bf16 = false;
 };

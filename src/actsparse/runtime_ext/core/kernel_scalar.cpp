@@ -8,23 +8,6 @@ namespace actsparse {
 namespace detail {
 namespace {
 
-float half_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-  float v;
-  if (exp == 0) {
-    v = std::ldexp(float(man), -24);  // zero / subnormal
-  } else if (exp == 31) {
-    v = man ? NAN : INFINITY;
-  } else {
-    v = std::ldexp(float(man | 0x400), int(exp) - 25);
-  }
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  bits |= sign;
-  std::memcpy(&v, &bits, 4);
-  return v;
-}
-
 // Raw (not dequantised) value of column j of a stored row.
 float raw(WeightFormat f, const uint8_t* row, int64_t j) {
   switch (f) {
@@ -45,8 +28,8 @@ void rows(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb
   }
 }
 
-void u4_apply(float* y, const float* acc, int64_t n, const float* scale, const float* zp, float zsum) {
-  for (int64_t j = 0; j < n; ++j) y[j] += scale[j] * (acc[j] - zp[j] * zsum);
+void u4_apply(float* y, const float* acc, int64_t n, const PackedWeight& w, int64_t s, float zsum) {
+  for (int64_t j = 0; j < n; ++j) y[j] += scale_at(w, s + j) * (acc[j] - zero_point_at(w, s + j) * zsum);
 }
 
 constexpr int MR = 4, NR = 16;
@@ -65,7 +48,7 @@ void pack(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc,
         if (w.format == WeightFormat::U8) v = (v - w.zero_point[n]) * w.scale[n];
         if (w.format == WeightFormat::U4) {
           const int64_t s = (k / w.group_size) * w.N + n;
-          v = (v - w.zero_point[s]) * w.scale[s];
+          v = (v - zero_point_at(w, s)) * scale_at(w, s);
         }
       }
       out[((j / NR) * kc + kk) * NR + j % NR] = v;

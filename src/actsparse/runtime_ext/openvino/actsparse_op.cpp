@@ -46,7 +46,9 @@ ActSparseMatMul::ActSparseMatMul(const ov::OutputVector& args, std::string weigh
 void ActSparseMatMul::validate_and_infer_types() {
     NODE_VALIDATION_CHECK(this, get_input_size() == 3, "expects 3 inputs (x, weight, params), got ", get_input_size());
     NODE_VALIDATION_CHECK(this, m_prefill == "dense" || m_prefill == "sparse", "prefill must be dense or sparse");
-    NODE_VALIDATION_CHECK(this, get_input_element_type(2) == ov::element::f32, "params must be f32");
+    const auto params_type = get_input_element_type(2);
+    NODE_VALIDATION_CHECK(this, params_type == ov::element::f32 || (params_type == ov::element::u8 && m_weight_format == "u4"),
+                          "params must be f32 (or u8 bytes, compact, for u4 weights), got ", params_type);
     // bf16 x (bf16 exports): the op then returns bf16 too, and OpenVINO's bf16 graph needs no Reorder around it
     const auto x_type = get_input_element_type(0);
     NODE_VALIDATION_CHECK(this, x_type == ov::element::f32 || x_type == ov::element::bf16, "x must be f32 or bf16");
@@ -100,14 +102,22 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     const auto format = m_format;
     const int64_t N = m_out_features;
     const int64_t per_channel = format == WeightFormat::U8 ? N : format == WeightFormat::U4 ? K / m_group_size * N : 0;
-    const float* params = inputs[2].data<const float>();
-    OPENVINO_ASSERT(inputs[2].get_size() == size_t((m_has_bias ? N : 0) + 2 * per_channel),
-                    "ActSparseMatMul: params has ", inputs[2].get_size(), " values, expected ",
-                    (m_has_bias ? N : 0) + 2 * per_channel);
-    const float* bias = m_has_bias ? params : nullptr;
-    const float* scale = per_channel ? params + (m_has_bias ? N : 0) : nullptr;
-    PackedWeight weight{format, K, N, m_group_size, inputs[1].data(), scale, scale ? scale + per_channel : nullptr,
-                        m_tile_cols};
+    // params: f32 [bias | scale | zero point], or for u4 the compact bytes [bias f32 | scale f16 | zero point u8]
+    const bool compact = inputs[2].get_element_type() == ov::element::u8;
+    const int64_t bias_n = m_has_bias ? N : 0;
+    const size_t expect = compact ? size_t(4 * bias_n + 3 * per_channel) : size_t(bias_n + 2 * per_channel);
+    OPENVINO_ASSERT(inputs[2].get_size() == expect, "ActSparseMatMul: params has ", inputs[2].get_size(),
+                    compact ? " bytes" : " values", ", expected ", expect);
+    const auto* bytes = static_cast<const uint8_t*>(inputs[2].data());
+    const float* bias = m_has_bias ? reinterpret_cast<const float*>(bytes) : nullptr;
+    PackedWeight weight{format, K, N, m_group_size, inputs[1].data(), nullptr, nullptr, m_tile_cols};
+    if (compact) {
+      weight.scale16 = reinterpret_cast<const uint16_t*>(bytes + 4 * bias_n);
+      weight.zp8 = bytes + 4 * bias_n + 2 * per_channel;
+    } else if (per_channel) {
+      weight.scale = reinterpret_cast<const float*>(bytes) + bias_n;
+      weight.zero_point = weight.scale + per_channel;
+    }
     Params p;
     p.mode = m_mode;
     p.threshold = m_threshold;

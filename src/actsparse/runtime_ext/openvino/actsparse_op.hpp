@@ -11,7 +11,8 @@ namespace actsparse {
 // step (more than one token per sequence) when prefill is "dense".
 // Inputs: x [..., K] f32 or bf16 (the output has x's type); W packed [K, N] (f32, or u8 bytes for f16/u8/u4, see PackedWeight);
 // params f32 = [bias (N, when has_bias) | scale | zero_point] (scale and zero point: N each for
-// u8, (K/G)·N each for u4, none for f32/f16). m, τ and the policy are attributes: the CPU plugin
+// u8, (K/G)·N each for u4, none for f32/f16), or for u4 the compact u8 bytes [bias f32 | scale f16 |
+// zero point u8] (PackedWeight::scale16), which read 3 bytes per group and column instead of 8. m, τ and the policy are attributes: the CPU plugin
 // re-runs generic shape inference on every call of a custom op, at a cost per input. tile_cols: W's
 // stored column tiles (PackedWeight); an IR without it was written with kLegacyTileCols.
 // int8_activations (u8/u4 weights; false when absent): decode quantises the live activations to int8
