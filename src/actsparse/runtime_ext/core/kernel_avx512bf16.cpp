@@ -220,25 +220,37 @@ inline void dp4(__m512i a[4], __m512i r0, __m512i r1, __m512i r2, __m512i r3, __
   a[3] = _mm512_dpbusd_epi32(a[3], _mm512_unpackhi_epi16(hi01, hi23), qb);
 }
 
-// d[l * stride ..+16) += s * (bytes 16l .. 16l + 15 of dp4's a): the 4 x 4 transpose of 128-bit lanes back.
-inline void add_scaled(const __m512i a[4], __m512 s, float* d, int64_t stride) {
+// dp4's accumulators back in byte order: o[l] = bytes 16l .. 16l + 15 (the 4 x 4 transpose of 128-bit lanes), as f32.
+inline void untranspose(const __m512i a[4], __m512 o[4]) {
   const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[0], a[1], 0xee);
   const __m512i t2 = _mm512_shuffle_i32x4(a[2], a[3], 0x44), t3 = _mm512_shuffle_i32x4(a[2], a[3], 0xee);
-  const __m512i o[4] = {_mm512_shuffle_i32x4(t0, t2, 0x88), _mm512_shuffle_i32x4(t0, t2, 0xdd),
-                        _mm512_shuffle_i32x4(t1, t3, 0x88), _mm512_shuffle_i32x4(t1, t3, 0xdd)};
-  for (int l = 0; l < 4; ++l)
-    _mm512_storeu_ps(d + l * stride, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(o[l]), _mm512_loadu_ps(d + l * stride)));
+  o[0] = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(t0, t2, 0x88));
+  o[1] = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(t0, t2, 0xdd));
+  o[2] = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(t1, t3, 0x88));
+  o[3] = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(t1, t3, 0xdd));
+}
+
+inline __mmask16 first16(int64_t k) { return k >= 16 ? __mmask16(0xffff) : k <= 0 ? __mmask16(0) : __mmask16((1u << k) - 1); }
+// The first `bytes` of 64 (all of them from 64 on): the last, partial block of a row reads nothing past its end.
+inline __mmask64 first64(int64_t bytes) { return bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1; }
+
+// Even columns e (16) and odd ones o (16) as columns 0..15 (lo) and 16..31 (hi).
+inline void interleave(__m512 e, __m512 o, __m512& lo, __m512& hi) {
+  lo = _mm512_permutex2var_ps(e, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23), o);
+  hi = _mm512_permutex2var_ps(e, _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31), o);
 }
 
 // U4's acc is the avx512 kernel's layout (16 even columns, then 16 odd ones, per 32; plain past the last
-// whole 32): 64 code bytes are 128 columns, whose even and odd nibbles land there directly.
+// whole 32): 64 code bytes are 128 columns, whose even and odd nibbles land there directly. A last, partial
+// block is read with masked loads (zeros past the row's end); U8 writes only acc[0..n), U4 may write up to the
+// next multiple of 128 (its acc is the driver's tile buffer).
 template <bool U4, bool L2>
 void rows_q8_f(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
                const float* scale, int64_t R) {
   constexpr int C = int(kQ8Chunk), NG = C / 4;
   constexpr int64_t ahead = L2 ? 2 * C : C;  // rows ahead whose lines are prefetched: 2 chunks into L2, or the next into L1
   constexpr int64_t BC = U4 ? 128 : 64;      // columns per 64 code bytes
-  const int64_t nv = n / BC * BC, n32 = n / 32 * 32;
+  const int64_t nb = (n + BC - 1) / BC * BC;
   const __m512i nib = _mm512_set1_epi8(0x0f);
   for (int64_t c0 = 0; c0 < R; c0 += C) {
     const int64_t c1 = std::min(R, c0 + C);
@@ -256,14 +268,15 @@ void rows_q8_f(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int
       qw[g] = int32_t(w);
     }
     const __m512 sv = _mm512_set1_ps(scale[c0]);
-    for (int64_t c = 0, off = 0; c < nv; c += BC, off += 64) {
+    for (int64_t c = 0, off = 0; c < nb; c += BC, off += 64) {
+      const __mmask64 m = first64(row_bytes(U4 ? WeightFormat::U4 : WeightFormat::U8, n - c));
       for (int j = 0; j < C; ++j)
         if (next[j]) _mm_prefetch(reinterpret_cast<const char*>(next[j] + off), L2 ? _MM_HINT_T1 : _MM_HINT_T0);
       __m512i a[4], b[4];
       for (int k = 0; k < 4; ++k) a[k] = b[k] = _mm512_setzero_si512();
       for (int g = 0; g < NG; ++g) {
         __m512i r[4];
-        for (int j = 0; j < 4; ++j) r[j] = _mm512_loadu_si512(p[4 * g + j] + off);
+        for (int j = 0; j < 4; ++j) r[j] = _mm512_maskz_loadu_epi8(m, p[4 * g + j] + off);
         const __m512i qb = _mm512_set1_epi32(qw[g]);
         if constexpr (U4) {
           __m512i h[4];
@@ -275,21 +288,26 @@ void rows_q8_f(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int
         }
         dp4(a, r[0], r[1], r[2], r[3], qb);
       }
+      __m512 e[4];
+      untranspose(a, e);
       if constexpr (U4) {
-        add_scaled(a, sv, acc + c, 32);
-        add_scaled(b, sv, acc + c + 16, 32);
+        __m512 o[4];
+        untranspose(b, o);
+        for (int l = 0; l < 4; ++l) {
+          float* d = acc + c + 32 * l;
+          __m512 lo = _mm512_mul_ps(sv, e[l]), hi = _mm512_mul_ps(sv, o[l]);
+          if (c + 32 * l >= n) break;
+          if (c + 32 * l + 32 > n) interleave(lo, hi, lo, hi);  // past the last whole 32: plain columns
+          _mm512_storeu_ps(d, _mm512_add_ps(lo, _mm512_loadu_ps(d)));
+          _mm512_storeu_ps(d + 16, _mm512_add_ps(hi, _mm512_loadu_ps(d + 16)));
+        }
       } else {
-        add_scaled(a, sv, acc + c, 16);
+        for (int l = 0; l < 4; ++l) {
+          const __mmask16 k = first16(n - c - 16 * l);
+          float* d = acc + c + 16 * l;
+          _mm512_mask_storeu_ps(d, k, _mm512_fmadd_ps(sv, e[l], _mm512_maskz_loadu_ps(k, d)));
+        }
       }
-    }
-    for (int64_t c = nv; c < n; ++c) {
-      int32_t s = 0;
-      for (int64_t r = c0; r < c1; ++r) {
-        const uint8_t* row = base + int64_t(idx[r]) * rb;
-        s += int32_t(q[r]) * (U4 ? (row[c >> 1] >> ((c & 1) * 4)) & 0xf : row[c]);
-      }
-      const int64_t pos = U4 && c < n32 ? (c & ~int64_t(31)) + (c & 1) * 16 + (c & 31) / 2 : c;
-      acc[pos] += scale[c0] * float(s);
     }
   }
 }
@@ -303,14 +321,24 @@ void rows_q8(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t
                      : rows_q8_f<false, false>(acc, n, base, rb, idx, q, scale, R);
 }
 
-// 16 scales / zero points from number s of a U4 weight's params, either layout (PackedWeight::scale16)
-inline __m512 scale16(const PackedWeight& w, int64_t s) {
-  return w.scale16 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scale16 + s)))
-                   : _mm512_loadu_ps(w.scale + s);
+// The first k of 16 scales / zero points from number s of a U4 weight's params, either layout
+// (PackedWeight::scale16); the rest 0.
+inline __m512 scale16(const PackedWeight& w, int64_t s, __mmask16 k) {
+  return w.scale16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, w.scale16 + s)) : _mm512_maskz_loadu_ps(k, w.scale + s);
 }
-inline __m512 zero_point16(const PackedWeight& w, int64_t s) {
-  return w.zp8 ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.zp8 + s))))
-               : _mm512_loadu_ps(w.zero_point + s);
+inline __m512 zero_point16(const PackedWeight& w, int64_t s, __mmask16 k) {
+  return w.zp8 ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, w.zp8 + s)))
+               : _mm512_maskz_loadu_ps(k, w.zero_point + s);
+}
+
+// untranspose for f32 accumulators in dp4's lane order
+inline void untranspose_f(const __m512 f[4], __m512 o[4]) {
+  const __m512 t0 = _mm512_shuffle_f32x4(f[0], f[1], 0x44), t1 = _mm512_shuffle_f32x4(f[0], f[1], 0xee);
+  const __m512 t2 = _mm512_shuffle_f32x4(f[2], f[3], 0x44), t3 = _mm512_shuffle_f32x4(f[2], f[3], 0xee);
+  o[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
+  o[1] = _mm512_shuffle_f32x4(t0, t2, 0xdd);
+  o[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
+  o[3] = _mm512_shuffle_f32x4(t1, t3, 0xdd);
 }
 
 // U4 on int8 activations, one group of at most kQ8GroupRows live rows straight into y, without an acc buffer
@@ -324,17 +352,17 @@ void u4_group_q8_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const i
                    const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum) {
   constexpr int C = int(kQ8Chunk), NG = C / 4;
   constexpr int64_t ahead = 256;  // bytes of each row prefetched beyond the current 64
-  const int64_t nv = n / 128 * 128, nc = (R + C - 1) / C;
+  const int64_t nb = (n + 127) / 128 * 128, nc = (R + C - 1) / C;
   const __m512i nib = _mm512_set1_epi8(0x0f);
-  const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i ih = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   const uint8_t* p[kQ8GroupRows];
   int32_t qw[kQ8GroupRows / 4] = {};
   for (int64_t r = 0; r < nc * C; ++r) {  // rows past R: the first row again, times 0
     p[r] = base + int64_t(idx[r < R ? r : 0]) * rb;
     qw[r / 4] |= int32_t(uint32_t(uint8_t(r < R ? q[r] : 0)) << (8 * (r % 4)));
   }
-  for (int64_t c = 0, off = 0; c < nv; c += 128, off += 64) {
+  const __m512 zsv = _mm512_set1_ps(zsum);
+  for (int64_t c = 0, off = 0; c < nb; c += 128, off += 64) {
+    const __mmask64 m = first64(row_bytes(WeightFormat::U4, n - c));
     __m512 fa[4], fb[4];
     for (int k = 0; k < 4; ++k) fa[k] = fb[k] = _mm512_setzero_ps();
     for (int64_t ci = 0; ci < nc; ++ci) {
@@ -345,7 +373,7 @@ void u4_group_q8_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const i
         __m512i lo[4], hi[4];
         for (int j = 0; j < 4; ++j) {
           if (L2) _mm_prefetch(reinterpret_cast<const char*>(pg[j] + off + ahead), _MM_HINT_T1);
-          const __m512i v = _mm512_loadu_si512(pg[j] + off);
+          const __m512i v = _mm512_maskz_loadu_epi8(m, pg[j] + off);
           lo[j] = _mm512_and_si512(v, nib);
           hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
         }
@@ -353,44 +381,26 @@ void u4_group_q8_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const i
         dp4(a, lo[0], lo[1], lo[2], lo[3], qb);
         dp4(b, hi[0], hi[1], hi[2], hi[3], qb);
       }
+      // f32 sums scaled by the chunk's scale, still in dp4's lane order (one number for every lane)
       const __m512 sv = _mm512_set1_ps(qscale[ci * C]);
       for (int k = 0; k < 4; ++k) {
         fa[k] = _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(a[k]), fa[k]);
         fb[k] = _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(b[k]), fb[k]);
       }
     }
-    // lane transpose (as add_scaled) to even columns e[l] = 32l + 0, 2, .., 30 and odd ones o[l], then
-    // interleaved into columns 32l .. 32l + 31
-    __m512 e[4], o[4];
-    auto untranspose = [](const __m512* f, __m512* out) {
-      const __m512 t0 = _mm512_shuffle_f32x4(f[0], f[1], 0x44), t1 = _mm512_shuffle_f32x4(f[0], f[1], 0xee);
-      const __m512 t2 = _mm512_shuffle_f32x4(f[2], f[3], 0x44), t3 = _mm512_shuffle_f32x4(f[2], f[3], 0xee);
-      out[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
-      out[1] = _mm512_shuffle_f32x4(t0, t2, 0xdd);
-      out[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
-      out[3] = _mm512_shuffle_f32x4(t1, t3, 0xdd);
-    };
-    untranspose(fa, e);
-    untranspose(fb, o);
-    const __m512 zsv = _mm512_set1_ps(zsum);
-    for (int l = 0; l < 4; ++l) {
-      const int64_t col = c + 32 * l;
-      const __m512 v0 = _mm512_permutex2var_ps(e[l], il, o[l]), v1 = _mm512_permutex2var_ps(e[l], ih, o[l]);
-      const __m512 t0 = _mm512_fnmadd_ps(zero_point16(w, s + col), zsv, v0);
-      const __m512 t1 = _mm512_fnmadd_ps(zero_point16(w, s + col + 16), zsv, v1);
-      _mm512_storeu_ps(y + col, _mm512_fmadd_ps(scale16(w, s + col), t0, _mm512_loadu_ps(y + col)));
-      _mm512_storeu_ps(y + col + 16, _mm512_fmadd_ps(scale16(w, s + col + 16), t1, _mm512_loadu_ps(y + col + 16)));
+    __m512 e[4], o[4];  // even columns 32l + 0, 2, .., 30 and the odd ones
+    untranspose_f(fa, e);
+    untranspose_f(fb, o);
+    for (int l = 0; l < 4 && c + 32 * l < n; ++l) {
+      __m512 v[2];
+      interleave(e[l], o[l], v[0], v[1]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t col = c + 32 * l + 16 * h;
+        const __mmask16 k = first16(n - col);
+        const __m512 t = _mm512_fnmadd_ps(zero_point16(w, s + col, k), zsv, v[h]);
+        _mm512_mask_storeu_ps(y + col, k, _mm512_fmadd_ps(scale16(w, s + col, k), t, _mm512_maskz_loadu_ps(k, y + col)));
+      }
     }
-  }
-  for (int64_t c = nv; c < n; ++c) {
-    float acc = 0.f;
-    for (int64_t ci = 0; ci < nc; ++ci) {
-      int32_t sum = 0;
-      for (int64_t r = ci * C; r < std::min(R, (ci + 1) * C); ++r)
-        sum += int32_t(q[r]) * ((base[int64_t(idx[r]) * rb + (c >> 1)] >> ((c & 1) * 4)) & 0xf);
-      acc += qscale[ci * C] * float(sum);
-    }
-    y[c] += scale_at(w, s + c) * (acc - zero_point_at(w, s + c) * zsum);
   }
 }
 
