@@ -15,6 +15,16 @@ namespace {
 // (No std templates in this file, only internal ones: nothing compiled with -mavx512bf16 may be merged into generic code.)
 constexpr int MR = 6, NV = 4, NR = NV * 16;
 
+// The first k of 16 scales / zero points from number s of a U4 weight's params, either layout
+// (PackedWeight::scale16); the rest 0.
+inline __m512 scale16(const PackedWeight& w, int64_t s, __mmask16 k) {
+  return w.scale16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, w.scale16 + s)) : _mm512_maskz_loadu_ps(k, w.scale + s);
+}
+inline __m512 zero_point16(const PackedWeight& w, int64_t s, __mmask16 k) {
+  return w.zp8 ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, w.zp8 + s)))
+               : _mm512_maskz_loadu_ps(k, w.zero_point + s);
+}
+
 // U8 (per-column scale and zero point) straight into pairs, 16 columns of two rows per step.
 inline __m512i u8_pair(const uint8_t* a, const uint8_t* b, __m512 zp, __m512 sc) {
   auto bf16 = [&](const uint8_t* p) {
@@ -43,12 +53,49 @@ void pack_pairs_u8(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, in
   }
 }
 
+// U4 (a scale and zero point per group of rows and column, either params layout) straight into pairs, 16
+// columns (8 bytes) of two rows per step. Both rows of a pair are in one group: k0 and the group size are even.
+void pack_pairs_u4(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) {
+  const int64_t kc2 = (kc + 1) / 2, np = (nc + NR - 1) / NR;
+  const __m128i nib = _mm_set1_epi8(0x0f);
+  for (int64_t j = 0; j < np * NR; j += 16) {
+    uint32_t* dst = out + (j / NR) * kc2 * NR + j % NR;
+    if (j >= nc) {  // padding columns of the last panel
+      for (int64_t q = 0; q < kc2; ++q) _mm512_storeu_si512(dst + q * NR, _mm512_setzero_si512());
+      continue;
+    }
+    int64_t col;
+    const uint8_t* base = tile_row(w, k0, n0 + j, col) + col / 2;
+    const int64_t rb = tile_row_bytes(w, n0 + j);
+    int64_t g = -1;
+    __m512 zp = _mm512_setzero_ps(), sc = zp;
+    auto bf16 = [&](const uint8_t* p) {  // byte i holds column 2i (low nibble) and 2i + 1
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+      const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, nib), _mm_and_si128(_mm_srli_epi16(b, 4), nib));
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c));
+      return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_sub_ps(v, zp), sc)));
+    };
+    for (int64_t q = 0; q < kc2; ++q) {
+      if ((k0 + 2 * q) / w.group_size != g) {
+        g = (k0 + 2 * q) / w.group_size;
+        zp = zero_point16(w, g * w.N + n0 + j, 0xffff);
+        sc = scale16(w, g * w.N + n0 + j, 0xffff);
+      }
+      const uint8_t* a = base + 2 * q * rb;
+      _mm512_storeu_si512(dst + q * NR, _mm512_or_si512(bf16(a), 2 * q + 1 < kc ? _mm512_slli_epi32(bf16(a + rb), 16)
+                                                                                 : _mm512_setzero_si512()));
+    }
+  }
+}
+
 // f32/f16/u8/u4: each pair of rows dequantised to f32 panels by the avx512 kernel's pack (an L1 buffer),
-// then rounded to nearest even; u8 without the buffer where its 16-column steps cover nc.
+// then rounded to nearest even; u8 and u4 without the buffer where their 16-column steps cover nc.
 constexpr int64_t kMaxPanels = 8;  // nc <= kMaxPanels * NR: the driver's N blocks are at most 256 columns
 
 void pack_pairs_dequantised(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) {
   if (w.format == WeightFormat::U8 && nc % 16 == 0) return pack_pairs_u8(w, k0, kc, n0, nc, out);
+  if (w.format == WeightFormat::U4 && nc % 16 == 0 && k0 % 2 == 0 && w.group_size % 2 == 0)
+    return pack_pairs_u4(w, k0, kc, n0, nc, out);
   const int64_t kc2 = (kc + 1) / 2, np = (nc + NR - 1) / NR;
   alignas(64) float buf[kMaxPanels * 2 * NR];  // [np][2][NR]
   for (int64_t q = 0; q < kc2; ++q) {
@@ -319,16 +366,6 @@ void rows_q8(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t
                        : rows_q8_f<true, false>(acc, n, base, rb, idx, q, scale, R);
   return prefetch_l2 ? rows_q8_f<false, true>(acc, n, base, rb, idx, q, scale, R)
                      : rows_q8_f<false, false>(acc, n, base, rb, idx, q, scale, R);
-}
-
-// The first k of 16 scales / zero points from number s of a U4 weight's params, either layout
-// (PackedWeight::scale16); the rest 0.
-inline __m512 scale16(const PackedWeight& w, int64_t s, __mmask16 k) {
-  return w.scale16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, w.scale16 + s)) : _mm512_maskz_loadu_ps(k, w.scale + s);
-}
-inline __m512 zero_point16(const PackedWeight& w, int64_t s, __mmask16 k) {
-  return w.zp8 ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, w.zp8 + s)))
-               : _mm512_maskz_loadu_ps(k, w.zero_point + s);
 }
 
 // untranspose for f32 accumulators in dp4's lane order
