@@ -80,8 +80,8 @@ struct LiveRow {
   int32_t* idx;
   float* z;
   int64_t L = 0;
-  float zsum = 0.f;    // U8
-  int64_t* gpos;       // U4: live positions [gpos[g], gpos[g+1]) belong to group g
+  float zsum = 0.f;    // U8: sum of z
+  int64_t* gpos;       // live positions [gpos[g], gpos[g+1]) belong to group g (U4; one group otherwise)
   float* gsum;         // U4: sum of z per group
   int8_t* q;           // int8 activations: z / scale of its chunk of kQ8Chunk live rows
   float* qs;           // the scale of the chunk starting at each position
@@ -101,9 +101,6 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
   LiveRow rows[4];
   int64_t live_total = 0;
   bool finite = true;
-  // U4 rounds z to bf16 for a kernel's bf16 rows (Ops::u4_bf16), unless int8 activations replace them
-  const bool q8_wanted = (f == WeightFormat::U8 || f == WeightFormat::U4) && p.int8_activations && ops.rows_q8;
-  const bool round_u4 = f == WeightFormat::U4 && ops.u4_bf16, round = round_u4 && !q8_wanted;
   for (int64_t i = 0; i < M; ++i) {
     LiveRow& r = rows[i];
     r.idx = idx_buf.get() + i * K;
@@ -115,35 +112,31 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     };
     const int64_t gs = f == WeightFormat::U4 ? w.group_size : K;
     int64_t L = 0;
-    double total = 0.0;
     for (int64_t g = 0; g < ng; ++g) {
       r.gpos[g] = L;
-      double s = 0.0;
       for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
-        const float v = x_at(k) - p.mode, zk = round ? bf16_bits_to_float(float_to_bf16(v)) : v;
+        const float v = x_at(k) - p.mode;
         r.idx[L] = int32_t(k);
-        r.z[L] = zk;
+        r.z[L] = v;
         const bool keep = !p.mask || !(std::fabs(v) <= p.threshold);  // NaN/Inf are kept
         L += keep;
-        s += keep ? zk : 0.f;
         finite &= !keep || std::isfinite(v);
       }
-      r.gsum[g] = float(s);
-      total += s;
     }
     r.gpos[ng] = L;
     r.L = L;
-    r.zsum = float(total);
     live_total += L;
   }
 
-  // int8 activations (U8/U4): each chunk of kQ8Chunk live rows (U4: from the start of its group) gets the scale
-  // max|z| / 127, and z becomes scale * q, so that the zero-point sums (zsum, gsum) and any f32 tail use the
-  // same values as the int8 products. A NaN or Inf keeps the call in f32 (U4: in bf16, rounded here).
-  const bool q8 = q8_wanted && finite;
+  // U8/U4: z as the kernel multiplies it, and the zero-point sums (zsum; U4: gsum per group) of exactly those
+  // values. With int8 activations, each chunk of kQ8Chunk live rows (U4: counted from the start of its group)
+  // gets the scale max|z| / 127 and z becomes scale * q; a NaN or Inf among the live values keeps a call off
+  // them. Otherwise U4 on a kernel with bf16 rows (Ops::u4_bf16) rounds z to bf16.
+  const bool q8 = (f == WeightFormat::U8 || f == WeightFormat::U4) && p.int8_activations && ops.rows_q8 && finite;
+  const bool round = f == WeightFormat::U4 && ops.u4_bf16 && !q8;
   auto q_buf = scratch<int8_t>(q8 ? M * K : 0);
   auto qs_buf = scratch<float>(q8 ? M * K : 0);
-  for (int64_t i = 0; i < M && (q8 || (q8_wanted && round_u4)); ++i) {
+  for (int64_t i = 0; i < M && (f == WeightFormat::U8 || f == WeightFormat::U4); ++i) {
     LiveRow& r = rows[i];
     if (q8) {
       r.q = q_buf.get() + i * K;
@@ -154,18 +147,19 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
       double gs = 0.0;
       for (int64_t c0 = r.gpos[g]; c0 < r.gpos[g + 1]; c0 += detail::kQ8Chunk) {
         const int64_t c1 = std::min(r.gpos[g + 1], c0 + detail::kQ8Chunk);
-        if (!q8) {  // the bf16 U4 path after all
-          for (int64_t k = c0; k < c1; ++k) gs += r.z[k] = bf16_bits_to_float(float_to_bf16(r.z[k]));
-          continue;
-        }
         float m = 0.f;
-        for (int64_t k = c0; k < c1; ++k) m = std::max(m, std::fabs(r.z[k]));
+        for (int64_t k = c0; q8 && k < c1; ++k) m = std::max(m, std::fabs(r.z[k]));
         const float scale = m / 127.f, inv = m > 0.f ? 127.f / m : 0.f;
-        r.qs[c0] = scale;
+        if (q8) r.qs[c0] = scale;
         for (int64_t k = c0; k < c1; ++k) {
-          const float qk = std::min(127.f, std::max(-127.f, std::nearbyint(r.z[k] * inv)));
-          r.q[k] = int8_t(qk);
-          gs += r.z[k] = scale * qk;
+          if (q8) {
+            const float qk = std::min(127.f, std::max(-127.f, std::nearbyint(r.z[k] * inv)));
+            r.q[k] = int8_t(qk);
+            r.z[k] = scale * qk;
+          } else if (round) {
+            r.z[k] = bf16_bits_to_float(float_to_bf16(r.z[k]));
+          }
+          gs += r.z[k];
         }
       }
       r.gsum[g] = float(gs);

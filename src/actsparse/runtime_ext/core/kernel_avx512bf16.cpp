@@ -15,7 +15,7 @@ namespace {
 // (No std templates in this file, only internal ones: nothing compiled with -mavx512bf16 may be merged into generic code.)
 constexpr int MR = 6, NV = 4, NR = NV * 16;
 
-// The first k of 16 scales / zero points from number s of a U4 weight's params, either layout
+// The first k of 16 scales / zero points from number s of a U8/U4 weight's params, either layout
 // (PackedWeight::scale16); the rest 0.
 inline __m512 scale16(const PackedWeight& w, int64_t s, __mmask16 k) {
   return w.scale16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, w.scale16 + s)) : _mm512_maskz_loadu_ps(k, w.scale + s);
@@ -25,37 +25,11 @@ inline __m512 zero_point16(const PackedWeight& w, int64_t s, __mmask16 k) {
                : _mm512_maskz_loadu_ps(k, w.zero_point + s);
 }
 
-// U8 (per-column scale and zero point) straight into pairs, 16 columns of two rows per step.
-inline __m512i u8_pair(const uint8_t* a, const uint8_t* b, __m512 zp, __m512 sc) {
-  auto bf16 = [&](const uint8_t* p) {
-    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-    return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_sub_ps(v, zp), sc)));
-  };
-  return _mm512_or_si512(bf16(a), b ? _mm512_slli_epi32(bf16(b), 16) : _mm512_setzero_si512());
-}
-
-void pack_pairs_u8(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) {
-  const int64_t kc2 = (kc + 1) / 2, np = (nc + NR - 1) / NR;
-  for (int64_t j = 0; j < np * NR; j += 16) {
-    uint32_t* dst = out + (j / NR) * kc2 * NR + j % NR;
-    if (j >= nc) {  // padding columns of the last panel
-      for (int64_t q = 0; q < kc2; ++q) _mm512_storeu_si512(dst + q * NR, _mm512_setzero_si512());
-      continue;
-    }
-    const __m512 zp = _mm512_loadu_ps(w.zero_point + n0 + j), sc = _mm512_loadu_ps(w.scale + n0 + j);
-    int64_t col;
-    const uint8_t* base = tile_row(w, k0, n0 + j, col) + col;
-    const int64_t rb = tile_row_bytes(w, n0 + j);
-    for (int64_t q = 0; q < kc2; ++q) {
-      const uint8_t* a = base + 2 * q * rb;
-      _mm512_storeu_si512(dst + q * NR, u8_pair(a, 2 * q + 1 < kc ? a + rb : nullptr, zp, sc));
-    }
-  }
-}
-
-// U4 (a scale and zero point per group of rows and column, either params layout) straight into pairs, 16
-// columns (8 bytes) of two rows per step. Both rows of a pair are in one group: k0 and the group size are even.
-void pack_pairs_u4(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) {
+// U8 and U4 codes straight into pairs, 16 columns of two rows per step, dequantised with the scale and zero
+// point of their column (U4: and group, either params layout; both rows of a pair are in one group, as k0 and
+// the group size are even).
+void pack_pairs_quantised(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) {
+  const bool u4 = w.format == WeightFormat::U4;
   const int64_t kc2 = (kc + 1) / 2, np = (nc + NR - 1) / NR;
   const __m128i nib = _mm_set1_epi8(0x0f);
   for (int64_t j = 0; j < np * NR; j += 16) {
@@ -65,21 +39,23 @@ void pack_pairs_u4(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, in
       continue;
     }
     int64_t col;
-    const uint8_t* base = tile_row(w, k0, n0 + j, col) + col / 2;
+    const uint8_t* base = tile_row(w, k0, n0 + j, col) + row_bytes(w.format, col);
     const int64_t rb = tile_row_bytes(w, n0 + j);
-    int64_t g = -1;
+    int64_t ps = -1;  // number of the params in zp and sc
     __m512 zp = _mm512_setzero_ps(), sc = zp;
-    auto bf16 = [&](const uint8_t* p) {  // byte i holds column 2i (low nibble) and 2i + 1
-      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-      const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, nib), _mm_and_si128(_mm_srli_epi16(b, 4), nib));
+    auto bf16 = [&](const uint8_t* p) {  // 16 codes (u4: byte i holds column 2i in its low nibble, 2i + 1 high)
+      const auto* v128 = reinterpret_cast<const __m128i*>(p);
+      __m128i c = u4 ? _mm_loadl_epi64(v128) : _mm_loadu_si128(v128);  // u4: 8 bytes, nothing past the row
+      if (u4) c = _mm_unpacklo_epi8(_mm_and_si128(c, nib), _mm_and_si128(_mm_srli_epi16(c, 4), nib));
       const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c));
       return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_sub_ps(v, zp), sc)));
     };
     for (int64_t q = 0; q < kc2; ++q) {
-      if ((k0 + 2 * q) / w.group_size != g) {
-        g = (k0 + 2 * q) / w.group_size;
-        zp = zero_point16(w, g * w.N + n0 + j, 0xffff);
-        sc = scale16(w, g * w.N + n0 + j, 0xffff);
+      const int64_t s = (u4 ? (k0 + 2 * q) / w.group_size * w.N : 0) + n0 + j;
+      if (s != ps) {
+        ps = s;
+        zp = zero_point16(w, s, 0xffff);
+        sc = scale16(w, s, 0xffff);
       }
       const uint8_t* a = base + 2 * q * rb;
       _mm512_storeu_si512(dst + q * NR, _mm512_or_si512(bf16(a), 2 * q + 1 < kc ? _mm512_slli_epi32(bf16(a + rb), 16)
@@ -93,9 +69,9 @@ void pack_pairs_u4(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, in
 constexpr int64_t kMaxPanels = 8;  // nc <= kMaxPanels * NR: the driver's N blocks are at most 256 columns
 
 void pack_pairs_dequantised(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) {
-  if (w.format == WeightFormat::U8 && nc % 16 == 0) return pack_pairs_u8(w, k0, kc, n0, nc, out);
-  if (w.format == WeightFormat::U4 && nc % 16 == 0 && k0 % 2 == 0 && w.group_size % 2 == 0)
-    return pack_pairs_u4(w, k0, kc, n0, nc, out);
+  if (nc % 16 == 0 && (w.format == WeightFormat::U8 ||
+                        (w.format == WeightFormat::U4 && k0 % 2 == 0 && w.group_size % 2 == 0)))
+    return pack_pairs_quantised(w, k0, kc, n0, nc, out);
   const int64_t kc2 = (kc + 1) / 2, np = (nc + NR - 1) / NR;
   alignas(64) float buf[kMaxPanels * 2 * NR];  // [np][2][NR]
   for (int64_t q = 0; q < kc2; ++q) {
@@ -267,14 +243,26 @@ inline void dp4(__m512i a[4], __m512i r0, __m512i r1, __m512i r2, __m512i r3, __
   a[3] = _mm512_dpbusd_epi32(a[3], _mm512_unpackhi_epi16(hi01, hi23), qb);
 }
 
-// dp4's accumulators back in byte order: o[l] = bytes 16l .. 16l + 15 (the 4 x 4 transpose of 128-bit lanes), as f32.
-inline void untranspose(const __m512i a[4], __m512 o[4]) {
-  const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[0], a[1], 0xee);
-  const __m512i t2 = _mm512_shuffle_i32x4(a[2], a[3], 0x44), t3 = _mm512_shuffle_i32x4(a[2], a[3], 0xee);
-  o[0] = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(t0, t2, 0x88));
-  o[1] = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(t0, t2, 0xdd));
-  o[2] = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(t1, t3, 0x88));
-  o[3] = _mm512_cvtepi32_ps(_mm512_shuffle_i32x4(t1, t3, 0xdd));
+// dp4's accumulators (as f32) back in byte order: o[l] = bytes 16l .. 16l + 15, the 4 x 4 transpose of 128-bit lanes.
+inline void untranspose(const __m512 f[4], __m512 o[4]) {
+  const __m512 t0 = _mm512_shuffle_f32x4(f[0], f[1], 0x44), t1 = _mm512_shuffle_f32x4(f[0], f[1], 0xee);
+  const __m512 t2 = _mm512_shuffle_f32x4(f[2], f[3], 0x44), t3 = _mm512_shuffle_f32x4(f[2], f[3], 0xee);
+  o[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
+  o[1] = _mm512_shuffle_f32x4(t0, t2, 0xdd);
+  o[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
+  o[3] = _mm512_shuffle_f32x4(t1, t3, 0xdd);
+}
+
+// The int32 sums of dp4 times the chunk scale s, still in dp4's lane order.
+inline void scaled(const __m512i a[4], __m512 s, __m512 f[4]) {
+  for (int k = 0; k < 4; ++k) f[k] = _mm512_mul_ps(s, _mm512_cvtepi32_ps(a[k]));
+}
+
+// Four q of consecutive live rows from r as one 32-bit word (bytes of rows at or past end: 0).
+inline int32_t q_quad(const int8_t* q, int64_t r, int64_t end) {
+  uint32_t w = 0;
+  for (int j = 0; j < 4; ++j) w |= uint32_t(uint8_t(r + j < end ? q[r + j] : 0)) << (8 * j);
+  return int32_t(w);
 }
 
 inline __mmask16 first16(int64_t k) { return k >= 16 ? __mmask16(0xffff) : k <= 0 ? __mmask16(0) : __mmask16((1u << k) - 1); }
@@ -304,16 +292,12 @@ void rows_q8_f(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int
     const uint8_t* p[C];
     const uint8_t* next[C];
     int32_t qw[NG];
-    for (int g = 0; g < NG; ++g) {
-      uint32_t w = 0;
-      for (int j = 0; j < 4; ++j) {
-        const int64_t r = c0 + 4 * g + j;  // rows past the chunk: its first row again, times 0
-        p[4 * g + j] = base + int64_t(idx[r < c1 ? r : c0]) * rb;
-        next[4 * g + j] = r + ahead < R ? base + int64_t(idx[r + ahead]) * rb : nullptr;
-        w |= uint32_t(uint8_t(r < c1 ? q[r] : 0)) << (8 * j);
-      }
-      qw[g] = int32_t(w);
+    for (int j = 0; j < C; ++j) {
+      const int64_t r = c0 + j;  // rows past the chunk: its first row again, times 0
+      p[j] = base + int64_t(idx[r < c1 ? r : c0]) * rb;
+      next[j] = r + ahead < R ? base + int64_t(idx[r + ahead]) * rb : nullptr;
     }
+    for (int g = 0; g < NG; ++g) qw[g] = q_quad(q, c0 + 4 * g, c1);
     const __m512 sv = _mm512_set1_ps(scale[c0]);
     for (int64_t c = 0, off = 0; c < nb; c += BC, off += 64) {
       const __mmask64 m = first64(row_bytes(U4 ? WeightFormat::U4 : WeightFormat::U8, n - c));
@@ -335,24 +319,24 @@ void rows_q8_f(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int
         }
         dp4(a, r[0], r[1], r[2], r[3], qb);
       }
-      __m512 e[4];
-      untranspose(a, e);
+      __m512 f[4], e[4];
+      scaled(a, sv, f);
+      untranspose(f, e);
       if constexpr (U4) {
         __m512 o[4];
-        untranspose(b, o);
-        for (int l = 0; l < 4; ++l) {
+        scaled(b, sv, f);
+        untranspose(f, o);
+        for (int l = 0; l < 4 && c + 32 * l < n; ++l) {
           float* d = acc + c + 32 * l;
-          __m512 lo = _mm512_mul_ps(sv, e[l]), hi = _mm512_mul_ps(sv, o[l]);
-          if (c + 32 * l >= n) break;
-          if (c + 32 * l + 32 > n) interleave(lo, hi, lo, hi);  // past the last whole 32: plain columns
-          _mm512_storeu_ps(d, _mm512_add_ps(lo, _mm512_loadu_ps(d)));
-          _mm512_storeu_ps(d + 16, _mm512_add_ps(hi, _mm512_loadu_ps(d + 16)));
+          if (c + 32 * l + 32 > n) interleave(e[l], o[l], e[l], o[l]);  // past the last whole 32: plain columns
+          _mm512_storeu_ps(d, _mm512_add_ps(e[l], _mm512_loadu_ps(d)));
+          _mm512_storeu_ps(d + 16, _mm512_add_ps(o[l], _mm512_loadu_ps(d + 16)));
         }
       } else {
         for (int l = 0; l < 4; ++l) {
           const __mmask16 k = first16(n - c - 16 * l);
           float* d = acc + c + 16 * l;
-          _mm512_mask_storeu_ps(d, k, _mm512_fmadd_ps(sv, e[l], _mm512_maskz_loadu_ps(k, d)));
+          _mm512_mask_storeu_ps(d, k, _mm512_add_ps(e[l], _mm512_maskz_loadu_ps(k, d)));
         }
       }
     }
@@ -366,16 +350,6 @@ void rows_q8(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t
                        : rows_q8_f<true, false>(acc, n, base, rb, idx, q, scale, R);
   return prefetch_l2 ? rows_q8_f<false, true>(acc, n, base, rb, idx, q, scale, R)
                      : rows_q8_f<false, false>(acc, n, base, rb, idx, q, scale, R);
-}
-
-// untranspose for f32 accumulators in dp4's lane order
-inline void untranspose_f(const __m512 f[4], __m512 o[4]) {
-  const __m512 t0 = _mm512_shuffle_f32x4(f[0], f[1], 0x44), t1 = _mm512_shuffle_f32x4(f[0], f[1], 0xee);
-  const __m512 t2 = _mm512_shuffle_f32x4(f[2], f[3], 0x44), t3 = _mm512_shuffle_f32x4(f[2], f[3], 0xee);
-  o[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
-  o[1] = _mm512_shuffle_f32x4(t0, t2, 0xdd);
-  o[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
-  o[3] = _mm512_shuffle_f32x4(t1, t3, 0xdd);
 }
 
 // U4 on int8 activations, one group of at most kQ8GroupRows live rows straight into y, without an acc buffer
@@ -392,11 +366,9 @@ void u4_group_q8_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const i
   const int64_t nb = (n + 127) / 128 * 128, nc = (R + C - 1) / C;
   const __m512i nib = _mm512_set1_epi8(0x0f);
   const uint8_t* p[kQ8GroupRows];
-  int32_t qw[kQ8GroupRows / 4] = {};
-  for (int64_t r = 0; r < nc * C; ++r) {  // rows past R: the first row again, times 0
-    p[r] = base + int64_t(idx[r < R ? r : 0]) * rb;
-    qw[r / 4] |= int32_t(uint32_t(uint8_t(r < R ? q[r] : 0)) << (8 * (r % 4)));
-  }
+  int32_t qw[kQ8GroupRows / 4];
+  for (int64_t r = 0; r < nc * C; ++r) p[r] = base + int64_t(idx[r < R ? r : 0]) * rb;  // past R: row 0, times 0
+  for (int64_t g = 0; g < nc * NG; ++g) qw[g] = q_quad(q, 4 * g, R);
   const __m512 zsv = _mm512_set1_ps(zsum);
   for (int64_t c = 0, off = 0; c < nb; c += 128, off += 64) {
     const __mmask64 m = first64(row_bytes(WeightFormat::U4, n - c));
@@ -418,7 +390,7 @@ void u4_group_q8_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const i
         dp4(a, lo[0], lo[1], lo[2], lo[3], qb);
         dp4(b, hi[0], hi[1], hi[2], hi[3], qb);
       }
-      // f32 sums scaled by the chunk's scale, still in dp4's lane order (one number for every lane)
+      // the chunk's one scale applies to every lane alike, so the sums stay in dp4's lane order until the end
       const __m512 sv = _mm512_set1_ps(qscale[ci * C]);
       for (int k = 0; k < 4; ++k) {
         fa[k] = _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(a[k]), fa[k]);
@@ -426,8 +398,8 @@ void u4_group_q8_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const i
       }
     }
     __m512 e[4], o[4];  // even columns 32l + 0, 2, .., 30 and the odd ones
-    untranspose_f(fa, e);
-    untranspose_f(fb, o);
+    untranspose(fa, e);
+    untranspose(fb, o);
     for (int l = 0; l < 4 && c + 32 * l < n; ++l) {
       __m512 v[2];
       interleave(e[l], o[l], v[0], v[1]);

@@ -46,9 +46,6 @@ ActSparseMatMul::ActSparseMatMul(const ov::OutputVector& args, std::string weigh
 void ActSparseMatMul::validate_and_infer_types() {
     NODE_VALIDATION_CHECK(this, get_input_size() == 3, "expects 3 inputs (x, weight, params), got ", get_input_size());
     NODE_VALIDATION_CHECK(this, m_prefill == "dense" || m_prefill == "sparse", "prefill must be dense or sparse");
-    const auto params_type = get_input_element_type(2);
-    NODE_VALIDATION_CHECK(this, params_type == ov::element::f32 || (params_type == ov::element::u8 && m_weight_format == "u4"),
-                          "params must be f32 (or u8 bytes, compact, for u4 weights), got ", params_type);
     // bf16 x (bf16 exports): the op then returns bf16 too, and OpenVINO's bf16 graph needs no Reorder around it
     const auto x_type = get_input_element_type(0);
     NODE_VALIDATION_CHECK(this, x_type == ov::element::f32 || x_type == ov::element::bf16, "x must be f32 or bf16");
@@ -56,6 +53,9 @@ void ActSparseMatMul::validate_and_infer_types() {
                           kMaxTileCols, ", got ", m_tile_cols);
     m_format = parse_format(m_weight_format);
     m_prune_prefill = m_prefill == "sparse";
+    const auto params_type = get_input_element_type(2);
+    NODE_VALIDATION_CHECK(this, params_type == ov::element::f32 || (params_type == ov::element::u8 && m_format == WeightFormat::U4),
+                          "params must be f32 (or u8 bytes, compact, for u4 weights), got ", params_type);
     const auto format = m_format;
     // f16/bf16 weights travel as raw bytes: a plugin would widen such a constant to f32
     const auto weight_type = format == WeightFormat::F32 ? ov::element::f32 : ov::element::u8;
