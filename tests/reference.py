@@ -27,12 +27,14 @@ def weights_in_bf16(fmt: str, rows: int, kernel: str | None = None, bf16_io: boo
     return bf16_io and fmt != "bf16" and rows > 4 and multiplies_in_bf16(fmt, rows, kernel, bf16_io)
 
 
-def quantises_activations(fmt: str, rows: int, kernel: str | None = None) -> bool:
-    """Whether a call with int8_activations quantises them: a u8 or u4 decode (up to 4 rows) on the
-    avx512bf16 kernel (``kernel``, or the one chosen for this CPU), which has int8 dot products."""
+def quantises_activations(fmt: str, rows: int, kernel: str | None = None, group_size: int = 0) -> bool:
+    """Whether a call with int8_activations quantises them: a u8 or u4 call on the avx512bf16 kernel
+    (``kernel``, or the one chosen for this CPU), which has int8 dot products; a u4 prefill (more than 4
+    rows) only where 32 divides its ``group_size``."""
     from actsparse.runtime_ext import kernels as ks
 
-    return (kernel or ks.best_kernel()) == "avx512bf16" and fmt in ("u8", "u4", "u4c") and rows <= 4
+    return ((kernel or ks.best_kernel()) == "avx512bf16" and fmt in ("u8", "u4", "u4c") and
+            (rows <= 4 or fmt == "u8" or group_size % 32 == 0))
 
 
 def int8_live(z: np.ndarray, group_size: int = 0) -> np.ndarray:
@@ -51,6 +53,20 @@ def int8_live(z: np.ndarray, group_size: int = 0) -> np.ndarray:
                 if m > 0:
                     q = np.clip(np.rint(row[run] * (np.float32(127) / m)), -127, 127)
                     dst[run] = (m / np.float32(127)) * q
+    return out
+
+
+def int8_groups(z: np.ndarray, size: int = 32) -> np.ndarray:
+    """The dynamic int8 quantisation of a prefill's activations: per row of z (f32, pruned channels 0),
+    each group of ``size`` consecutive channels gets the scale s = max|z| / 127 and becomes
+    s · round(z / s) (to nearest even), in f32 arithmetic."""
+    z = np.asarray(z, np.float32)
+    out = np.zeros_like(z)
+    for g0 in range(0, z.shape[-1], size):
+        g = z[:, g0:g0 + size]
+        m = np.abs(g).max(axis=1, keepdims=True)
+        q = np.clip(np.rint(g * np.divide(np.float32(127), m, out=np.zeros_like(m), where=m > 0)), -127, 127)
+        out[:, g0:g0 + size] = (m / np.float32(127)) * q
     return out
 
 

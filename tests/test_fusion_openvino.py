@@ -14,7 +14,7 @@ from actsparse.passes.openvino import apply_plan, set_prefill_sparse
 from actsparse.passes.openvino_fuse import fuse, materialize, read_weight
 from actsparse.runtime_ext import OP_TYPE, extension_problem, read_model, register
 from conftest import plan_of, run_cli, skip_without_extension
-from reference import (int8_live, multiplies_in_bf16, ov_logits, pruned_input, quantises_activations, torch_bf16,
+from reference import (int8_groups, int8_live, multiplies_in_bf16, ov_logits, pruned_input, quantises_activations, torch_bf16,
                        weights_in_bf16)
 
 skip_without_extension(extension_problem())
@@ -268,29 +268,33 @@ def test_bf16_graphs_give_the_op_bf16_activations():
 @pytest.mark.parametrize("fmt", ["u8", "u4"])
 def test_int8_activations_follow_the_plugins_dynamic_quantisation(fmt):
     """runtime_ext.compile_model gives u8/u4 ops int8 activations exactly where the plugin quantises those of
-    its own int8/int4 FullyConnected (DYNAMIC_QUANTIZATION_GROUP_SIZE, non-zero by default); the attribute
-    is absent from exported IRs, which then compute as before under a plain core.compile_model."""
+    its own int8/int4 FullyConnected (DYNAMIC_QUANTIZATION_GROUP_SIZE, non-zero by default), for a decode
+    step (runs of 8 live channels) and a prompt (groups of 32 channels); the attribute is absent from
+    exported IRs, which then compute as before under a plain core.compile_model."""
     from actsparse.runtime_ext import compile_model
 
     k, n, mode, tau = 256, 96, 0.1, 0.6
     model, dequant, core = _fused(fmt, n, k, mode, tau)
-    x = RNG.normal(size=(1, 1, k)).astype(np.float32)
-    z = (pruned_input(x, mode, tau) - np.float32(mode)).reshape(1, k)
     bias = mode * dequant.sum(1)
-    results = {}
-    for name, config in [("plain", EXACT_CONFIG), ("exact", EXACT_CONFIG),
-                         ("quantised", {**EXACT_CONFIG, "DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"})]:
-        fused = materialize(model, core)
-        op = next(o for o in fused.get_ordered_ops() if o.get_type_name() == OP_TYPE)
-        compiled = (core.compile_model if name == "plain" else lambda *a: compile_model(core, *a))(fused, "CPU", config)
-        assert op.get_attributes()["int8_activations"] is (name == "quantised")
-        results[name] = compiled({"x": x})[0].reshape(1, n)
-    atol = 1e-5 * (np.abs(z) @ np.abs(dequant.T)).max()
-    plain = torch_bf16(z) if multiplies_in_bf16(fmt, 1) else z  # u4 decode multiplies bf16 values on such CPUs
-    np.testing.assert_allclose(results["plain"], plain @ dequant.T + bias, rtol=1e-5, atol=atol)
-    np.testing.assert_array_equal(results["exact"], results["plain"])
-    quantised = int8_live(z, 32 if fmt == "u4" else 0) if quantises_activations(fmt, 1) else plain
-    np.testing.assert_allclose(results["quantised"], quantised @ dequant.T + bias, rtol=1e-5, atol=atol)
+    for tokens in (1, 7):
+        x = RNG.normal(size=(1, tokens, k)).astype(np.float32)
+        z = (pruned_input(x, mode, tau) - np.float32(mode)).reshape(tokens, k)
+        results = {}
+        for name, config in [("plain", EXACT_CONFIG), ("exact", EXACT_CONFIG),
+                             ("quantised", {**EXACT_CONFIG, "DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"})]:
+            fused = materialize(model, core)
+            op = next(o for o in fused.get_ordered_ops() if o.get_type_name() == OP_TYPE)
+            compiled = (core.compile_model if name == "plain" else lambda *a: compile_model(core, *a))(fused, "CPU", config)
+            assert op.get_attributes()["int8_activations"] is (name == "quantised")
+            results[name] = compiled({"x": x})[0].reshape(tokens, n)
+        atol = 1e-5 * (np.abs(z) @ np.abs(dequant.T)).max()
+        plain = torch_bf16(z) if multiplies_in_bf16(fmt, tokens) else z  # u4 decode multiplies bf16 values on such CPUs
+        np.testing.assert_allclose(results["plain"], plain @ dequant.T + bias, rtol=1e-5, atol=atol)
+        np.testing.assert_array_equal(results["exact"], results["plain"])
+        quantised = plain
+        if quantises_activations(fmt, tokens, group_size=32):  # _one_matmul's u4 groups are 32 channels
+            quantised = int8_live(z, 32 if fmt == "u4" else 0) if tokens == 1 else int8_groups(z)
+        np.testing.assert_allclose(results["quantised"], quantised @ dequant.T + bias, rtol=1e-5, atol=atol)
 
 
 def test_nan_propagates_through_the_op():

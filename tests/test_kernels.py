@@ -8,7 +8,7 @@ import pytest
 
 from actsparse.runtime_ext import kernels as ks
 from conftest import skip_without_extension
-from reference import int8_live, make_weight, multiplies_in_bf16, quantises_activations, torch_bf16, weights_in_bf16
+from reference import int8_groups, int8_live, make_weight, multiplies_in_bf16, quantises_activations, torch_bf16, weights_in_bf16
 
 try:
     KERNELS = ks.available_kernels()
@@ -162,29 +162,32 @@ def int8_cases():
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("M", [1, 2, 4])
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 37])
 @pytest.mark.parametrize("fmt,K,N,G", list(int8_cases()))
 def test_int8_activations(kernel, M, fmt, K, N, G):
-    """u8/u4 decode with int8_activations: on a kernel with int8 dot products, exactly the product of the
-    runs-of-8 quantised live activations (reference.int8_live) with the dequantised weights, which differs
-    from the f32 product; on the others what the call computes without it. Split-N and split-K; NaN still
+    """u8/u4 with int8_activations: on a kernel with int8 dot products, exactly the product of the
+    quantised activations with the dequantised weights, which differs from the f32 product. A decode
+    (M <= 4) quantises runs of 8 live activations (reference.int8_live), a prefill groups of 32
+    channels (reference.int8_groups; u4 where 32 divides the group size), pruned (mask) or dense (no
+    mask). On the other kernels, what the call computes without it. Split-N and split-K; NaN still
     propagates, and the other rows of such a call are computed as without int8 activations."""
     rng = np.random.default_rng(K * 31 + N + M + G)
     packed = make_weight(fmt, K, N, G, rng)
     bias = rng.standard_normal(N).astype(np.float32)
-    quantised = quantises_activations(fmt, M, kernel)
-    for sparsity, split in [(0.0, "n"), (0.5, "k"), (0.9, ""), (0.5, "n")]:
+    quantised = quantises_activations(fmt, M, kernel, G)
+    for sparsity, split, mask in [(0.0, "n", True), (0.5, "k", True), (0.9, "", True), (0.5, "n", M > 4)]:
         x, tau = make_x(M, K, 0.2, sparsity, rng)
         with ks.tuning(par_bytes=0, split=split):
-            y = ks.matmul(x, packed, bias, 0.2, tau, True, 2, kernel, int8_activations=True)
-        plain, scale = reference(x, packed, bias, 0.2, tau, True, kernel)
-        what = f"{kernel} M={M} s={sparsity} split={split}"
+            y = ks.matmul(x, packed, bias, 0.2, tau, mask, 2, kernel, int8_activations=True)
+        plain, scale = reference(x, packed, bias, 0.2, tau, mask, kernel)
+        what = f"{kernel} M={M} s={sparsity} split={split} mask={mask}"
         if not quantised:
             check(y, plain, scale, what)
             continue
         z = (x - np.float32(0.2)).astype(np.float32)
-        z = np.where(np.abs(z) <= tau, np.float32(0), z)
-        ref = int8_live(z, G).astype(np.float64) @ ks.dequantize(packed).astype(np.float64) + bias
+        z = np.where(np.abs(z) <= tau, np.float32(0), z) if mask else z
+        z = int8_live(z, G) if M <= 4 else int8_groups(z)
+        ref = z.astype(np.float64) @ ks.dequantize(packed).astype(np.float64) + bias
         check(y, ref, scale, what)
         if K >= 64:  # the quantisation is real: the product without it falls outside check's tolerance
             assert np.any(np.abs(y - plain) > 1e-4 * scale + 1e-6), "int8_activations changed nothing"

@@ -173,9 +173,12 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
   const bool par = conc > 1 && live_total * rb >= g_par_bytes.load(std::memory_order_relaxed);
   const bool prefetch_l2 = g_prefetch_l2.load(std::memory_order_relaxed);
 
-  // Split-K (each task a slice of live rows over all N, then a reduce) only wins when N is too narrow
-  // to give every thread long row runs; Tuning::split forces a choice for measurement.
-  bool split_k = M == 1 && par && N < 512 * conc;
+  // One token: split-K (each task a slice of live rows over all N, then a reduce). Every thread then reads
+  // whole stored row slices; split-N cut them at a column inside a tile, leaving one thread short pieces in
+  // two tiles. From DRAM on 2 threads split-K was 0-16 % faster (11 shapes x bf16/u8/u4 x s 0/0.5/0.9, no
+  // case slower beyond noise), and inside OpenVINO's graph SmolLM2's 576x3072 gate_up went from 135 to
+  // 114 us. Several tokens split N. Tuning::split forces a choice for measurement.
+  bool split_k = M == 1 && par;
   const char force = g_split.load(std::memory_order_relaxed);
   if (force == 'k') split_k = M == 1 && par;
   if (force == 'n') split_k = false;
@@ -256,8 +259,8 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     std::memset(pt, 0, sizeof(float) * size_t(N));
     for (int64_t n0 = 0; n0 < N; n0 += w.tile_cols)
       tile(r, cut[size_t(t)], cut[size_t(t + 1)], n0, std::min(w.tile_cols, N - n0), pt + n0, acc);
-    // The last task to finish sums the partials: N is narrow here (a few thousand adds), cheaper than a
-    // second hand-off to the pool.
+    // The last task to finish sums the partials (N x tasks adds, against K_live x N multiply-adds):
+    // cheaper than a second hand-off to the pool.
     if (finished.fetch_add(1, std::memory_order_acq_rel) + 1 < ntasks) return;
     float* sum = part.get();
     for (int64_t u = 1; u < ntasks; ++u)
@@ -377,6 +380,99 @@ void prefill(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, c
   });
 }
 
+// Prefill of U8/U4 on int8 activations (Params::int8_activations on a kernel with q8_gemm), as the plugin's own
+// int8/int4 FullyConnected computes a prompt: each row's z, in groups of kQ8KGroup k, gets the scale max|z| / 127
+// and q = round(z / scale); vpdpbusd then multiplies four k of 16 columns at once (twice the bf16 dot products'
+// work per instruction). K blocks are one u4 group (its scale and zero point), or 256 k for u8. Returns false,
+// having written nothing, where a z is NaN or Inf: the other path propagates those.
+bool prefill_q8(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
+                void* yv, bool bf16, const Executor& ex) {
+  const int64_t K = w.K, N = w.N, MR = detail::kQ8MR, NR = ops.gemm_nr, KG = detail::kQ8KGroup;
+  const int64_t NG = ceil_div(K, KG), K4 = NG * KG / 4, nmp = ceil_div(M, MR);
+  auto qpan = scratch<int32_t>(nmp * K4 * MR);  // [panel][K4][MR]: four int8 activations of one row per word
+  auto sx = scratch<float>(nmp * NG * MR);      // [panel][NG][MR]: their scale per group
+  auto sq = scratch<float>(nmp * NG * MR);      // and scale * sum of q, for the zero points
+  const int conc = std::max(1, ex.concurrency());
+  std::atomic<bool> finite{true};
+  ex.parallel(std::min<int64_t>(conc, nmp), [&](int64_t t) {
+    auto z = scratch<float>(NG * KG);
+    auto q = scratch<int8_t>(NG * KG);
+    auto gs = scratch<float>(NG), gq = scratch<float>(NG);
+    for (int64_t pm = t; pm < nmp; pm += std::min<int64_t>(conc, nmp)) {
+      for (int64_t i = 0; i < MR; ++i) {
+        const int64_t row = pm * MR + i;
+        std::fill(z.get(), z.get() + NG * KG, 0.f);
+        if (row < M) {  // one pass the compiler vectorises (as prefill's), then the groups
+          auto mask = [&](auto xr, auto widen) {
+            for (int64_t k = 0; k < K; ++k) {
+              const float v = widen(xr[k]) - p.mode;
+              z[k] = (!p.mask || !(std::fabs(v) <= p.threshold)) ? v : 0.f;
+            }
+          };
+          if (bf16) mask(static_cast<const uint16_t*>(xv) + row * K, [](uint16_t b) { return bf16_bits_to_float(b); });
+          else mask(static_cast<const float*>(xv) + row * K, [](float v) { return v; });
+        }
+        float inf_nan = 0.f;  // 0 unless some z is NaN or Inf (z - z is NaN there)
+        for (int64_t k = 0; k < K; ++k) inf_nan += z[k] - z[k];
+        if (inf_nan != 0.f || std::isnan(inf_nan)) finite.store(false, std::memory_order_relaxed);
+        ops.q8_quantise(z.get(), NG * KG, q.get(), gs.get(), gq.get());
+        for (int64_t g = 0; g < NG; ++g) {
+          sx[(pm * NG + g) * MR + i] = gs[g];
+          sq[(pm * NG + g) * MR + i] = gq[g];
+        }
+        for (int64_t k4 = 0; k4 < K4; ++k4) std::memcpy(&qpan[(pm * K4 + k4) * MR + i], &q[4 * k4], 4);
+      }
+    }
+  });
+  if (!finite.load()) return false;
+
+  const int64_t KC = w.format == WeightFormat::U4 ? w.group_size : 256;  // k per block, a multiple of KG
+  int64_t NC = std::min(round_up(N, NR), std::max(NR, round_up(ceil_div(N, 2 * conc), NR)));
+  NC = std::min<int64_t>(NC, 256);
+  const int64_t nnb = ceil_div(N, NC);
+  int64_t nmb = 1;
+  while (nnb * nmb < 2 * conc && ceil_div(nmp, nmb + 1) >= 8) ++nmb;
+  const int64_t MCp = ceil_div(nmp, nmb);
+  nmb = ceil_div(nmp, MCp);
+  const int64_t units = nnb * nmb, ntasks = std::min<int64_t>(conc, units);
+  ex.parallel(ntasks, [&](int64_t t) {
+    auto wbuf = scratch<uint32_t>(ceil_div(NC, NR) * (KC / 4) * NR);
+    auto ybuf = scratch<float>(bf16 ? MCp * MR * NC : 0);
+    for (int64_t u = t; u < units; u += ntasks) {
+      const int64_t nb = u % nnb, mb = u / nnb;
+      const int64_t n0 = nb * NC, nc = std::min(NC, N - n0);
+      const int64_t p0 = mb * MCp, p1 = std::min(nmp, p0 + MCp), r0 = p0 * MR, r1 = std::min(M, p1 * MR);
+      const int64_t ldc = bf16 ? NC : N;
+      float* const c = bf16 ? ybuf.get() : static_cast<float*>(yv) + r0 * N + n0;
+      for (int64_t i = 0; i < r1 - r0; ++i)
+        for (int64_t j = 0; j < nc; ++j) c[i * ldc + j] = bias ? bias[n0 + j] : 0.f;
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0), kc4 = round_up(kc, KG) / 4;
+        ops.q8_pack(w, k0, kc, n0, nc, wbuf.get());
+        const int64_t s0 = (w.format == WeightFormat::U4 ? k0 / w.group_size * N : 0) + n0;
+        for (int64_t pm = p0; pm < p1; ++pm) {
+          float bsum[detail::kQ8MR] = {};
+          for (int64_t g = k0 / KG; g < k0 / KG + kc4 * 4 / KG; ++g)
+            for (int64_t i = 0; i < MR; ++i) bsum[i] += sq[(pm * NG + g) * MR + i];
+          const int32_t* qp = qpan.get() + (pm * K4 + k0 / 4) * MR;
+          const float* sp = sx.get() + (pm * NG + k0 / KG) * MR;
+          const int64_t mr = std::min(MR, M - pm * MR);
+          for (int64_t j = 0; j < nc; j += NR)
+            ops.q8_gemm(qp, sp, wbuf.get() + (j / NR) * kc4 * NR, kc4, bsum, w, s0 + j, c + (pm * MR - r0) * ldc + j,
+                        ldc, mr, std::min(NR, nc - j));
+        }
+      }
+      if (bf16)
+        for (int64_t i = r0; i < r1; ++i) {
+          uint16_t* yr = static_cast<uint16_t*>(yv) + i * N + n0;
+          const float* cr = c + (i - r0) * ldc;
+          for (int64_t j = 0; j < nc; ++j) yr[j] = float_to_bf16(cr[j]);
+        }
+    }
+  });
+  return true;
+}
+
 void validate(const void* x, int64_t M, const PackedWeight& w, const void* y) {
   if (M < 0 || w.K < 1 || w.N < 1) throw std::invalid_argument("actsparse: need M >= 0, K >= 1, N >= 1");
   if (w.K > INT32_MAX) throw std::invalid_argument("actsparse: K too large");
@@ -411,8 +507,10 @@ void matmul(const void* x, Activations type, int64_t M, const PackedWeight& w, c
   if (M == 0) return;
   const Ops& ops = *k->ops();
   const bool bf16 = type == Activations::BF16;
-  if (M > 4) prefill(ops, x, M, w, bias, p, y, bf16, ex);
-  else decode(ops, x, M, w, bias, p, y, bf16, ex);
+  const bool q8 = p.int8_activations && ops.q8_gemm && ops.q8_quantise &&
+                  (w.format == WeightFormat::U8 || (w.format == WeightFormat::U4 && w.group_size % detail::kQ8KGroup == 0));
+  if (M <= 4) decode(ops, x, M, w, bias, p, y, bf16, ex);
+  else if (!(q8 && prefill_q8(ops, x, M, w, bias, p, y, bf16, ex))) prefill(ops, x, M, w, bias, p, y, bf16, ex);
 }
 
 void matmul(const float* x, int64_t M, const PackedWeight& w, const float* bias, const Params& p, float* y,

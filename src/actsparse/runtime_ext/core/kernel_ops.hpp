@@ -8,6 +8,8 @@ namespace detail {
 
 constexpr int64_t kQ8Chunk = 8;          // live rows per int8 activation scale (a multiple of 4)
 constexpr int64_t kQ8GroupRows = 4 * kQ8Chunk;  // u4_group_q8 takes groups of up to this many live rows
+constexpr int64_t kQ8KGroup = 32;  // prefill on int8 activations: k per activation scale (the plugin's group size)
+constexpr int64_t kQ8MR = 3;       // and rows per q8_gemm tile
 
 struct Ops {
   int gemm_mr, gemm_nr;  // prefill micro-tile
@@ -42,6 +44,17 @@ struct Ops {
   void (*u4_group_q8)(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
                       const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum,
                       bool prefetch_l2) = nullptr;
+  // Optional prefill of U8/U4 on int8 activations (same NR as gemm). q8_pack: the codes of W[k0:k0+kc, n0:n0+nc] as
+  // words of four rows' bytes, out[ceil(nc/NR)][kc4][NR], kc4 = kc rounded up to whole kQ8KGroup, over 4; zero padded. q8_gemm: for kQ8MR rows of int8
+  // activations qpan[kc4][kQ8MR] (words of four k) with a scale per kQ8KGroup k, sx[kc4/8][kQ8MR] (kc4 a multiple
+  // of 8), c[i][j] += scale * (sum over groups of sx * dot - zp * bsum[i]), scale and zero point from number s of
+  // w's params on (one number per column: a u8 weight, or one u4 group, the whole kc).
+  void (*q8_pack)(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) = nullptr;
+  void (*q8_gemm)(const int32_t* qpan, const float* sx, const uint32_t* wpan, int64_t kc4, const float* bsum,
+                  const PackedWeight& w, int64_t s, float* c, int64_t ldc, int64_t mr, int64_t nr) = nullptr;
+  // q8_quantise: one row's z[0..n) (n a multiple of kQ8KGroup) as int8, per group g of kQ8KGroup: scale[g] = max|z| / 127,
+  // q = z / scale[g] rounded to nearest even, sq[g] = scale[g] * the sum of its q.
+  void (*q8_quantise)(const float* z, int64_t n, int8_t* q, float* scale, float* sq) = nullptr;
   // Decode's U4 rows multiply z rounded to bf16: the driver rounds z (and sums the rounded values).
   bool u4_bf16 = false;
 };
