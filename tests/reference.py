@@ -30,11 +30,11 @@ def weights_in_bf16(fmt: str, rows: int, kernel: str | None = None, bf16_io: boo
 def quantises_activations(fmt: str, rows: int, kernel: str | None = None, group_size: int = 0) -> bool:
     """Whether a call with int8_activations quantises them: a u8 or u4 call on the avx512bf16 kernel
     (``kernel``, or the one chosen for this CPU), which has int8 dot products; a u4 prefill (more than 4
-    rows) only where 32 divides its ``group_size``."""
+    rows) only where 128 divides its ``group_size``."""
     from actsparse.runtime_ext import kernels as ks
 
     return ((kernel or ks.best_kernel()) == "avx512bf16" and fmt in ("u8", "u4", "u4c") and
-            (rows <= 4 or fmt == "u8" or group_size % 32 == 0))
+            (rows <= 4 or fmt == "u8" or group_size % 128 == 0))
 
 
 def int8_live(z: np.ndarray, group_size: int = 0) -> np.ndarray:

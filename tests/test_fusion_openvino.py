@@ -269,7 +269,7 @@ def test_bf16_graphs_give_the_op_bf16_activations():
 def test_int8_activations_follow_the_plugins_dynamic_quantisation(fmt):
     """runtime_ext.compile_model gives u8/u4 ops int8 activations exactly where the plugin quantises those of
     its own int8/int4 FullyConnected (DYNAMIC_QUANTIZATION_GROUP_SIZE, non-zero by default), for a decode
-    step (runs of 8 live channels) and a prompt (groups of 32 channels); the attribute is absent from
+    step (runs of 8 live channels) and a prompt (u8: groups of 32 channels); the attribute is absent from
     exported IRs, which then compute as before under a plain core.compile_model."""
     from actsparse.runtime_ext import compile_model
 
@@ -292,7 +292,7 @@ def test_int8_activations_follow_the_plugins_dynamic_quantisation(fmt):
         np.testing.assert_allclose(results["plain"], plain @ dequant.T + bias, rtol=1e-5, atol=atol)
         np.testing.assert_array_equal(results["exact"], results["plain"])
         quantised = plain
-        if quantises_activations(fmt, tokens, group_size=32):  # _one_matmul's u4 groups are 32 channels
+        if quantises_activations(fmt, tokens, group_size=32):  # _one_matmul's u4 groups are 32 channels (no int8 prefill)
             quantised = int8_live(z, 32 if fmt == "u4" else 0) if tokens == 1 else int8_groups(z)
         np.testing.assert_allclose(results["quantised"], quantised @ dequant.T + bias, rtol=1e-5, atol=atol)
 

@@ -275,6 +275,68 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
 // weights or bf16 activations (a graph OpenVINO runs in bf16; the weights are then rounded too, as its own
 // FullyConnected does) multiply in bf16: panels hold pairs of bf16 values along K, one 32-bit word per pair.
 
+// z[0..K) = row `row` of x minus the mode, pruned channels 0 (none when !p.mask; NaN and Inf are kept), in one
+// pass the compiler vectorises. bf16: x holds bf16 values (uint16 bits).
+void masked_row(const void* xv, bool bf16, int64_t row, int64_t K, const Params& p, float* z) {
+  auto mask = [&](auto xr, auto widen) {
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = widen(xr[k]) - p.mode;
+      z[k] = (!p.mask || !(std::fabs(v) <= p.threshold)) ? v : 0.f;
+    }
+  };
+  if (bf16) mask(static_cast<const uint16_t*>(xv) + row * K, [](uint16_t b) { return bf16_bits_to_float(b); });
+  else mask(static_cast<const float*>(xv) + row * K, [](float v) { return v; });
+}
+
+// A prefill's work: (M-block, N-block) units, enough to balance the threads, N blocks first (they share the
+// packed rows). Each task gets a buffer of wbuf_words for its weight blocks; for each unit, c (the unit's
+// f32 results from row r0 and column n0 on, row stride ldc) starts from the bias, fill(unit, wbuf) adds the
+// products, and a bf16 y is then rounded from a per-task buffer.
+struct Unit {
+  int64_t u, next, units;  // this unit, the next one its task takes (none when >= units), and how many
+  int64_t n0, nc;     // columns
+  int64_t p0, p1;     // M panels (of mr rows each)
+  int64_t r0;         // first row
+  float* c;
+  int64_t ldc;
+  int64_t NC, nnb;    // the N blocking: unit v covers columns from (v % nnb) * NC
+};
+
+template <class Fill>
+void prefill_units(int64_t M, int64_t N, int64_t mr, int64_t NR, const float* bias, void* yv, bool bf16,
+                   const Executor& ex, int64_t wbuf_words, Fill fill) {
+  const int conc = std::max(1, ex.concurrency());
+  const int64_t nmp = ceil_div(M, mr);
+  int64_t NC = std::min(round_up(N, NR), std::max(NR, round_up(ceil_div(N, 2 * conc), NR)));
+  NC = std::min<int64_t>(NC, 256);
+  const int64_t nnb = ceil_div(N, NC);
+  int64_t nmb = 1;
+  while (nnb * nmb < 2 * conc && ceil_div(nmp, nmb + 1) >= 8) ++nmb;
+  const int64_t MCp = ceil_div(nmp, nmb);  // M panels per unit
+  nmb = ceil_div(nmp, MCp);
+  const int64_t units = nnb * nmb, ntasks = std::min<int64_t>(conc, units);
+  ex.parallel(ntasks, [&](int64_t t) {
+    auto wbuf = scratch<uint32_t>(wbuf_words);
+    auto ybuf = scratch<float>(bf16 ? MCp * mr * NC : 0);  // a unit's f32 result before it is rounded
+    for (int64_t u = t; u < units; u += ntasks) {
+      const int64_t nb = u % nnb, mb = u / nnb;
+      const int64_t n0 = nb * NC, nc = std::min(NC, N - n0);
+      const int64_t p0 = mb * MCp, p1 = std::min(nmp, p0 + MCp), r0 = p0 * mr, r1 = std::min(M, p1 * mr);
+      const int64_t ldc = bf16 ? NC : N;
+      float* const c = bf16 ? ybuf.get() : static_cast<float*>(yv) + r0 * N + n0;
+      for (int64_t i = 0; i < r1 - r0; ++i)
+        for (int64_t j = 0; j < nc; ++j) c[i * ldc + j] = bias ? bias[n0 + j] : 0.f;
+      fill(Unit{u, u + ntasks, units, n0, nc, p0, p1, r0, c, ldc, NC, nnb}, wbuf.get());
+      if (bf16)
+        for (int64_t i = r0; i < r1; ++i) {
+          uint16_t* yr = static_cast<uint16_t*>(yv) + i * N + n0;
+          const float* cr = c + (i - r0) * ldc;
+          for (int64_t j = 0; j < nc; ++j) yr[j] = float_to_bf16(cr[j]);
+        }
+    }
+  });
+}
+
 // bf16: x and y hold bf16 values (uint16 bits). Rows are widened while they are packed, and each unit's
 // f32 result is rounded into y from a per-task buffer once its last K block is done.
 void prefill(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
@@ -297,14 +359,7 @@ void prefill(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, c
       for (int64_t i = 0; i < MR; ++i) {
         const int64_t row = pm * MR + i;
         if (row < M) {
-          auto mask = [&](auto xr, auto widen) {
-            for (int64_t k = 0; k < K; ++k) {
-              const float v = widen(xr[k]) - p.mode;
-              z[k] = (!p.mask || !(std::fabs(v) <= p.threshold)) ? v : 0.f;
-            }
-          };
-          if (bf16) mask(static_cast<const uint16_t*>(xv) + row * K, [](uint16_t b) { return bf16_bits_to_float(b); });
-          else mask(static_cast<const float*>(xv) + row * K, [](float v) { return v; });
+          masked_row(xv, bf16, row, K, p, z.get());
         } else {
           std::fill(z.get(), z.get() + K, 0.f);  // rows past M are zero
         }
@@ -319,63 +374,39 @@ void prefill(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, c
   });
 
   const int64_t KC = std::min<int64_t>(KU, pairs ? 128 : 256);  // panel rows per block
-  // Enough (M-block, N-block) units to balance the threads; N blocks first, they share the packed rows.
-  int64_t NC = std::min(round_up(N, NR), std::max(NR, round_up(ceil_div(N, 2 * conc), NR)));
-  NC = std::min<int64_t>(NC, 256);
-  const int64_t nnb = ceil_div(N, NC);
-  int64_t nmb = 1;
-  while (nnb * nmb < 2 * conc && ceil_div(nmp, nmb + 1) >= 8) ++nmb;
-  const int64_t MCp = ceil_div(nmp, nmb);  // M panels per unit
-  nmb = ceil_div(nmp, MCp);
-  const int64_t units = nnb * nmb, ntasks = std::min<int64_t>(conc, units);
-  ex.parallel(ntasks, [&](int64_t t) {
-    auto wbuf = scratch<float>(KC * round_up(NC, NR));
-    auto ybuf = scratch<float>(bf16 ? MCp * MR * NC : 0);  // a unit's f32 result before it is rounded
-    for (int64_t u = t; u < units; u += ntasks) {
-      const int64_t nb = u % nnb, mb = u / nnb;
-      const int64_t n0 = nb * NC, nc = std::min(NC, N - n0);
-      const int64_t p0 = mb * MCp, p1 = std::min(nmp, p0 + MCp), r0 = p0 * MR, r1 = std::min(M, p1 * MR);
-      // c[(i - r0) * ldc + j]: row i (of M), column n0 + j
-      const int64_t ldc = bf16 ? NC : N;
-      float* const c = bf16 ? ybuf.get() : static_cast<float*>(yv) + r0 * N + n0;
-      for (int64_t i = 0; i < r1 - r0; ++i)
-        for (int64_t j = 0; j < nc; ++j) c[i * ldc + j] = bias ? bias[n0 + j] : 0.f;
-      for (int64_t k0 = 0; k0 < KU; k0 += KC) {
-        const int64_t kc = std::min(KC, KU - k0);
-        if (pairs) ops.pair_pack(w, 2 * k0, std::min(2 * kc, K - 2 * k0), n0, nc, reinterpret_cast<uint32_t*>(wbuf.get()));
-        else ops.pack(w, k0, kc, n0, nc, wbuf.get());
-        // While this block multiplies, the next one this task packs is prefetched into L2, a share per
-        // M panel: each row's slice lies in its own page, where the hardware prefetchers stop.
-        const int64_t nu = k0 + KC < KU ? u : u + ntasks, nk0 = nu == u ? k0 + KC : 0;
-        const int64_t pk0 = U * nk0, pk1 = nu < units ? std::min(K, U * std::min(KU, nk0 + KC)) : pk0;
-        const int64_t pn0 = (nu % nnb) * NC, line_bytes = row_bytes(w.format, std::min(NC, N - pn0)) + 63;
-        const int64_t lines = (pk1 - pk0) * (line_bytes / 64), share = ceil_div(lines, p1 - p0);
-        int64_t line = 0;
-        for (int64_t pm = p0; pm < p1; ++pm) {
-          for (const int64_t end = std::min(lines, line + share); line < end; ++line) {
-            int64_t col;
-            const uint8_t* row = tile_row(w, pk0 + line / (line_bytes / 64), pn0, col);
-            __builtin_prefetch(row + row_bytes(w.format, col) + 64 * (line % (line_bytes / 64)), 0, 2);
-          }
-          const float* zpan = zp.get() + (pm * KU + k0) * MR;
-          const int64_t mr = std::min(MR, M - pm * MR);
-          for (int64_t j = 0; j < nc; j += NR) {
-            float* ct = c + (pm * MR - r0) * ldc + j;
-            const float* wpan = wbuf.get() + (j / NR) * kc * NR;
-            if (pairs)
-              ops.pair_gemm(reinterpret_cast<const uint32_t*>(zpan), reinterpret_cast<const uint32_t*>(wpan), kc, ct, ldc,
-                            mr, std::min(NR, nc - j));
-            else
-              ops.gemm(zpan, wpan, kc, ct, ldc, mr, std::min(NR, nc - j));
-          }
+  prefill_units(M, N, MR, NR, bias, yv, bf16, ex, KC * round_up(256, NR), [&](const Unit& un, uint32_t* wb) {
+    float* const wbuf = reinterpret_cast<float*>(wb);
+    const int64_t n0 = un.n0, nc = un.nc, p0 = un.p0, p1 = un.p1, r0 = un.r0, ldc = un.ldc;
+    float* const c = un.c;
+    for (int64_t k0 = 0; k0 < KU; k0 += KC) {
+      const int64_t kc = std::min(KC, KU - k0);
+      if (pairs) ops.pair_pack(w, 2 * k0, std::min(2 * kc, K - 2 * k0), n0, nc, wb);
+      else ops.pack(w, k0, kc, n0, nc, wbuf);
+      // While this block multiplies, the next one this task packs is prefetched into L2, a share per
+      // M panel: each row's slice lies in its own page, where the hardware prefetchers stop.
+      const int64_t nu = k0 + KC < KU ? un.u : un.next, nk0 = nu == un.u ? k0 + KC : 0;
+      const int64_t pk0 = U * nk0, pk1 = nu < un.units ? std::min(K, U * std::min(KU, nk0 + KC)) : pk0;
+      const int64_t pn0 = (nu % un.nnb) * un.NC, line_bytes = row_bytes(w.format, std::min(un.NC, N - pn0)) + 63;
+      const int64_t lines = (pk1 - pk0) * (line_bytes / 64), share = ceil_div(lines, p1 - p0);
+      int64_t line = 0;
+      for (int64_t pm = p0; pm < p1; ++pm) {
+        for (const int64_t end = std::min(lines, line + share); line < end; ++line) {
+          int64_t col;
+          const uint8_t* row = tile_row(w, pk0 + line / (line_bytes / 64), pn0, col);
+          __builtin_prefetch(row + row_bytes(w.format, col) + 64 * (line % (line_bytes / 64)), 0, 2);
+        }
+        const float* zpan = zp.get() + (pm * KU + k0) * MR;
+        const int64_t mr = std::min(MR, M - pm * MR);
+        for (int64_t j = 0; j < nc; j += NR) {
+          float* ct = c + (pm * MR - r0) * ldc + j;
+          const float* wpan = wbuf + (j / NR) * kc * NR;
+          if (pairs)
+            ops.pair_gemm(reinterpret_cast<const uint32_t*>(zpan), reinterpret_cast<const uint32_t*>(wpan), kc, ct, ldc,
+                          mr, std::min(NR, nc - j));
+          else
+            ops.gemm(zpan, wpan, kc, ct, ldc, mr, std::min(NR, nc - j));
         }
       }
-      if (bf16)
-        for (int64_t i = r0; i < r1; ++i) {
-          uint16_t* yr = static_cast<uint16_t*>(yv) + i * N + n0;
-          const float* cr = c + (i - r0) * ldc;
-          for (int64_t j = 0; j < nc; ++j) yr[j] = float_to_bf16(cr[j]);
-        }
     }
   });
 }
@@ -402,16 +433,7 @@ bool prefill_q8(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w
       for (int64_t i = 0; i < MR; ++i) {
         const int64_t row = pm * MR + i;
         std::fill(z.get(), z.get() + NG * KG, 0.f);
-        if (row < M) {  // one pass the compiler vectorises (as prefill's), then the groups
-          auto mask = [&](auto xr, auto widen) {
-            for (int64_t k = 0; k < K; ++k) {
-              const float v = widen(xr[k]) - p.mode;
-              z[k] = (!p.mask || !(std::fabs(v) <= p.threshold)) ? v : 0.f;
-            }
-          };
-          if (bf16) mask(static_cast<const uint16_t*>(xv) + row * K, [](uint16_t b) { return bf16_bits_to_float(b); });
-          else mask(static_cast<const float*>(xv) + row * K, [](float v) { return v; });
-        }
+        if (row < M) masked_row(xv, bf16, row, K, p, z.get());
         float inf_nan = 0.f;  // 0 unless some z is NaN or Inf (z - z is NaN there)
         for (int64_t k = 0; k < K; ++k) inf_nan += z[k] - z[k];
         if (inf_nan != 0.f || std::isnan(inf_nan)) finite.store(false, std::memory_order_relaxed);
@@ -427,47 +449,21 @@ bool prefill_q8(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w
   if (!finite.load()) return false;
 
   const int64_t KC = w.format == WeightFormat::U4 ? w.group_size : 256;  // k per block, a multiple of KG
-  int64_t NC = std::min(round_up(N, NR), std::max(NR, round_up(ceil_div(N, 2 * conc), NR)));
-  NC = std::min<int64_t>(NC, 256);
-  const int64_t nnb = ceil_div(N, NC);
-  int64_t nmb = 1;
-  while (nnb * nmb < 2 * conc && ceil_div(nmp, nmb + 1) >= 8) ++nmb;
-  const int64_t MCp = ceil_div(nmp, nmb);
-  nmb = ceil_div(nmp, MCp);
-  const int64_t units = nnb * nmb, ntasks = std::min<int64_t>(conc, units);
-  ex.parallel(ntasks, [&](int64_t t) {
-    auto wbuf = scratch<uint32_t>(ceil_div(NC, NR) * (KC / 4) * NR);
-    auto ybuf = scratch<float>(bf16 ? MCp * MR * NC : 0);
-    for (int64_t u = t; u < units; u += ntasks) {
-      const int64_t nb = u % nnb, mb = u / nnb;
-      const int64_t n0 = nb * NC, nc = std::min(NC, N - n0);
-      const int64_t p0 = mb * MCp, p1 = std::min(nmp, p0 + MCp), r0 = p0 * MR, r1 = std::min(M, p1 * MR);
-      const int64_t ldc = bf16 ? NC : N;
-      float* const c = bf16 ? ybuf.get() : static_cast<float*>(yv) + r0 * N + n0;
-      for (int64_t i = 0; i < r1 - r0; ++i)
-        for (int64_t j = 0; j < nc; ++j) c[i * ldc + j] = bias ? bias[n0 + j] : 0.f;
-      for (int64_t k0 = 0; k0 < K; k0 += KC) {
-        const int64_t kc = std::min(KC, K - k0), kc4 = round_up(kc, KG) / 4;
-        ops.q8_pack(w, k0, kc, n0, nc, wbuf.get());
-        const int64_t s0 = (w.format == WeightFormat::U4 ? k0 / w.group_size * N : 0) + n0;
-        for (int64_t pm = p0; pm < p1; ++pm) {
-          float bsum[detail::kQ8MR] = {};
-          for (int64_t g = k0 / KG; g < k0 / KG + kc4 * 4 / KG; ++g)
-            for (int64_t i = 0; i < MR; ++i) bsum[i] += sq[(pm * NG + g) * MR + i];
-          const int32_t* qp = qpan.get() + (pm * K4 + k0 / 4) * MR;
-          const float* sp = sx.get() + (pm * NG + k0 / KG) * MR;
-          const int64_t mr = std::min(MR, M - pm * MR);
-          for (int64_t j = 0; j < nc; j += NR)
-            ops.q8_gemm(qp, sp, wbuf.get() + (j / NR) * kc4 * NR, kc4, bsum, w, s0 + j, c + (pm * MR - r0) * ldc + j,
-                        ldc, mr, std::min(NR, nc - j));
-        }
+  prefill_units(M, N, MR, NR, bias, yv, bf16, ex, round_up(256, NR) * KC / 4, [&](const Unit& un, uint32_t* wbuf) {
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = std::min(KC, K - k0), kc4 = round_up(kc, KG) / 4;
+      ops.q8_pack(w, k0, kc, un.n0, un.nc, wbuf);
+      const int64_t s0 = (w.format == WeightFormat::U4 ? k0 / w.group_size * N : 0) + un.n0;
+      for (int64_t pm = un.p0; pm < un.p1; ++pm) {
+        float bsum[detail::kQ8MR] = {};
+        for (int64_t g = k0 / KG; g < k0 / KG + kc4 * 4 / KG; ++g)
+          for (int64_t i = 0; i < MR; ++i) bsum[i] += sq[(pm * NG + g) * MR + i];
+        const int32_t* qp = qpan.get() + (pm * K4 + k0 / 4) * MR;
+        const float* sp = sx.get() + (pm * NG + k0 / KG) * MR;
+        for (int64_t j = 0; j < un.nc; j += NR)
+          ops.q8_gemm(qp, sp, wbuf + (j / NR) * kc4 * NR, kc4, bsum, w, s0 + j, un.c + (pm * MR - un.r0) * un.ldc + j,
+                      un.ldc, std::min(MR, M - pm * MR), std::min(NR, un.nc - j));
       }
-      if (bf16)
-        for (int64_t i = r0; i < r1; ++i) {
-          uint16_t* yr = static_cast<uint16_t*>(yv) + i * N + n0;
-          const float* cr = c + (i - r0) * ldc;
-          for (int64_t j = 0; j < nc; ++j) yr[j] = float_to_bf16(cr[j]);
-        }
     }
   });
   return true;
@@ -507,8 +503,11 @@ void matmul(const void* x, Activations type, int64_t M, const PackedWeight& w, c
   if (M == 0) return;
   const Ops& ops = *k->ops();
   const bool bf16 = type == Activations::BF16;
+  // u4 only in groups of 128 k: each group's scales and zero points cost a pass over the outputs, and smaller groups
+  // made the int8 prefill slower than bf16 pairs (256 tokens, 2 threads: 2048x11264 0.83x at group 32 and 1.19x at
+  // 64, but SmolLM2's int4 export, group 64, took 300 against 274 ms; 1.23x at 128)
   const bool q8 = p.int8_activations && ops.q8_gemm && ops.q8_quantise &&
-                  (w.format == WeightFormat::U8 || (w.format == WeightFormat::U4 && w.group_size % detail::kQ8KGroup == 0));
+                  (w.format == WeightFormat::U8 || (w.format == WeightFormat::U4 && w.group_size % 128 == 0));
   if (M <= 4) decode(ops, x, M, w, bias, p, y, bf16, ex);
   else if (!(q8 && prefill_q8(ops, x, M, w, bias, p, y, bf16, ex))) prefill(ops, x, M, w, bias, p, y, bf16, ex);
 }
