@@ -121,7 +121,7 @@ def quantises_activations(core, device: str = "CPU", config: dict | None = None)
 
 def int8_activations(model, on: bool) -> int:
     """Set the ``int8_activations`` attribute of every u8/u4-weight ActSparseMatMul of ``model``, in place;
-    return how many: their decode then quantises its live activations to int8, or computes in f32."""
+    return how many: they then quantise their activations to int8 (decode and prompt), or compute in f32."""
     ops = [op for op in model.get_ordered_ops()
            if op.get_type_name() == OP_TYPE and op.get_attributes().get("weight_format") in ("u8", "u4")]
     for op in ops:
@@ -131,7 +131,7 @@ def int8_activations(model, on: bool) -> int:
 
 def compile_model(core, model, device: str = "CPU", config: dict | None = None):
     """``core.compile_model``, after :func:`bf16_activations` where the device runs the graph in bf16, and
-    with int8 activations in the decode of u8/u4 weights exactly where the device quantises its own (see
+    with int8 activations for u8/u4 weights exactly where the device quantises its own (see
     :func:`quantises_activations`): the op then computes what the plugin's FullyConnected would."""
     if runs_in_bf16(core, device, config):
         bf16_activations(model)

@@ -178,10 +178,7 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
   // two tiles. From DRAM on 2 threads split-K was 0-16 % faster (11 shapes x bf16/u8/u4 x s 0/0.5/0.9, no
   // case slower beyond noise), and inside OpenVINO's graph SmolLM2's 576x3072 gate_up went from 135 to
   // 114 us. Several tokens split N. Tuning::split forces a choice for measurement.
-  bool split_k = M == 1 && par;
-  const char force = g_split.load(std::memory_order_relaxed);
-  if (force == 'k') split_k = M == 1 && par;
-  if (force == 'n') split_k = false;
+  const bool split_k = M == 1 && par && g_split.load(std::memory_order_relaxed) != 'n';
 
   auto finish_cols = [&](int64_t i, const float* acc, int64_t n0, int64_t n, float zsum) {
     // y = acc (+bias) for F32/F16/BF16; y = scale*(acc - zp*zsum) (+bias) for U8; U4 groups already applied.
@@ -423,20 +420,20 @@ bool prefill_q8(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w
   auto qpan = scratch<int32_t>(nmp * K4 * MR);  // [panel][K4][MR]: four int8 activations of one row per word
   auto sx = scratch<float>(nmp * NG * MR);      // [panel][NG][MR]: their scale per group
   auto sq = scratch<float>(nmp * NG * MR);      // and scale * sum of q, for the zero points
-  const int conc = std::max(1, ex.concurrency());
+  const int64_t ntasks = std::min<int64_t>(std::max(1, ex.concurrency()), nmp);
   std::atomic<bool> finite{true};
-  ex.parallel(std::min<int64_t>(conc, nmp), [&](int64_t t) {
+  ex.parallel(ntasks, [&](int64_t t) {
     auto z = scratch<float>(NG * KG);
     auto q = scratch<int8_t>(NG * KG);
     auto gs = scratch<float>(NG), gq = scratch<float>(NG);
-    for (int64_t pm = t; pm < nmp; pm += std::min<int64_t>(conc, nmp)) {
+    for (int64_t pm = t; pm < nmp; pm += ntasks) {
       for (int64_t i = 0; i < MR; ++i) {
         const int64_t row = pm * MR + i;
         std::fill(z.get(), z.get() + NG * KG, 0.f);
         if (row < M) masked_row(xv, bf16, row, K, p, z.get());
-        float inf_nan = 0.f;  // 0 unless some z is NaN or Inf (z - z is NaN there)
+        float inf_nan = 0.f;  // 0 unless some z is NaN or Inf (z - z is NaN there, and NaN != 0)
         for (int64_t k = 0; k < K; ++k) inf_nan += z[k] - z[k];
-        if (inf_nan != 0.f || std::isnan(inf_nan)) finite.store(false, std::memory_order_relaxed);
+        if (inf_nan != 0.f) finite.store(false, std::memory_order_relaxed);
         ops.q8_quantise(z.get(), NG * KG, q.get(), gs.get(), gq.get());
         for (int64_t g = 0; g < NG; ++g) {
           sx[(pm * NG + g) * MR + i] = gs[g];

@@ -425,27 +425,20 @@ void u4_group_q8(float* y, int64_t n, const uint8_t* base, int64_t rb, const int
 // so that vpdpbusd multiplies four k of 16 columns by the four int8 activations of one row at once.
 void q8_pack(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t nc, uint32_t* out) {
   const bool u4 = w.format == WeightFormat::U4;
-  const int64_t kc4 = (kc + kQ8KGroup - 1) / kQ8KGroup * kQ8KGroup / 4, np = (nc + NR - 1) / NR;  // whole activation groups
-  const __m128i nib = _mm_set1_epi8(0x0f);
-  auto codes16 = [&](int64_t k, int64_t j) {  // 16 codes of row k0 + k from column n0 + j, as bytes (0 past kc)
-    if (k >= kc) return _mm_setzero_si128();
-    int64_t col;
-    const uint8_t* row = tile_row(w, k0 + k, n0 + j, col);
-    if (!u4) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + col));
-    const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + col / 2));  // 8 bytes, nothing past the row
-    return _mm_unpacklo_epi8(_mm_and_si128(c, nib), _mm_and_si128(_mm_srli_epi16(c, 4), nib));
-  };
-  auto codes64 = [&](int64_t k, int64_t j) {  // 64 codes, as codes16
+  const int64_t kc4 = (kc + kQ8KGroup - 1) / kQ8KGroup * kQ8KGroup / 4;  // whole activation groups
+  // 64 codes of row k0 + k from column n0 + j, as bytes: 0 past kc and past nc (masked loads read nothing there;
+  // 64 divides tile_cols and n0, so no panel straddles a stored tile)
+  auto codes64 = [&](int64_t k, int64_t j) {
     if (k >= kc) return _mm512_setzero_si512();
+    const __mmask64 m = first64(nc - j);
     int64_t col;
     const uint8_t* row = tile_row(w, k0 + k, n0 + j, col);
-    if (!u4) return _mm512_loadu_si512(row + col);
-    const __m512i c = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + col / 2)));
-    return _mm512_or_si512(_mm512_and_si512(c, _mm512_set1_epi16(0x0f)),
-                           _mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(0xf0)), 4));
+    if (!u4) return _mm512_maskz_loadu_epi8(m, row + col);
+    const __m512i c = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(__mmask32(first64((nc - j + 1) / 2)), row + col / 2));
+    return _mm512_maskz_mov_epi8(m, _mm512_or_si512(_mm512_and_si512(c, _mm512_set1_epi16(0x0f)),
+                                                    _mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(0xf0)), 4)));
   };
-  int64_t j = 0;
-  for (; j + NR <= nc; j += NR) {  // whole panels (64 divides tile_cols: none straddles a stored tile)
+  for (int64_t j = 0; j < nc; j += NR) {  // NR = 64: one panel per step, its padding columns 0
     uint32_t* dst = out + (j / NR) * kc4 * NR;
     for (int64_t q = 0; q < kc4; ++q, dst += NR) {
       const __m512i a = codes64(4 * q, j), b = codes64(4 * q + 1, j), c = codes64(4 * q + 2, j), d = codes64(4 * q + 3, j);
@@ -459,43 +452,17 @@ void q8_pack(const PackedWeight& w, int64_t k0, int64_t kc, int64_t n0, int64_t 
       for (int l = 0; l < 4; ++l) _mm512_storeu_ps(reinterpret_cast<float*>(dst + 16 * l), o[l]);
     }
   }
-  for (; j < np * NR; j += 16) {
-    uint32_t* dst = out + (j / NR) * kc4 * NR + j % NR;
-    for (int64_t q = 0; q < kc4; ++q, dst += NR) {
-      if (j + 16 <= nc) {  // 16 divides tile_cols: no step straddles a stored tile
-        const __m128i a = codes16(4 * q, j), b = codes16(4 * q + 1, j), c = codes16(4 * q + 2, j), d = codes16(4 * q + 3, j);
-        const __m128i ab0 = _mm_unpacklo_epi8(a, b), ab1 = _mm_unpackhi_epi8(a, b);
-        const __m128i cd0 = _mm_unpacklo_epi8(c, d), cd1 = _mm_unpackhi_epi8(c, d);
-        __m128i* o = reinterpret_cast<__m128i*>(dst);
-        _mm_storeu_si128(o, _mm_unpacklo_epi16(ab0, cd0));
-        _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(ab0, cd0));
-        _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(ab1, cd1));
-        _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(ab1, cd1));
-        continue;
-      }
-      for (int64_t t = 0; t < 16; ++t) {  // the last, partial 16 columns and the panel's padding
-        uint32_t v = 0;
-        for (int64_t r = 0; r < 4 && j + t < nc && 4 * q + r < kc; ++r) {
-          int64_t col;
-          const uint8_t* row = tile_row(w, k0 + 4 * q + r, n0 + j + t, col);
-          v |= uint32_t(u4 ? (row[col / 2] >> (4 * (col & 1))) & 0xf : row[col]) << (8 * r);
-        }
-        dst[t] = v;
-      }
-    }
-  }
 }
 
-// One row's z (n values, a multiple of kQ8KGroup) to int8: per group of kQ8KGroup, scale = max|z| / 127 and q = z / scale
-// rounded to nearest even (cvtps rounds so), sq = scale * sum of q.
+// One row's z (n values, a multiple of kQ8KGroup; with a NaN or Inf the result is meaningless, and the driver drops it) to int8: per group of kQ8KGroup, scale = max|z| / 127
+// and q = z / scale rounded to nearest even (cvtps rounds so; |z| <= max|z| keeps it within [-127, 127]),
+// sq = scale * sum of q.
 void q8_quantise(const float* z, int64_t n, int8_t* q, float* scale, float* sq) {
   for (int64_t g = 0; g < n / kQ8KGroup; ++g) {
     const __m512 v0 = _mm512_loadu_ps(z + 32 * g), v1 = _mm512_loadu_ps(z + 32 * g + 16);
     const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
     const __m512 inv = _mm512_set1_ps(m > 0.f ? 127.f / m : 0.f);
-    const __m512i lim = _mm512_set1_epi32(127);
-    const __m512i r0 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
-    const __m512i r1 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, inv)), lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
+    const __m512i r0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), r1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * g), _mm512_cvtepi32_epi8(r0));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * g + 16), _mm512_cvtepi32_epi8(r1));
     scale[g] = m / 127.f;

@@ -15,7 +15,7 @@ namespace actsparse {
 // zero point u8] (PackedWeight::scale16), which read 3 bytes per group and column instead of 8. m, τ and the policy are attributes: the CPU plugin
 // re-runs generic shape inference on every call of a custom op, at a cost per input. tile_cols: W's
 // stored column tiles (PackedWeight); an IR without it was written with kLegacyTileCols.
-// int8_activations (u8/u4 weights; false when absent): decode quantises the live activations to int8
+// int8_activations (u8/u4 weights; false when absent): the op quantises its activations to int8
 // (Params::int8_activations), as the CPU plugin's dynamic quantisation does for its own u8/u4 FullyConnected;
 // runtime_ext.compile_model sets it from the plugin's DYNAMIC_QUANTIZATION_GROUP_SIZE.
 class ActSparseMatMul : public ov::op::Op {
