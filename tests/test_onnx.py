@@ -13,7 +13,7 @@ from actsparse.calibration import onnx_backend
 from actsparse.calibration.plan import build_plan
 from actsparse.calibration.stats import StreamingHistogram
 from actsparse.passes.onnx import apply_plan, fuse, set_prefill_sparse
-from actsparse.runtime_ext import OP_TYPE, extension_problem, onnxruntime_problem, session_options
+from actsparse.runtime_ext import OP_TYPE, extension_problem, onnxruntime_problem
 from conftest import plan_of, run_cli, skip_without_extension
 from reference import assert_close_through_flips, pruned_input, torch_logits, torch_model_with_plan
 
@@ -36,7 +36,7 @@ def _graph(folder, prefill_sparse=False):
 
 def ort_logits(folder, ids, prefill_sparse=False):
     graph = _graph(folder, prefill_sparse)
-    sess = onnx_backend.session(graph, folder, session_options() if onnx_backend.uses_custom_op(graph) else None)
+    sess = onnx_backend.session(graph, folder)
     return sess.run(["logits"], onnx_backend.feed(sess.get_inputs(), ids))[0]
 
 
@@ -155,8 +155,7 @@ def _two_layer_graph():
 
 
 def _run(model, x):
-    return onnx_backend.session(model, None, session_options() if onnx_backend.uses_custom_op(model) else None
-                                ).run(["logits"], {"x": x})[0]
+    return onnx_backend.session(model).run(["logits"], {"x": x})[0]
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from actsparse._common import ActSparseError
+from actsparse.calibration.onnx_backend import EXACT_CONFIG
 from actsparse.runtime_ext import ONNXRUNTIME_LIBRARY, onnxruntime_problem, session_options
 from actsparse.runtime_ext import kernels as ks
 from conftest import skip_without_extension
-from reference import make_weight, multiplies_in_bf16, torch_bf16, weights_in_bf16
+from reference import (int8_groups, int8_live, make_weight, multiplies_in_bf16, quantises_activations, torch_bf16,
+                       weights_in_bf16)
 
 skip_without_extension(onnxruntime_problem())
 
@@ -55,8 +57,10 @@ def make_model(packed, bias, mode, tau, prefill="dense", rank=3, tile_attr=True)
     return model.SerializeToString()
 
 
-def session(model: bytes, threads: int) -> ort.InferenceSession:
-    return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+def session(model: bytes | str, threads: int, config: dict | None = None) -> ort.InferenceSession:
+    """A session with the library; by default f32 activations throughout (EXACT_CONFIG)."""
+    options = session_options(threads, EXACT_CONFIG if config is None else config)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def reference(x, packed, bias, mode, tau, mask):
@@ -197,7 +201,7 @@ def test_openvino_reads_the_same_onnx(tmp_path, fmt, G, prefill):
     bias = rng.standard_normal(70).astype(np.float32)
     path = tmp_path / "actsparse.onnx"
     path.write_bytes(make_model(packed, bias, 0.2, 0.5, prefill))
-    ort_session = ort.InferenceSession(str(path), session_options(2), providers=["CPUExecutionProvider"])
+    ort_session = session(str(path), 2)
     core = ov.Core()
     register(core)
     compiled = core.compile_model(core.read_model(path), "CPU",
@@ -226,7 +230,7 @@ def test_tile_cols_attribute_and_files_without_it(tmp_path, fmt, legacy):
     bias = rng.standard_normal(8300).astype(np.float32)
     path = tmp_path / "actsparse.onnx"
     path.write_bytes(make_model(packed, bias, 0.2, 0.5, "sparse", tile_attr=not legacy))
-    runtimes = [ort.InferenceSession(str(path), session_options(2), providers=["CPUExecutionProvider"]).run]
+    runtimes = [session(str(path), 2).run]
     if not extension_problem():
         core = ov.Core()
         register(core)
@@ -237,6 +241,37 @@ def test_tile_cols_attribute_and_files_without_it(tmp_path, fmt, legacy):
         ref, scale = reference(x, packed, bias, 0.2, 0.5, True)
         for run in runtimes:
             check(run(None, {"x": x})[0], ref, scale, f"{fmt} legacy={legacy} {shape}")
+
+
+@pytest.mark.parametrize("fmt,G", [("u8", 0), ("u4", 32), ("u4", 128)])
+def test_int8_activations_follow_the_sessions_accuracy_level(fmt, G):
+    """ORT quantises the activations of its own int8/int4 MatMuls (DequantizeLinear → MatMul fused into
+    MatMulNBits) at session.qdq_matmulnbits_accuracy_level 4, its default: then so do u8/u4 ops, as the kernel
+    core's int8_activations (decode: runs of 8 live channels; prompt: groups of 32, u4 where 128 divides the
+    group size), on a kernel with int8 dot products. Other levels keep them f32. Sessions of both kinds live in
+    one process and keep their own behaviour."""
+    rng = np.random.default_rng(9)
+    K, N, mode, tau = 256, 70, 0.2, 0.5
+    packed = make_weight(fmt, K, N, G, rng)
+    bias = rng.standard_normal(N).astype(np.float32)
+    model = make_model(packed, bias, mode, tau, "sparse")
+    sessions = {level: session(model, 2, {} if level is None else {"session.qdq_matmulnbits_accuracy_level": level})
+                for level in (None, "4", "1", "0")}
+    w = ks.dequantize(packed).astype(np.float64)
+    for shape in [(1, 1, K), (3, 1, K), (1, 7, K)]:
+        x = make_x(shape, mode, 0.5, rng, tau)
+        rows = int(np.prod(shape[:-1]))
+        plain, scale = reference(x, packed, bias, mode, tau, True)
+        z = (x - np.float32(mode)).reshape(rows, K)
+        z = np.where(np.abs(z) <= tau, np.float32(0), z)
+        quantised = quantises_activations(fmt, rows if shape[1] > 1 else 1, group_size=G)
+        if quantised:
+            q = int8_live(z, G if fmt == "u4" else 0) if shape[1] == 1 else int8_groups(z)
+            expected = (q.astype(np.float64) @ w + bias).reshape(plain.shape)
+            assert np.abs(expected - plain).max() > 1e-4 * scale.max(), "the quantisation must change the product"
+        for level, sess in sessions.items():
+            y = sess.run(None, {"x": x})[0]
+            check(y, expected if quantised and level in (None, "4") else plain, scale, f"{fmt} {shape} level {level}")
 
 
 def test_output_shape_is_inferred():

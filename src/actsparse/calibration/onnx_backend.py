@@ -162,22 +162,26 @@ def dense_weight(model: onnx.ModelProto, target: Target) -> np.ndarray:
     return dequantized(read_weight(Index(model), node))
 
 
-def session(model: onnx.ModelProto | str | Path, folder: str | Path | None = None, options=None, exact: bool = True):
-    """An ORT CPU session of ``model`` (a proto whose external data, if any, lies in ``folder``).
+def session(model: onnx.ModelProto | str | Path, folder: str | Path | None = None, exact: bool = True,
+            threads: int | None = None):
+    """An ORT CPU session of ``model`` (a proto whose external data, if any, lies in ``folder``, or a path),
+    with the custom-op library where the graph has ActSparseMatMul nodes.
 
-    ``exact``: f32 arithmetic throughout (:data:`EXACT_CONFIG`), as calibration and evaluation need.
+    ``exact``: f32 arithmetic throughout (:data:`EXACT_CONFIG`), as calibration and evaluation need; else the
+    runtime's defaults, as deployed. ``threads``: intra-op threads (ORT's default when None).
     """
     import onnxruntime as ort
 
-    options = options or ort.SessionOptions()
-    for key, value in (EXACT_CONFIG if exact else {}).items():
-        options.add_session_config_entry(key, value)
+    from ..runtime_ext import session_options
+
+    config = dict(EXACT_CONFIG if exact else {})
     if isinstance(model, onnx.ModelProto):
         if folder is not None:  # the proto was loaded without its weights: ORT reads them from there
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-        model = model.SerializeToString()
+            config["session.model_external_initializers_file_folder_path"] = str(folder)
+        graph, model = model, model.SerializeToString()
     else:
-        model = str(model)
+        graph, model = onnx.load(str(model), load_external_data=False), str(model)
+    options = session_options(threads, config, library=uses_custom_op(graph))
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
@@ -253,7 +257,6 @@ def evaluate(folder: Path, plan: dict, chunks: np.ndarray) -> dict:
     from ..evaluation import next_token_scores
     from ..exports.onnx import ONNX_NAME
     from ..passes.onnx import set_prefill_sparse
-    from ..runtime_ext import session_options
     from .plan import group_settings
 
     graph = onnx.load(str(folder / ONNX_NAME), load_external_data=False)
@@ -273,7 +276,7 @@ def evaluate(folder: Path, plan: dict, chunks: np.ndarray) -> dict:
             onnx.helper.make_node("ReduceMean", [f"{name}/share"], [f"{name}/pruned"], keepdims=0)])
         probes.append(f"{name}/pruned")
     with_outputs(graph, probes)
-    sess = session(graph, folder, session_options() if uses_custom_op(graph) else None)
+    sess = session(graph, folder)
     nll, correct, count, pruned = 0.0, 0, 0, np.zeros(len(probes))
     for row, (logits, *shares) in run_chunks(sess, chunks, "evaluating", ["logits", *probes]):
         row_nll, row_correct = next_token_scores(logits[0], row)
@@ -312,15 +315,9 @@ def time_decode(folder: Path, prompt_tokens: int, decode_tokens: int, threads: i
     (the KV cache travels from the ``present.*`` outputs back into ``past_key_values.*``)."""
     import time
 
-    import onnxruntime as ort
-
     from ..exports.onnx import ONNX_NAME
-    from ..runtime_ext import session_options
 
-    graph = onnx.load(str(folder / ONNX_NAME), load_external_data=False)
-    options = session_options() if uses_custom_op(graph) else ort.SessionOptions()
-    options.intra_op_num_threads = threads or 0  # 0: ORT's default, one thread per core
-    sess = session(folder / ONNX_NAME, options=options, exact=False)  # the runtime's default, as deployed
+    sess = session(folder / ONNX_NAME, exact=False, threads=threads)  # the runtime's default, as deployed
     names = [o.name for o in sess.get_outputs()]
     vocab = next(o.shape[-1] for o in sess.get_outputs() if o.name == "logits")
     ids = np.random.default_rng(0).integers(0, vocab, (1, prompt_tokens))

@@ -161,17 +161,26 @@ def onnxruntime_problem() -> str | None:
     return None
 
 
-def session_options(threads: int | None = None):
-    """An ``onnxruntime.SessionOptions`` with the custom-op library registered (and ``threads``
-    intra-op threads when given), for sessions over models that use ai.actsparse::ActSparseMatMul."""
+def session_options(threads: int | None = None, config: dict[str, str] | None = None, library: bool = True):
+    """An ``onnxruntime.SessionOptions`` with the custom-op library registered, for sessions over models that
+    use ai.actsparse::ActSparseMatMul; ``threads`` intra-op threads and the session ``config`` entries when given.
+
+    The library reads the config when it is registered, so entries added to the options afterwards do not reach
+    the ops: ``session.qdq_matmulnbits_accuracy_level`` other than 4 (ORT's default, which quantises the
+    activations of ORT's own int8/int4 MatMuls to int8, and so then do the ops with u8/u4 weights) keeps them f32.
+    ``library=False``: the same options without the library, for models without the op.
+    """
     import onnxruntime as ort
 
-    path = onnxruntime_library()
+    path = onnxruntime_library() if library else None
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     try:
-        options.register_custom_ops_library(path)
+        if path:
+            options.register_custom_ops_library(path)
     except Exception as err:  # e.g. a runtime older than the headers the library was built with
         raise ActSparseError(f"cannot load {path} into ONNX Runtime: {str(err).strip().splitlines()[-1]}") from None
     return options

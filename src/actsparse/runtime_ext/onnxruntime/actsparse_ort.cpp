@@ -1,7 +1,8 @@
 // ActSparseMatMul for ONNX Runtime: ai.actsparse::ActSparseMatMul as a custom-op library, a thin
 // adapter over the kernel core (actsparse_core.hpp) with the OpenVINO op's semantics
 // (openvino/actsparse_op.hpp). The library takes the API from ORT at registration and links no
-// libonnxruntime, so one build serves every runtime at least as new as its headers.
+// libonnxruntime, so one build serves every runtime at least as new as its headers. The OpenVINO op's
+// int8_activations attribute is no node attribute here: it follows the session's config (session_quantises).
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 
@@ -101,13 +102,14 @@ size_t element_size(ONNXTensorElementDataType t) { return t == ONNX_TENSOR_ELEME
 
 // Attributes are parsed once, when ORT creates the kernel for a node.
 struct Kernel {
+  bool int8_activations;  // the session's (see RegisterCustomOps)
   WeightFormat format;
   int64_t N, group_size, tile_cols = kLegacyTileCols;  // a model without tile_cols predates the attribute
   float mode, threshold;
   bool prune_prefill, has_bias;
   std::atomic<int> width{0};  // the pool's width, measured on the first call (0: not yet)
 
-  explicit Kernel(const OrtKernelInfo* raw) {
+  Kernel(const OrtKernelInfo* raw, bool int8) : int8_activations(int8) {
     Ort::ConstKernelInfo info(raw);
     format = parse_format(info.GetAttribute<std::string>("weight_format"));
     N = info.GetAttribute<int64_t>("out_features");
@@ -171,6 +173,7 @@ struct Kernel {
     prm.mode = mode;
     prm.threshold = threshold;
     prm.mask = (rank < 2 ? M == 1 : shape[rank - 2] == 1) || prune_prefill;
+    prm.int8_activations = int8_activations;
 
     int conc = width.load();
 #if ORT_API_VERSION >= 17
@@ -197,9 +200,11 @@ struct Kernel {
 };
 
 struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
+  bool int8_activations;
+
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     try {
-      *kernel = new Kernel(info);
+      *kernel = new Kernel(info, int8_activations);
       return nullptr;
     } catch (const std::exception& e) {
       return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kOpType) + " attributes: " + e.what()).c_str());
@@ -214,7 +219,7 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 
-  Op() { OrtCustomOp::InferOutputShapeFn = infer_shape; }
+  explicit Op(bool int8) : int8_activations(int8) { OrtCustomOp::InferOutputShapeFn = infer_shape; }
 
   // y has x's shape with the last dim replaced by out_features, so ORT plans the graph's shapes.
   // Written on the C API: the 1.21 C++ wrapper sends a named dim as -2, which ORT 1.32 rejects,
@@ -264,6 +269,21 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
   }
 };
 
+// Whether a session quantises the activations of its int8/int4 MatMuls to int8: ORT fuses DequantizeLinear →
+// MatMul into MatMulNBits at the accuracy level of this entry, 4 (int8 activations) when absent. The ops
+// then do the same with u8/u4 weights (Params::int8_activations), so fused and unfused models compute alike.
+bool session_quantises(const OrtApi& api, const OrtSessionOptions* options) {
+  constexpr const char* key = "session.qdq_matmulnbits_accuracy_level";
+  int has = 0;
+  Ort::ThrowOnError(api.HasSessionConfigEntry(options, key, &has));
+  if (!has) return true;
+  size_t size = 0;
+  Ort::ThrowOnError(api.GetSessionConfigEntry(options, key, nullptr, &size));
+  std::string value(size, '\0');
+  Ort::ThrowOnError(api.GetSessionConfigEntry(options, key, value.data(), &size));
+  return value.c_str() == std::string("4");
+}
+
 }  // namespace
 }  // namespace actsparse
 
@@ -274,14 +294,16 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
     return api_base->GetApi(1)->CreateStatus(ORT_FAIL, "libactsparse_onnxruntime needs a newer onnxruntime");
   Ort::InitApi(api);
   try {
-    // One domain for the process: sessions keep pointers to it and to the op.
-    static actsparse::Op op;
-    static Ort::CustomOpDomain domain = [] {
+    // Two domains for the process, by activation precision: sessions keep pointers to them and to the ops.
+    // The session's config is read here, so its entries must be set before the library is registered.
+    static actsparse::Op f32_op(false), int8_op(true);
+    static const auto domain = [](actsparse::Op* op) {
       Ort::CustomOpDomain d(actsparse::kDomain);
-      d.Add(&op);
+      d.Add(op);
       return d;
-    }();
-    Ort::UnownedSessionOptions(options).Add(domain);
+    };
+    static Ort::CustomOpDomain f32_domain = domain(&f32_op), int8_domain = domain(&int8_op);
+    Ort::UnownedSessionOptions(options).Add(actsparse::session_quantises(*api, options) ? int8_domain : f32_domain);
     return nullptr;
   } catch (const std::exception& e) {
     return api->CreateStatus(ORT_FAIL, e.what());
