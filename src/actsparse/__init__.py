@@ -31,21 +31,24 @@ def load(output: str | os.PathLike, device: str = "CPU", **kwargs):
     optimum-intel reads and compiles models with, or with the ONNX Runtime session. Where OpenVINO
     will run the model in bf16, its ops take and return bf16 (``runtime_ext.bf16_activations``); where it
     quantises the activations of its own int8/int4 FullyConnected (its default), so do the ops with such weights
-    (``runtime_ext.int8_activations``).
+    (``runtime_ext.int8_activations``). For an ONNX output, ``session_options`` may be your own
+    ``onnxruntime.SessionOptions``: the library is registered after the config entries you set there, which
+    then reach the ops (``session.qdq_matmulnbits_accuracy_level``, see ``runtime_ext.register_library``).
     """
     from pathlib import Path
 
     from .calibration.plan import read_plan
-    from .runtime_ext import (bf16_activations, int8_activations, quantises_activations, register, runs_in_bf16,
-                              session_options)
+    from .runtime_ext import (bf16_activations, int8_activations, quantises_activations, register, register_library,
+                              runs_in_bf16, session_options)
 
     plan, _ = read_plan(output, with_statistics=False)
     if (Path(output) / "model.onnx").is_file():
         from optimum.onnxruntime import ORTModelForCausalLM
 
-        fused = plan.get("passes", {}).get("fused")
-        return ORTModelForCausalLM.from_pretrained(output, session_options=session_options() if fused else None,
-                                                   **kwargs)
+        options = kwargs.pop("session_options", None)
+        if plan.get("passes", {}).get("fused"):
+            options = session_options() if options is None else register_library(options)
+        return ORTModelForCausalLM.from_pretrained(output, session_options=options, **kwargs)
     from optimum.intel import OVModelForCausalLM
     from optimum.intel.openvino import modeling_base, modeling_decoder
 

@@ -162,25 +162,30 @@ def onnxruntime_problem() -> str | None:
 
 
 def session_options(threads: int | None = None, config: dict[str, str] | None = None, library: bool = True):
-    """An ``onnxruntime.SessionOptions`` with the custom-op library registered, for sessions over models that
-    use ai.actsparse::ActSparseMatMul; ``threads`` intra-op threads and the session ``config`` entries when given.
-
-    The library reads the config when it is registered, so entries added to the options afterwards do not reach
-    the ops: ``session.qdq_matmulnbits_accuracy_level`` other than 4 (ORT's default, which quantises the
-    activations of ORT's own int8/int4 MatMuls to int8, and so then do the ops with u8/u4 weights) keeps them f32.
-    ``library=False``: the same options without the library, for models without the op.
+    """An ``onnxruntime.SessionOptions`` with the custom-op library registered (:func:`register_library`), for
+    sessions over models that use ai.actsparse::ActSparseMatMul; ``threads`` intra-op threads and the session
+    ``config`` entries when given, set before the library. ``library=False``: the same options without it.
     """
     import onnxruntime as ort
 
-    path = onnxruntime_library() if library else None
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
+    return register_library(options) if library else options
+
+
+def register_library(options):
+    """Register the custom-op library with ``options`` (an ``onnxruntime.SessionOptions``) and return them.
+
+    The library reads the options' config when it is registered, so entries added afterwards do not reach
+    the ops: ``session.qdq_matmulnbits_accuracy_level`` other than 4 (ORT's default, which quantises the
+    activations of ORT's own int8/int4 MatMuls to int8, and so then do the ops with u8/u4 weights) keeps them f32.
+    """
+    path = onnxruntime_library()
     try:
-        if path:
-            options.register_custom_ops_library(path)
+        options.register_custom_ops_library(path)
     except Exception as err:  # e.g. a runtime older than the headers the library was built with
         raise ActSparseError(f"cannot load {path} into ONNX Runtime: {str(err).strip().splitlines()[-1]}") from None
     return options
