@@ -118,9 +118,10 @@ struct ThreadExecutor final : Executor {
 };
 
 // int8_activations: U8/U4 may quantise the activations to int8, as OpenVINO's CPU plugin quantises those of its
-// int8/int4 FullyConnected by default (and ONNX Runtime those of MatMulNBits at accuracy level 4), where the kernel has int8 dot products (Ops::rows_q8, Ops::q8_gemm): a
-// decode one scale per 8 live activations (U4: within a group), a prefill one per 32 consecutive channels (U4:
-// groups of a multiple of 128 only). It computes as without it otherwise, and whenever an activation is NaN or Inf.
+// int8/int4 FullyConnected by default (and ONNX Runtime those of MatMulNBits at accuracy level 4), where the
+// kernel has int8 dot products (Ops::rows_q8, Ops::q8_gemm): a decode one scale per 8 live activations (U4:
+// within a group), a prefill one per 32 consecutive channels (U4: groups of a multiple of 128 only). It computes
+// as without it otherwise, and whenever an activation is NaN or Inf.
 struct Params { float mode = 0.f; float threshold = 0.f; bool mask = true; bool int8_activations = false; };
 
 // y = z'·W + bias; x [M,K], y [M,N] float row-major contiguous; bias may be null.
