@@ -297,6 +297,24 @@ def test_bad_inputs_are_reported():
         session(make_model(bad, None, 0, 0.5), 1).run(None, {"x": np.zeros((1, 1, 64), np.float32)})
 
 
+def test_unknown_weight_format_is_named_by_both_runtimes(tmp_path):
+    import openvino as ov
+
+    from actsparse.runtime_ext import extension_problem, register
+
+    model = onnx.load_from_string(make_model(make_weight("u8", 64, 8, 0, np.random.default_rng(6)), None, 0.0, 0.5))
+    next(a for a in model.graph.node[0].attribute if a.name == "weight_format").s = b"u2"
+    with pytest.raises(Exception, match="unknown weight_format 'u2'"):
+        session(model.SerializeToString(), 1)
+    if not extension_problem():  # OpenVINO's ONNX frontend builds the op through the extension
+        path = tmp_path / "bad.onnx"
+        path.write_bytes(model.SerializeToString())
+        core = ov.Core()
+        register(core)
+        with pytest.raises(Exception, match="unknown weight_format 'u2'"):
+            core.read_model(path)
+
+
 def test_missing_library_names_it(tmp_path, monkeypatch):
     monkeypatch.setenv("ACTSPARSE_EXT_DIR", str(tmp_path))
     with pytest.raises(ActSparseError, match=ONNXRUNTIME_LIBRARY):

@@ -5,19 +5,29 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace actsparse {
 
 enum class WeightFormat : int { F32 = 0, F16 = 1, U8 = 2, U4 = 3, BF16 = 4 };
 
-// The two helpers below are static (internal linkage): every translation unit, the AVX-512 ones
+// The helpers below are static (internal linkage): every translation unit, the AVX-512 ones
 // included, gets its own copy, so no copy compiled for one ISA can be picked by the linker for another.
 
 // Bytes of n consecutive columns of one stored row (u4: two codes a byte, even column in the low nibble).
 static constexpr int64_t row_bytes(WeightFormat f, int64_t n) {
   return f == WeightFormat::F32 ? 4 * n : f == WeightFormat::F16 || f == WeightFormat::BF16 ? 2 * n
        : f == WeightFormat::U8 ? n : (n + 1) / 2;
+}
+
+// A weight_format attribute ("f32", "f16", "bf16", "u8" or "u4") as a WeightFormat; false for any other name.
+static inline bool parse_weight_format(const std::string& name, WeightFormat& f) {
+  static const std::pair<const char*, WeightFormat> names[] = {{"f32", WeightFormat::F32}, {"f16", WeightFormat::F16},
+      {"bf16", WeightFormat::BF16}, {"u8", WeightFormat::U8}, {"u4", WeightFormat::U4}};
+  for (const auto& [n, v] : names)
+    if (name == n) return f = v, true;
+  return false;
 }
 
 // A bf16 value is the high half of an f32.

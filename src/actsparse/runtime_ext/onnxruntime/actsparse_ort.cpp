@@ -90,12 +90,9 @@ struct OrtExecutor final : Executor {
 };
 
 WeightFormat parse_format(const std::string& name) {
-  if (name == "f32") return WeightFormat::F32;
-  if (name == "f16") return WeightFormat::F16;
-  if (name == "bf16") return WeightFormat::BF16;
-  if (name == "u8") return WeightFormat::U8;
-  if (name == "u4") return WeightFormat::U4;
-  fail("unknown weight_format '" + name + "' (f32, f16, bf16, u8 or u4)");
+  WeightFormat f;
+  if (!parse_weight_format(name, f)) fail("unknown weight_format '" + name + "' (f32, f16, bf16, u8 or u4)");
+  return f;
 }
 
 size_t element_size(ONNXTensorElementDataType t) { return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 1; }

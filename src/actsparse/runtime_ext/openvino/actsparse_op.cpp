@@ -17,12 +17,9 @@ struct OpenVINOExecutor final : Executor {
 };
 
 WeightFormat parse_format(const std::string& name) {
-    if (name == "f32") return WeightFormat::F32;
-    if (name == "f16") return WeightFormat::F16;
-    if (name == "bf16") return WeightFormat::BF16;
-    if (name == "u8") return WeightFormat::U8;
-    if (name == "u4") return WeightFormat::U4;
-    OPENVINO_THROW("ActSparseMatMul: unknown weight_format '", name, "'");
+    WeightFormat f;
+    if (!parse_weight_format(name, f)) OPENVINO_THROW("ActSparseMatMul: unknown weight_format '", name, "'");
+    return f;
 }
 
 }  // namespace
