@@ -227,6 +227,9 @@ def test_int8_pattern_and_fusion_match_torch_with_the_same_weights(tiny_llama, t
         np.testing.assert_allclose(loose["fused"], loose["unfused"], atol=1e-4, rtol=1e-4)
     else:  # the ops stay f32 while MatMulNBits quantises
         assert np.abs(loose["fused"] - loose["unfused"]).max() < 0.05 * np.abs(exact).max()
+    from actsparse.benchmark import _worker  # what `actsparse bench` reports it ran
+
+    assert _worker(fused, 8, 2, 1)["inference_precision"] == "f32, int8 activations at int8 weights"
 
 
 @pytest.mark.parametrize("weight_format", ["int4", "bf16"])

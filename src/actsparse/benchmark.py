@@ -85,10 +85,16 @@ def _measure(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int 
 
 def _worker(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int) -> dict:
     if (folder / "model.onnx").is_file():
+        import onnx
+
         from .calibration.onnx_backend import time_decode
 
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        # ORT's defaults: int8 weights (behind DequantizeLinear, which MatMulNBits absorbs) meet int8 activations
+        int8 = any(node.op_type == "DequantizeLinear" for node in graph.node)
         return {**time_decode(folder, prompt_tokens, decode_tokens, threads or None),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "inference_precision": "f32"}
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "inference_precision": "f32, int8 activations at int8 weights" if int8 else "f32"}
     import openvino as ov
 
     from .calibration.openvino_backend import feed
