@@ -37,6 +37,13 @@ def quantises_activations(fmt: str, rows: int, kernel: str | None = None, group_
             (rows <= 4 or fmt == "u8" or group_size % 128 == 0))
 
 
+def _int8(v: np.ndarray, m) -> np.ndarray:
+    """v (f32) quantised with the scale s = m / 127: s · round(v / s), to nearest even, in f32 (0 where m is 0)."""
+    m = np.asarray(m, np.float32)
+    q = np.clip(np.rint(v * np.divide(np.float32(127), m, out=np.zeros_like(m), where=m > 0)), -127, 127)
+    return (m / np.float32(127)) * q
+
+
 def int8_live(z: np.ndarray, group_size: int = 0) -> np.ndarray:
     """The dynamic int8 quantisation of the decode's live activations: per row of z (f32, pruned
     channels exactly 0), each run of 8 consecutive nonzero values (u4: within one group of
@@ -49,10 +56,7 @@ def int8_live(z: np.ndarray, group_size: int = 0) -> np.ndarray:
         for g0 in range(0, z.shape[-1], size):
             live = g0 + np.flatnonzero(row[g0:g0 + size])
             for run in np.split(live, np.arange(8, live.size, 8)):
-                m = np.abs(row[run]).max(initial=np.float32(0))
-                if m > 0:
-                    q = np.clip(np.rint(row[run] * (np.float32(127) / m)), -127, 127)
-                    dst[run] = (m / np.float32(127)) * q
+                dst[run] = _int8(row[run], np.abs(row[run]).max(initial=np.float32(0)))
     return out
 
 
@@ -64,9 +68,7 @@ def int8_groups(z: np.ndarray, size: int = 32) -> np.ndarray:
     out = np.zeros_like(z)
     for g0 in range(0, z.shape[-1], size):
         g = z[:, g0:g0 + size]
-        m = np.abs(g).max(axis=1, keepdims=True)
-        q = np.clip(np.rint(g * np.divide(np.float32(127), m, out=np.zeros_like(m), where=m > 0)), -127, 127)
-        out[:, g0:g0 + size] = (m / np.float32(127)) * q
+        out[:, g0:g0 + size] = _int8(g, np.abs(g).max(axis=1, keepdims=True))
     return out
 
 

@@ -286,7 +286,7 @@ void masked_row(const void* xv, bool bf16, int64_t row, int64_t K, const Params&
 }
 
 // A prefill's work: (M-block, N-block) units, enough to balance the threads, N blocks first (they share the
-// packed rows). Each task gets a buffer of wbuf_words for its weight blocks; for each unit, c (the unit's
+// packed rows). Each task gets a buffer of col_words per column of an N block (rounded up to NR) for its weight blocks; for each unit, c (the unit's
 // f32 results from row r0 and column n0 on, row stride ldc) starts from the bias, fill(unit, wbuf) adds the
 // products, and a bf16 y is then rounded from a per-task buffer.
 struct Unit {
@@ -301,7 +301,7 @@ struct Unit {
 
 template <class Fill>
 void prefill_units(int64_t M, int64_t N, int64_t mr, int64_t NR, const float* bias, void* yv, bool bf16,
-                   const Executor& ex, int64_t wbuf_words, Fill fill) {
+                   const Executor& ex, int64_t col_words, Fill fill) {
   const int conc = std::max(1, ex.concurrency());
   const int64_t nmp = ceil_div(M, mr);
   int64_t NC = std::min(round_up(N, NR), std::max(NR, round_up(ceil_div(N, 2 * conc), NR)));
@@ -313,7 +313,7 @@ void prefill_units(int64_t M, int64_t N, int64_t mr, int64_t NR, const float* bi
   nmb = ceil_div(nmp, MCp);
   const int64_t units = nnb * nmb, ntasks = std::min<int64_t>(conc, units);
   ex.parallel(ntasks, [&](int64_t t) {
-    auto wbuf = scratch<uint32_t>(wbuf_words);
+    auto wbuf = scratch<uint32_t>(col_words * round_up(NC, NR));
     auto ybuf = scratch<float>(bf16 ? MCp * mr * NC : 0);  // a unit's f32 result before it is rounded
     for (int64_t u = t; u < units; u += ntasks) {
       const int64_t nb = u % nnb, mb = u / nnb;
@@ -371,7 +371,7 @@ void prefill(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, c
   });
 
   const int64_t KC = std::min<int64_t>(KU, pairs ? 128 : 256);  // panel rows per block
-  prefill_units(M, N, MR, NR, bias, yv, bf16, ex, KC * round_up(256, NR), [&](const Unit& un, uint32_t* wb) {
+  prefill_units(M, N, MR, NR, bias, yv, bf16, ex, KC, [&](const Unit& un, uint32_t* wb) {
     float* const wbuf = reinterpret_cast<float*>(wb);
     const int64_t n0 = un.n0, nc = un.nc, p0 = un.p0, p1 = un.p1, r0 = un.r0, ldc = un.ldc;
     float* const c = un.c;
@@ -429,8 +429,8 @@ bool prefill_q8(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w
     for (int64_t pm = t; pm < nmp; pm += ntasks) {
       for (int64_t i = 0; i < MR; ++i) {
         const int64_t row = pm * MR + i;
-        std::fill(z.get(), z.get() + NG * KG, 0.f);
         if (row < M) masked_row(xv, bf16, row, K, p, z.get());
+        std::fill(z.get() + (row < M ? K : 0), z.get() + NG * KG, 0.f);  // past K, and rows past M, are 0
         float inf_nan = 0.f;  // 0 unless some z is NaN or Inf (z - z is NaN there, and NaN != 0)
         for (int64_t k = 0; k < K; ++k) inf_nan += z[k] - z[k];
         if (inf_nan != 0.f) finite.store(false, std::memory_order_relaxed);
@@ -446,7 +446,7 @@ bool prefill_q8(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w
   if (!finite.load()) return false;
 
   const int64_t KC = w.format == WeightFormat::U4 ? w.group_size : 256;  // k per block, a multiple of KG
-  prefill_units(M, N, MR, NR, bias, yv, bf16, ex, round_up(256, NR) * KC / 4, [&](const Unit& un, uint32_t* wbuf) {
+  prefill_units(M, N, MR, NR, bias, yv, bf16, ex, KC / 4, [&](const Unit& un, uint32_t* wbuf) {
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = std::min(KC, K - k0), kc4 = round_up(kc, KG) / 4;
       ops.q8_pack(w, k0, kc, un.n0, un.nc, wbuf);
