@@ -303,3 +303,13 @@ def test_bench_reports_ratios_against_the_dense_baseline(exports):
     assert 0 < share < 1 and result["amdahl_limit"] == pytest.approx(1 / (1 - share))
     assert result["of_limit"] == pytest.approx(result["decode_speedup"] * (1 - share))
     assert result["prefill_ratio"] == pytest.approx(result["sparse"]["prefill_ms"] / result["dense"]["prefill_ms"])
+
+
+def test_bench_without_the_library_says_so_in_one_line(exports, tmp_path):
+    proc = run_cli("bench", exports["sparse"], "--baseline", exports["dense"], "--runs", "1",
+                   env={"ACTSPARSE_EXT_DIR": str(tmp_path)})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"actsparse: error: benchmark of {exports['sparse']} failed: the ActSparseMatMul ONNX Runtime library "
+        f"libactsparse_onnxruntime.so was not built (looked in {tmp_path}); reinstall actsparse with a C++17 "
+        "compiler and apt-get (or ORT_INCLUDE_DIR) available")

@@ -130,4 +130,7 @@ def _worker(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int) 
 
 if __name__ == "__main__":
     folder, prompt, decode, threads = sys.argv[1:5]
-    print(json.dumps(_worker(Path(folder), int(prompt), int(decode), int(threads))))
+    try:
+        print(json.dumps(_worker(Path(folder), int(prompt), int(decode), int(threads))))
+    except ActSparseError as err:  # one line for the parent to relay, not a traceback
+        sys.exit(str(err))
