@@ -5,7 +5,7 @@ For each shape (K x N), weight format and thread count: one decode step (x is [1
   int8 asym per channel, NNCF int4 asym group 128), compiled by the CPU plugin, and
 - the fused ActSparseMatMul at sparsity 0/0.3/0.5/0.7/0.9 (threshold = that quantile of |x|).
 Each model holds L such layers side by side on the same x, each with its own weights, L chosen so that a
-call reads at least --min-mb of weights (three times this CPU's 32 MB last-level cache by default): every
+call reads at least --min-mb of weights (by default three times this CPU's last-level cache, 32 MB here): every
 layer's weights then come from DRAM, as in a real model's decode step, and the one Python call per step
 is spread over L layers, as one call per token is over a model's. Times are per layer (call / L); they
 include OpenVINO's per-node costs, which a model pays too. --min-mb 0 gives one layer per model (the
@@ -20,7 +20,7 @@ activations, and so does our u8/u4 decode (int8_activations).
 Reports median ms over many calls, the ratio against dense (speed-up), the bandwidth limit
 1/(1-s), the effective GB/s of weight bytes read, and the plugin's FullyConnected precision.
 
-    python benchmarks/kernel_bench.py [--quick] [--threads 1 2] [--formats fp32 fp16 int8 int4] [--min-mb 96]
+    python benchmarks/kernel_bench.py [--quick] [--threads 1 2] [--formats fp32 fp16 int8 int4] [--min-mb MB] [--rounds R]
 """
 from __future__ import annotations
 
@@ -115,8 +115,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one shape, fewer calls")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--formats", nargs="+", default=list(BYTES))
-    parser.add_argument("--min-mb", type=float, default=96.0,
-                        help="weights per model: enough layers to read this many MB per call (0: one layer)")
+    parser.add_argument("--min-mb", type=float, default=3 * ks.last_level_cache_mb(),
+                        help="weights per model: enough layers to read this many MB per call (0: one layer; default: three times the last-level cache)")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 12, 6 with --quick)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     core = ov.Core()
@@ -124,7 +125,7 @@ def main() -> None:
     rows = []
     for k, n in SHAPES[:1] if args.quick else SHAPES:
         xs = [rng.standard_normal((1, 1, k)).astype(np.float32) for _ in range(16)]
-        rounds = 6 if args.quick else 12
+        rounds = args.rounds or (6 if args.quick else 12)
         for fmt in args.formats:
             layers = max(1, int(np.ceil(args.min_mb * 1e6 / (k * n * BYTES[fmt]))))
             dense = dense_model(k, n, fmt, rng, layers)
@@ -158,7 +159,8 @@ def main() -> None:
                       " ".join(f"s{e['sparsity']}: {e['ms']:.2f} ({e['speedup_vs_dense']:.2f}x)" for e in row["sparse"]),
                       file=__import__("sys").stderr)
     # the extension's own copy of the core starts from the same kernel and prefetch defaults as the ctypes one
-    print(json.dumps({"device": "CPU", "openvino": ov.get_version(), "kernel": ks.best_kernel(),
+    print(json.dumps({"device": "CPU", "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"), "min_mb": args.min_mb,
+                      "openvino": ov.get_version(), "kernel": ks.best_kernel(),
                       "prefetch": ks.get_tuning()["prefetch"], "results": rows}, indent=1))
 
 

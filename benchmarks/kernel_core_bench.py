@@ -3,7 +3,7 @@
 Bytes read = live rows x row bytes (+ scale/zero-point bytes of the groups touched, for u8/u4; u4 params are
 compact, 3 bytes a group and column, as exports store them).
 Usage: ACTSPARSE_EXT_DIR=<build dir> python benchmarks/kernel_core_bench.py [--kernel avx2] [--quick]
-       [--int8-activations]
+       [--int8-activations] [--threads 1,2] [--shapes 4096x11008,...] [--formats f32,u8,...]
 """
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def main():
     ap.add_argument("--shapes", default=None, help="e.g. 4096x11008,4096x4096")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--int8-activations", action="store_true", help="u8/u4 decode on int8 activations")
+    ap.add_argument("--threads", default="1,2", help="e.g. 1,4,8,16")
     args = ap.parse_args()
     kernel = args.kernel or ks.best_kernel()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
@@ -76,7 +77,7 @@ def main():
             copies = [packed] + [PackedWeight(**{**packed.__dict__, "data": packed.data.copy()})
                                  for _ in range(-(-256_000_000 // dense_bytes) - 1)]
             reps = 20 if args.quick else max(20, min(200, int(2e9 / dense_bytes)))
-            for threads in (1, 2):
+            for threads in map(int, args.threads.split(",")):
                 base = None
                 for s in SPARSITIES:
                     xs = rng.standard_normal((16, 1, K)).astype(np.float32)

@@ -8,7 +8,7 @@ For each shape (K x N), weight format and intra-op thread count: one decode step
   op's exact result, and
 - the custom op (libactsparse_onnxruntime.so) at sparsity 0/0.3/0.5/0.7/0.9 (threshold = that quantile of |x|).
 Each model holds L such layers side by side on the same x, each with its own weights, L chosen so that a call
-reads at least --min-mb of weights (three times this CPU's 32 MB last-level cache by default), so every layer's
+reads at least --min-mb of weights (by default three times this CPU's last-level cache, 32 MB here), so every layer's
 weights come from DRAM, as in a real model's decode step, and the one Python call is spread over L layers; times
 are per layer (call / L). --min-mb 0: one node per model, the method of earlier runs.
 Sessions are timed in interleaved rounds (the noise of a shared machine falls on all alike), with thread
@@ -17,7 +17,7 @@ ms per call, dense/ours time ratio, the bandwidth limit 1/(1-s), and effective G
 ((1-s) of them for ours; scales and zero points not counted).
 
     python benchmarks/ort_kernel_bench.py [--quick] [--threads 1 2] [--formats fp32 int8 int4-g32 int4-g64 int4-g128]
-                                          [--min-mb 96]
+                                          [--min-mb MB] [--rounds R]
 """
 from __future__ import annotations
 
@@ -123,8 +123,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one shape, fewer rounds")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
-    parser.add_argument("--min-mb", type=float, default=96.0,
-                        help="weights per model: enough layers to read this many MB per call (0: one layer)")
+    parser.add_argument("--min-mb", type=float, default=3 * ks.last_level_cache_mb(),
+                        help="weights per model: enough layers to read this many MB per call (0: one layer; default: three times the last-level cache)")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 12, 6 with --quick)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = []
@@ -162,7 +163,7 @@ def main() -> None:
                     if agree[name] > (2e-2 if quantised else exact_tol):
                         sys.exit(f"{k}x{n} {fmt}: ours at s=0 differs from {name} by {agree[name]:.3g} (relative)")
                 timed = [(name, s) for name, s in zip(dense, dense_s) if "acc=0" not in name]
-                ms = [t / layers for t in time_ms([s for _, s in timed] + ours_s, xs, 6 if args.quick else 12)]
+                ms = [t / layers for t in time_ms([s for _, s in timed] + ours_s, xs, args.rounds or (6 if args.quick else 12))]
                 dense_ms = {name: t for (name, _), t in zip(timed, ms)}
                 row = {"K": k, "N": n, "format": fmt, "ours_weight_format": packed[0].format, "threads": threads,
                        "layers": layers,
@@ -177,7 +178,7 @@ def main() -> None:
                 print(f"{k}x{n} {fmt} t{threads} x{layers}: " + " ".join(f"{d} {t:.2f} ms" for d, t in dense_ms.items()) + " | " +
                       " ".join(f"s{e['sparsity']}: {e['ms']:.2f} ({e['dense_over_ours'][first]:.2f}x)"
                                for e in row["sparse"]), file=sys.stderr)
-    print(json.dumps({"device": "CPU", "onnxruntime": ort.__version__, "kernel": ks.best_kernel(),
+    print(json.dumps({"device": "CPU", "min_mb": args.min_mb, "onnxruntime": ort.__version__, "kernel": ks.best_kernel(),
                       # the custom-op library's own copy of the core starts from the same defaults
                       "prefetch": ks.get_tuning()["prefetch"], "results": rows},
                      indent=1))
