@@ -305,6 +305,15 @@ def test_bench_reports_ratios_against_the_dense_baseline(exports):
     assert result["prefill_ratio"] == pytest.approx(result["sparse"]["prefill_ms"] / result["dense"]["prefill_ms"])
 
 
+def test_bench_refuses_a_sparse_baseline_in_one_line(exports):
+    proc = run_cli("bench", exports["sparse"], "--baseline", exports["sparse"], "--runs", "1")
+    layers = sum(layer["target_sparsity"] > 0 for layer in plan_of(exports["sparse"])["layers"])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and layers > 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"actsparse: error: --baseline {exports['sparse']} is a sparse export ({layers} layers pruned): give the "
+        "dense export of the same model (actsparse export MODEL OUT --sparsity 0)")
+
+
 def test_bench_without_the_library_says_so_in_one_line(exports, tmp_path):
     proc = run_cli("bench", exports["sparse"], "--baseline", exports["dense"], "--runs", "1",
                    env={"ACTSPARSE_EXT_DIR": str(tmp_path)})

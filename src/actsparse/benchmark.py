@@ -23,7 +23,12 @@ def bench(output: str | os.PathLike, baseline: str | os.PathLike, *, prompt_toke
           decode_tokens: int = 32, runs: int = 3, threads: int | None = None) -> dict:
     output, baseline = Path(output), Path(baseline)
     plan, _ = read_plan(output, with_statistics=False)
-    read_plan(baseline, with_statistics=False)
+    base_plan, _ = read_plan(baseline, with_statistics=False)
+    # the limit counts the weight bytes of the baseline's MatMuls, which a sparse export has fused away
+    sparse_layers = sum(layer["target_sparsity"] > 0 for layer in base_plan["layers"])
+    if sparse_layers:
+        raise ActSparseError(f"--baseline {baseline} is a sparse export ({sparse_layers} layers pruned): give the "
+                             "dense export of the same model (actsparse export MODEL OUT --sparsity 0)")
     samples: dict[str, list[dict]] = {"sparse": [], "dense": []}
     for _ in range(runs):
         for name, folder in (("sparse", output), ("dense", baseline)):
