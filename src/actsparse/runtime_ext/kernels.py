@@ -55,9 +55,9 @@ def last_level_cache_mb() -> float:
     read their weights from DRAM, as a model's decode step does, hold at least three times this much."""
     sizes = []
     for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip()
-        with contextlib.suppress(ValueError):
-            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
+        text = f.read_text().strip()  # e.g. "32768K"
+        with contextlib.suppress(ValueError, IndexError):
+            sizes.append(int(text.rstrip("KM")) * {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1))
     return max(sizes, default=32 << 20) / 1e6
 
 
