@@ -213,8 +213,10 @@ def test_errors_are_reported():
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("split", ["n", "k", ""])
 @pytest.mark.parametrize("prefetch", ["l1", "l2"])
-def test_large_tiled_and_threaded_paths(kernel, fmt, split, prefetch):
-    """Shapes spanning several column tiles, K blocks and N blocks, with threading forced on."""
+@pytest.mark.parametrize("threads", [2, 5])
+def test_large_tiled_and_threaded_paths(kernel, fmt, split, prefetch, threads):
+    """Shapes spanning several column tiles, K blocks and N blocks, with threading forced on. Five threads
+    take split-K's parallel reduce (two: the last task sums the partials)."""
     rng = np.random.default_rng(4)
     K, N = (512, 2305) if fmt.startswith("u4") else (520, 2305)
     packed = make_weight(fmt, K, N, 128, rng)
@@ -222,9 +224,9 @@ def test_large_tiled_and_threaded_paths(kernel, fmt, split, prefetch):
     for M, sparsity in [(1, 0.0), (1, 0.9), (3, 0.5), (37, 0.5)]:
         x, tau = make_x(M, K, 0.1, sparsity, rng)
         with ks.tuning(par_bytes=0, split=split, prefetch=prefetch):
-            y = ks.matmul(x, packed, bias, 0.1, tau, True, 2, kernel)
+            y = ks.matmul(x, packed, bias, 0.1, tau, True, threads, kernel)
         ref, scale = reference(x, packed, bias, 0.1, tau, True, kernel)
-        check(y, ref, scale, f"{kernel} {fmt} split={split} prefetch={prefetch} M={M} s={sparsity}")
+        check(y, ref, scale, f"{kernel} {fmt} split={split} prefetch={prefetch} t={threads} M={M} s={sparsity}")
 
 
 def test_tuning_reaches_decode():

@@ -249,6 +249,17 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     cut[size_t(t)] = t == ntasks ? r.L : c;
   }
   auto part = scratch<float>(ntasks * N);
+  // Sums the partials of columns [c0, c1) into the first and finishes them.
+  auto reduce = [&](int64_t c0, int64_t c1) {
+    float* sum = part.get();
+    for (int64_t u = 1; u < ntasks; ++u)
+      for (int64_t j = c0; j < c1; ++j) sum[j] += sum[u * N + j];
+    finish_cols(0, sum + c0, c0, c1 - c0, r.zsum);
+  };
+  // Two tasks: the last one to finish sums the partials (N adds, against K_live x N multiply-adds), cheaper
+  // than a second hand-off to the pool. More tasks: a second parallel pass, each task a slice of the columns,
+  // so the reduce does not read every other core's partial from one thread.
+  const bool serial_reduce = ntasks <= 2;
   std::atomic<int64_t> finished{0};
   ex.parallel(ntasks, [&](int64_t t) {
     alignas(64) float acc[kMaxTileCols];
@@ -256,14 +267,11 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     std::memset(pt, 0, sizeof(float) * size_t(N));
     for (int64_t n0 = 0; n0 < N; n0 += w.tile_cols)
       tile(r, cut[size_t(t)], cut[size_t(t + 1)], n0, std::min(w.tile_cols, N - n0), pt + n0, acc);
-    // The last task to finish sums the partials (N x tasks adds, against K_live x N multiply-adds):
-    // cheaper than a second hand-off to the pool.
-    if (finished.fetch_add(1, std::memory_order_acq_rel) + 1 < ntasks) return;
-    float* sum = part.get();
-    for (int64_t u = 1; u < ntasks; ++u)
-      for (int64_t j = 0; j < N; ++j) sum[j] += sum[u * N + j];
-    finish_cols(0, sum, 0, N, r.zsum);
+    if (serial_reduce && finished.fetch_add(1, std::memory_order_acq_rel) + 1 == ntasks) reduce(0, N);
   });
+  if (serial_reduce) return;
+  const int64_t slice = round_up(ceil_div(N, ntasks), 16);  // whole 64-byte lines per task
+  ex.parallel(ceil_div(N, slice), [&](int64_t t) { reduce(t * slice, std::min(N, (t + 1) * slice)); });
 }
 
 // ---------------------------------------------------------------------------------------------
