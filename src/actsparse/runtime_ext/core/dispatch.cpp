@@ -203,7 +203,7 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     base += row_bytes(f, col);  // col is a multiple of 128, so even for U4
     const int64_t trb = tile_row_bytes(w, n0);
     if (f != WeightFormat::U4 && q8) {  // s0 starts a chunk
-      ops.rows_q8(f, out, n, base, trb, r.idx + s0, r.q + s0, r.qs + s0, s1 - s0, prefetch_l2);
+      ops.rows_q8(out, n, base, trb, r.idx + s0, r.q + s0, r.qs + s0, s1 - s0, prefetch_l2);
       return;
     }
     if (f != WeightFormat::U4) {
@@ -213,13 +213,12 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t a = std::max(s0, r.gpos[g]), b = std::min(s1, r.gpos[g + 1]);
       if (a >= b) continue;
-      if (q8 && b - a <= detail::kQ8GroupRows) {  // a starts the group
-        ops.u4_group_q8(out, n, base, trb, r.idx + a, r.q + a, r.qs + a, b - a, w, g * N + n0, r.gsum[g], prefetch_l2);
+      if (q8) {  // a starts the group
+        ops.u4_group_q8(out, n, base, trb, r.idx + a, r.q + a, r.qs + a, b - a, w, g * N + n0, r.gsum[g], prefetch_l2, acc);
         continue;
       }
       std::memset(acc, 0, sizeof(float) * size_t(n));
-      if (q8) ops.rows_q8(f, acc, n, base, trb, r.idx + a, r.q + a, r.qs + a, b - a, prefetch_l2);
-      else ops.rows(f, acc, n, base, trb, r.idx + a, r.z + a, b - a, prefetch_l2);
+      ops.rows(f, acc, n, base, trb, r.idx + a, r.z + a, b - a, prefetch_l2);
       ops.u4_apply(out, acc, n, w, g * N + n0, r.gsum[g]);
     }
   };

@@ -275,10 +275,9 @@ inline void interleave(__m512 e, __m512 o, __m512& lo, __m512& hi) {
   hi = _mm512_permutex2var_ps(e, _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31), o);
 }
 
-// U4's acc is the avx512 kernel's layout (16 even columns, then 16 odd ones, per 32; plain past the last
-// whole 32): 64 code bytes are 128 columns, whose even and odd nibbles land there directly. A last, partial
-// block is read with masked loads (zeros past the row's end); U8 writes only acc[0..n), U4 may write up to the
-// next multiple of 128 (its acc is the driver's tile buffer).
+// U4's acc keeps each 64 code bytes' (128 columns') f32 sums in dp4's lane order, the even nibbles' then the odd
+// ones' (u4_group_q8 puts them in column order once per group, not once per chunk). A last, partial block is read
+// with masked loads (zeros past the row's end); U8 writes only acc[0..n), U4 the whole last 128 columns.
 template <bool U4, bool L2>
 void rows_q8_f(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
                const float* scale, int64_t R) {
@@ -319,20 +318,16 @@ void rows_q8_f(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int
         }
         dp4(a, r[0], r[1], r[2], r[3], qb);
       }
-      __m512 f[4], e[4];
-      scaled(a, sv, f);
-      untranspose(f, e);
-      if constexpr (U4) {
-        __m512 o[4];
-        scaled(b, sv, f);
-        untranspose(f, o);
-        for (int l = 0; l < 4 && c + 32 * l < n; ++l) {
-          float* d = acc + c + 32 * l;
-          if (c + 32 * l + 32 > n) interleave(e[l], o[l], e[l], o[l]);  // past the last whole 32: plain columns
-          _mm512_storeu_ps(d, _mm512_add_ps(e[l], _mm512_loadu_ps(d)));
-          _mm512_storeu_ps(d + 16, _mm512_add_ps(o[l], _mm512_loadu_ps(d + 16)));
+      if constexpr (U4) {  // the block's 128 floats: its even-nibble sums in dp4's lane order, then the odd ones
+        float* d = acc + c;
+        for (int k = 0; k < 4; ++k) {
+          _mm512_storeu_ps(d + 16 * k, _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(a[k]), _mm512_loadu_ps(d + 16 * k)));
+          _mm512_storeu_ps(d + 64 + 16 * k, _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(b[k]), _mm512_loadu_ps(d + 64 + 16 * k)));
         }
       } else {
+        __m512 f[4], e[4];
+        scaled(a, sv, f);
+        untranspose(f, e);
         for (int l = 0; l < 4; ++l) {
           const __mmask16 k = first16(n - c - 16 * l);
           float* d = acc + c + 16 * l;
@@ -343,13 +338,29 @@ void rows_q8_f(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int
   }
 }
 
-void rows_q8(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx,
-             const int8_t* q, const float* scale, int64_t R, bool prefetch_l2) {
-  if (f == WeightFormat::U4)
-    return prefetch_l2 ? rows_q8_f<true, true>(acc, n, base, rb, idx, q, scale, R)
-                       : rows_q8_f<true, false>(acc, n, base, rb, idx, q, scale, R);
+void rows_q8(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
+             const float* scale, int64_t R, bool prefetch_l2) {
   return prefetch_l2 ? rows_q8_f<false, true>(acc, n, base, rb, idx, q, scale, R)
                      : rows_q8_f<false, false>(acc, n, base, rb, idx, q, scale, R);
+}
+
+// y[c .. c + 128) (the columns below n) += scale * (sum - zp * zsum) for one 128-column block of a U4 group, its
+// sums given as f32 in dp4's lane order, of the even (fa) and the odd (fb) nibbles.
+inline void u4_apply_block(float* y, int64_t c, int64_t n, const __m512 fa[4], const __m512 fb[4], const PackedWeight& w,
+                           int64_t s, __m512 zsv) {
+  __m512 e[4], o[4];  // even columns 32l + 0, 2, .., 30 and the odd ones
+  untranspose(fa, e);
+  untranspose(fb, o);
+  for (int l = 0; l < 4 && c + 32 * l < n; ++l) {
+    __m512 v[2];
+    interleave(e[l], o[l], v[0], v[1]);
+    for (int h = 0; h < 2; ++h) {
+      const int64_t col = c + 32 * l + 16 * h;
+      const __mmask16 k = first16(n - col);
+      const __m512 t = _mm512_fnmadd_ps(zero_point16(w, s + col, k), zsv, v[h]);
+      _mm512_mask_storeu_ps(y + col, k, _mm512_fmadd_ps(scale16(w, s + col, k), t, _mm512_maskz_loadu_ps(k, y + col)));
+    }
+  }
 }
 
 // U4 on int8 activations, one group of at most kQ8GroupRows live rows straight into y, without an acc buffer
@@ -397,26 +408,30 @@ void u4_group_q8_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const i
         fb[k] = _mm512_fmadd_ps(sv, _mm512_cvtepi32_ps(b[k]), fb[k]);
       }
     }
-    __m512 e[4], o[4];  // even columns 32l + 0, 2, .., 30 and the odd ones
-    untranspose(fa, e);
-    untranspose(fb, o);
-    for (int l = 0; l < 4 && c + 32 * l < n; ++l) {
-      __m512 v[2];
-      interleave(e[l], o[l], v[0], v[1]);
-      for (int h = 0; h < 2; ++h) {
-        const int64_t col = c + 32 * l + 16 * h;
-        const __mmask16 k = first16(n - col);
-        const __m512 t = _mm512_fnmadd_ps(zero_point16(w, s + col, k), zsv, v[h]);
-        _mm512_mask_storeu_ps(y + col, k, _mm512_fmadd_ps(scale16(w, s + col, k), t, _mm512_maskz_loadu_ps(k, y + col)));
-      }
-    }
+    u4_apply_block(y, c, n, fa, fb, w, s, zsv);
   }
 }
 
 void u4_group_q8(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
-                 const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum, bool prefetch_l2) {
-  return prefetch_l2 ? u4_group_q8_f<true>(y, n, base, rb, idx, q, qscale, R, w, s, zsum)
-                     : u4_group_q8_f<false>(y, n, base, rb, idx, q, qscale, R, w, s, zsum);
+                 const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum, bool prefetch_l2,
+                 float* acc) {
+  if (R <= kQ8GroupRows)
+    return prefetch_l2 ? u4_group_q8_f<true>(y, n, base, rb, idx, q, qscale, R, w, s, zsum)
+                       : u4_group_q8_f<false>(y, n, base, rb, idx, q, qscale, R, w, s, zsum);
+  // A longer group goes chunk by chunk into acc (rows_q8_f), then into y once.
+  const int64_t nb = (n + 127) / 128 * 128;
+  std::memset(acc, 0, sizeof(float) * size_t(nb));
+  if (prefetch_l2) rows_q8_f<true, true>(acc, n, base, rb, idx, q, qscale, R);
+  else rows_q8_f<true, false>(acc, n, base, rb, idx, q, qscale, R);
+  const __m512 zsv = _mm512_set1_ps(zsum);
+  for (int64_t c = 0; c < nb; c += 128) {
+    __m512 fa[4], fb[4];
+    for (int k = 0; k < 4; ++k) {
+      fa[k] = _mm512_loadu_ps(acc + c + 16 * k);
+      fb[k] = _mm512_loadu_ps(acc + c + 64 + 16 * k);
+    }
+    u4_apply_block(y, c, n, fa, fb, w, s, zsv);
+  }
 }
 
 // Prefill on int8 activations (VNNI). Weight codes go into words of four consecutive rows' bytes per column

@@ -7,7 +7,7 @@ namespace actsparse {
 namespace detail {
 
 constexpr int64_t kQ8Chunk = 8;          // live rows per int8 activation scale (a multiple of 4)
-constexpr int64_t kQ8GroupRows = 4 * kQ8Chunk;  // u4_group_q8 takes groups of up to this many live rows
+constexpr int64_t kQ8GroupRows = 4 * kQ8Chunk;  // u4_group_q8 takes groups of up to this many live rows at once
 constexpr int64_t kQ8KGroup = 32;  // prefill on int8 activations: k per activation scale (the plugin's group size)
 constexpr int64_t kQ8MR = 3;       // and rows per q8_gemm tile
 
@@ -34,16 +34,16 @@ struct Ops {
   // c[mr x nr] += zpan[kc2][MR] · wpan[kc2][NR], both of bf16 pairs, accumulated in f32.
   void (*pair_gemm)(const uint32_t* zpan, const uint32_t* wpan, int64_t kc2, float* c, int64_t ldc, int64_t mr,
                     int64_t nr) = nullptr;
-  // Optional decode on int8 activations (null where the CPU has no int8 dot product): acc[0..n) += sum over
-  // chunks c of qscale[c*kQ8Chunk] * sum_r q[r] * Q[idx[r]][0..n), chunk c holding rows [c*kQ8Chunk, (c+1)*kQ8Chunk)
-  // of this call (U4: acc in the layout of rows, for u4_apply). u4_group_q8, for one U4 group of at most
-  // kQ8GroupRows live rows: y[0..n) += scale * (that sum - zp * zsum), with scales and zero points from
-  // number s of w's (as u4_apply), and no acc.
-  void (*rows_q8)(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx,
-                  const int8_t* q, const float* qscale, int64_t R, bool prefetch_l2) = nullptr;
+  // Optional decode on int8 activations (null where the CPU has no int8 dot product). rows_q8, for U8:
+  // acc[0..n) += sum over chunks c of qscale[c*kQ8Chunk] * sum_r q[r] * Q[idx[r]][0..n), chunk c holding rows
+  // [c*kQ8Chunk, (c+1)*kQ8Chunk) of this call. u4_group_q8, for the live rows of one U4 group: y[0..n) +=
+  // scale * (that sum - zp * zsum), with scales and zero points from number s of w's (as u4_apply); acc is
+  // scratch for kMaxTileCols floats.
+  void (*rows_q8)(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
+                  const float* qscale, int64_t R, bool prefetch_l2) = nullptr;
   void (*u4_group_q8)(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
                       const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum,
-                      bool prefetch_l2) = nullptr;
+                      bool prefetch_l2, float* acc) = nullptr;
   // Optional prefill of U8/U4 on int8 activations (same NR as gemm). q8_pack: the codes of W[k0:k0+kc, n0:n0+nc] as
   // words of four rows' bytes, out[ceil(nc/NR)][kc4][NR], kc4 = kc rounded up to whole kQ8KGroup, over 4; zero padded. q8_gemm: for kQ8MR rows of int8
   // activations qpan[kc4][kQ8MR] (words of four k) with a scale per kQ8KGroup k, sx[kc4/8][kQ8MR] (kc4 a multiple
