@@ -23,6 +23,41 @@ def _op_types(folder):
     return sorted(op.get_type_name() for op in model.get_ordered_ops())
 
 
+def _constant_offsets(xml):
+    from actsparse.exports.openvino import _CONSTANT_DATA
+
+    return [int(m[2]) for m in _CONSTANT_DATA.finditer(xml.read_bytes())]
+
+
+def test_save_ir_aligns_every_constant_and_keeps_its_values(tmp_path):
+    """Constants of odd sizes (a 4-byte scalar first, one of them shared) land on 64-byte offsets, and the
+    model reads back the same values: ov.save_model alone packs them back to back."""
+    from openvino import opset13 as ops
+
+    from actsparse.exports.openvino import save_ir
+
+    rng = np.random.default_rng(0)
+    x = ops.parameter([2, 7], np.float32, name="x")
+    shared = rng.standard_normal((7, 7)).astype(np.float32)
+    y = ops.multiply(x, np.float32(3.0))
+    for w in (shared, rng.standard_normal((7, 7)).astype(np.float16).astype(np.float32), shared):
+        y = ops.add(ops.matmul(y, ops.constant(w), False, False), ops.convert(ops.constant(rng.integers(0, 9, 7).astype(np.int8)), "f32"))
+    model = ov.Model([y], [x])
+    ov.save_model(model, tmp_path / "plain.xml", compress_to_fp16=False)
+    assert any(o % 64 for o in _constant_offsets(tmp_path / "plain.xml"))  # what the alignment is for
+    save_ir(model, tmp_path / "aligned.xml")
+    offsets = _constant_offsets(tmp_path / "aligned.xml")
+    assert len(offsets) == len(_constant_offsets(tmp_path / "plain.xml")) and all(o % 64 == 0 for o in offsets)
+    core = ov.Core()
+    values = [sorted((c.get_friendly_name(), c.get_data().tobytes()) for c in m.get_ordered_ops()
+                     if c.get_type_name() == "Constant")
+              for m in (core.read_model(tmp_path / "plain.xml"), core.read_model(tmp_path / "aligned.xml"))]
+    assert values[0] == values[1]
+    xv = rng.standard_normal((2, 7)).astype(np.float32)
+    outs = [core.compile_model(tmp_path / f"{n}.xml", "CPU").create_infer_request().infer({0: xv})[0] for n in ("plain", "aligned")]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 @pytest.fixture(scope="module")
 def llama_exports(tiny_llama, texts, tmp_path_factory):
     root = tmp_path_factory.mktemp("llama-exports")
@@ -45,6 +80,12 @@ def test_sparse_export_matches_torch_reference(tiny_llama, texts, llama_exports)
     got = ov_logits(folder, ids)
     assert np.abs(expected - dense).max() > 1e-3  # the pruning does change the logits
     np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-3)
+
+
+def test_exported_constants_are_aligned(llama_exports):
+    for folder in llama_exports.values():
+        offsets = _constant_offsets(folder / "openvino_model.xml")
+        assert offsets and all(o % 64 == 0 for o in offsets), folder
 
 
 def test_zero_sparsity_is_the_plain_dense_model(tiny_llama, texts, llama_exports, tmp_path):

@@ -132,9 +132,12 @@ def materialize(model: ov.Model, core: ov.Core) -> ov.Model:
     ``core`` must have the extension registered.
     """
     import tempfile
+    from pathlib import Path
+
+    from ..exports.openvino import save_ir
 
     with tempfile.TemporaryDirectory(prefix="actsparse-ir-") as tmp:
-        ov.save_model(model, f"{tmp}/model.xml", compress_to_fp16=False)
+        save_ir(model, Path(tmp) / "model.xml")  # aligned weights, as an export writes them
         return core.read_model(f"{tmp}/model.xml")
 
 
