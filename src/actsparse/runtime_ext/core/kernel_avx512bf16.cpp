@@ -280,7 +280,7 @@ inline void interleave(__m512 e, __m512 o, __m512& lo, __m512& hi) {
 // with masked loads (zeros past the row's end); U8 writes only acc[0..n), U4 the whole last 128 columns.
 template <bool U4, bool L2>
 void rows_q8_f(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
-               const float* scale, int64_t R) {
+               const float* scale, int64_t R, int64_t R_ahead = 0) {
   constexpr int C = int(kQ8Chunk), NG = C / 4;
   constexpr int64_t ahead = L2 ? 2 * C : C;  // rows ahead whose lines are prefetched: 2 chunks into L2, or the next into L1
   constexpr int64_t BC = U4 ? 128 : 64;      // columns per 64 code bytes
@@ -294,7 +294,7 @@ void rows_q8_f(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int
     for (int j = 0; j < C; ++j) {
       const int64_t r = c0 + j;  // rows past the chunk: its first row again, times 0
       p[j] = base + int64_t(idx[r < c1 ? r : c0]) * rb;
-      next[j] = r + ahead < R ? base + int64_t(idx[r + ahead]) * rb : nullptr;
+      next[j] = r + ahead < R + R_ahead ? base + int64_t(idx[r + ahead]) * rb : nullptr;
     }
     for (int g = 0; g < NG; ++g) qw[g] = q_quad(q, c0 + 4 * g, c1);
     const __m512 sv = _mm512_set1_ps(scale[c0]);
@@ -371,7 +371,7 @@ inline void u4_apply_block(float* y, int64_t c, int64_t n, const __m512 fa[4], c
 // rows_q8_f at s=0: u4_group_q8 gives them to it.)
 template <bool L2>
 void u4_group_q8_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
-                   const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum) {
+                   const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum, int64_t R_ahead) {
   constexpr int C = int(kQ8Chunk), NG = C / 4;
   constexpr int64_t ahead = 256;  // bytes of each row prefetched beyond the current 64
   const int64_t nb = (n + 127) / 128 * 128, nc = (R + C - 1) / C;
@@ -383,6 +383,9 @@ void u4_group_q8_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const i
   const __m512 zsv = _mm512_set1_ps(zsum);
   for (int64_t c = 0, off = 0; c < nb; c += 128, off += 64) {
     const __mmask64 m = first64(row_bytes(WeightFormat::U4, n - c));
+    if (L2)  // the next group's rows, the same 64 bytes: by the end of this pass they are on their way to L2
+      for (int64_t j = R; j < R + std::min(R_ahead, kQ8GroupRows); ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(base + int64_t(idx[j]) * rb + off), _MM_HINT_T1);
     __m512 fa[4], fb[4];
     for (int k = 0; k < 4; ++k) fa[k] = fb[k] = _mm512_setzero_ps();
     for (int64_t ci = 0; ci < nc; ++ci) {
@@ -414,15 +417,15 @@ void u4_group_q8_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const i
 
 void u4_group_q8(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
                  const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum, bool prefetch_l2,
-                 float* acc) {
+                 float* acc, int64_t R_ahead) {
   if (R <= kQ8GroupRows)
-    return prefetch_l2 ? u4_group_q8_f<true>(y, n, base, rb, idx, q, qscale, R, w, s, zsum)
-                       : u4_group_q8_f<false>(y, n, base, rb, idx, q, qscale, R, w, s, zsum);
+    return prefetch_l2 ? u4_group_q8_f<true>(y, n, base, rb, idx, q, qscale, R, w, s, zsum, R_ahead)
+                       : u4_group_q8_f<false>(y, n, base, rb, idx, q, qscale, R, w, s, zsum, R_ahead);
   // A longer group goes chunk by chunk into acc (rows_q8_f), then into y once.
   const int64_t nb = (n + 127) / 128 * 128;
   std::memset(acc, 0, sizeof(float) * size_t(nb));
-  if (prefetch_l2) rows_q8_f<true, true>(acc, n, base, rb, idx, q, qscale, R);
-  else rows_q8_f<true, false>(acc, n, base, rb, idx, q, qscale, R);
+  if (prefetch_l2) rows_q8_f<true, true>(acc, n, base, rb, idx, q, qscale, R, R_ahead);
+  else rows_q8_f<true, false>(acc, n, base, rb, idx, q, qscale, R, R_ahead);
   const __m512 zsv = _mm512_set1_ps(zsum);
   for (int64_t c = 0; c < nb; c += 128) {
     __m512 fa[4], fb[4];

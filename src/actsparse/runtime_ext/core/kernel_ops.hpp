@@ -38,12 +38,12 @@ struct Ops {
   // acc[0..n) += sum over chunks c of qscale[c*kQ8Chunk] * sum_r q[r] * Q[idx[r]][0..n), chunk c holding rows
   // [c*kQ8Chunk, (c+1)*kQ8Chunk) of this call. u4_group_q8, for the live rows of one U4 group: y[0..n) +=
   // scale * (that sum - zp * zsum), with scales and zero points from number s of w's (as u4_apply); acc is
-  // scratch for kMaxTileCols floats.
+  // scratch for kMaxTileCols floats; idx[R .. R + R_ahead) are the live rows read next (the next group's), to prefetch.
   void (*rows_q8)(float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
                   const float* qscale, int64_t R, bool prefetch_l2) = nullptr;
   void (*u4_group_q8)(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
                       const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum,
-                      bool prefetch_l2, float* acc) = nullptr;
+                      bool prefetch_l2, float* acc, int64_t R_ahead) = nullptr;
   // Optional prefill of U8/U4 on int8 activations (same NR as gemm). q8_pack: the codes of W[k0:k0+kc, n0:n0+nc] as
   // words of four rows' bytes, out[ceil(nc/NR)][kc4][NR], kc4 = kc rounded up to whole kQ8KGroup, over 4; zero padded. q8_gemm: for kQ8MR rows of int8
   // activations qpan[kc4][kQ8MR] (words of four k) with a scale per kQ8KGroup k, sx[kc4/8][kQ8MR] (kc4 a multiple
