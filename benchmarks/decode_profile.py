@@ -14,11 +14,11 @@ import argparse
 import collections
 import json
 import re
-import time
 
 import numpy as np
 import openvino as ov
 
+from actsparse.benchmark import greedy_steps
 from actsparse.calibration.openvino_backend import feed
 from actsparse.runtime_ext import compile_model, read_model
 
@@ -44,22 +44,14 @@ def profile(folder: str, prompt: int, steps: int, threads: int) -> dict:
     names = [i.get_any_name() for i in compiled.inputs]
     vocab = compiled.output("logits").get_partial_shape()[-1].get_length()
     ids = np.random.default_rng(0).integers(0, vocab, (1, prompt))
-    done, before, wall = 0, None, []
-    for rep in range(2):  # the first one warms up (the weights' first reads); the second is measured
+    done = 0  # inferences so far
+    for _ in range(2):  # the first pass warms up (the weights' first reads); the second is measured
         request.reset_state()
         request.infer(feed(names, ids))
-        done += 1
-        before = totals(request), done
-        token = ids[:, -1:]
-        for pos in range(prompt, prompt + steps):
-            inputs = {**feed(names, token), "position_ids": np.array([[pos]], np.int64),
-                      "attention_mask": np.ones((1, pos + 1), np.int64)}
-            start = time.perf_counter()
-            logits = request.infer(inputs)[compiled.output("logits")]
-            wall.append(time.perf_counter() - start) if rep else None
-            done += 1
-            token = logits[:, -1:].argmax(-1).astype(np.int64)
-    after, (first, n0) = totals(request), before
+        first, n0 = totals(request), done + 1
+        wall = greedy_steps(compiled, request, ids, steps)
+        done = n0 + steps
+    after = totals(request)
     rows = []
     for (kind, proj), (avg, nodes) in after.items():
         us = (avg * done - first.get((kind, proj), [0.0])[0] * n0) / steps

@@ -88,6 +88,23 @@ def _measure(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def greedy_steps(compiled, request, ids, steps: int) -> list[float]:
+    """``steps`` greedy one-token decode steps on an OpenVINO request that has just taken the prompt ``ids``
+    (``[1, seq]``); the seconds each took."""
+    from .calibration.openvino_backend import feed
+
+    names = [i.get_any_name() for i in compiled.inputs]
+    token, times = ids[:, -1:], []
+    for pos in range(ids.shape[1], ids.shape[1] + steps):
+        inputs = {**feed(names, token), "position_ids": np.array([[pos]], np.int64),
+                  "attention_mask": np.ones((1, pos + 1), np.int64)}
+        start = time.perf_counter()
+        logits = request.infer(inputs)[compiled.output("logits")]
+        times.append(time.perf_counter() - start)
+        token = logits[:, -1:].argmax(-1).astype(np.int64)
+    return times
+
+
 def _worker(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int) -> dict:
     if (folder / "model.onnx").is_file():
         import onnx
@@ -118,15 +135,9 @@ def _worker(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int) 
         start = time.perf_counter()
         request.infer(feed(names, ids))
         prefill.append(time.perf_counter() - start)
-        token = ids[:, -1:]
-        for pos in range(prompt_tokens, prompt_tokens + decode_tokens):
-            inputs = feed(names, token)
-            inputs["position_ids"] = np.array([[pos]], np.int64)
-            inputs["attention_mask"] = np.ones((1, pos + 1), np.int64)
-            start = time.perf_counter()
-            logits = request.infer(inputs)[compiled.output("logits")]
-            steps.append(time.perf_counter() - start) if rep else None
-            token = logits[:, -1:].argmax(-1).astype(np.int64)
+        decode = greedy_steps(compiled, request, ids, decode_tokens)
+        if rep:
+            steps += decode
     return {"prefill_ms": 1e3 * float(np.median(prefill[1:])), "decode_ms_per_token": 1e3 * float(np.median(steps)),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             # the plugin's choice for this CPU: f32, or bf16 where it has AVX512-BF16/AMX (weights rounded too)
