@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,3 +302,36 @@ def test_tile_widths(kernel, fmt, tile_cols):
         packed.tile_cols = bad
         with pytest.raises(ks.KernelError, match="tile_cols"):
             ks.matmul(x, packed, bias, 0.1, tau, True, 2, kernel)
+
+
+def _anon_huge_kb(lo: int, hi: int) -> int:
+    """AnonHugePages (kB) of this process's mappings that overlap [lo, hi)."""
+    total, overlaps = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = (int(v, 16) for v in head.split("-"))
+                overlaps = a < hi and lo < b
+            elif head == "AnonHugePages:" and overlaps:
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only")
+def test_to_huge_pages_keeps_address_and_bytes(tmp_path):
+    """What each op does to its weights on its first call, here to a file mapping as ONNX Runtime makes of
+    external data: the same bytes at the same address, still writable (the memory may go back to an
+    allocator), and on 2 MB pages where the kernel grants them."""
+    data = np.random.default_rng(0).integers(0, 256, 9 << 20, dtype=np.uint8)  # holds >= 3 aligned 2 MB pages
+    data.tofile(tmp_path / "w.bin")
+    a = np.memmap(tmp_path / "w.bin", np.uint8, mode="c")
+    address = a.ctypes.data
+    lo, hi = -(-address // (2 << 20)) * (2 << 20), (address + a.nbytes) // (2 << 20) * (2 << 20)
+    ks.to_huge_pages(a)
+    assert a.ctypes.data == address and np.array_equal(a, data)
+    a[::4096] ^= 1
+    assert np.array_equal(a[::4096], data[::4096] ^ 1)
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert _anon_huge_kb(lo, hi) >= (hi - lo) // 1024

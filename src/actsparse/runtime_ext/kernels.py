@@ -46,6 +46,8 @@ def _load():
         lib.actsparse_core_get_tuning.restype = None
         lib.actsparse_core_set_tuning.argtypes = [i64, ctypes.c_char, ctypes.c_int]
         lib.actsparse_core_set_tuning.restype = ctypes.c_int
+        lib.actsparse_core_to_huge_pages.argtypes = [p, i64]
+        lib.actsparse_core_to_huge_pages.restype = None
         _lib = lib
     return _lib
 
@@ -99,6 +101,14 @@ def tuning(**knobs):
         yield
     finally:
         set_tuning(**old)
+
+
+def to_huge_pages(a: np.ndarray) -> None:
+    """Move the 2 MB-aligned part of a's bytes onto 2 MB pages, in place (what each op does to its weights on
+    its first call; see to_huge_pages in actsparse_core.hpp)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("to_huge_pages needs a contiguous array")
+    _load().actsparse_core_to_huge_pages(a.ctypes.data, a.nbytes)
 
 
 # Columns per stored tile by format (see PackedWeight in actsparse_core.hpp), written into each fused op as its

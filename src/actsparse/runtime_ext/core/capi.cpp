@@ -77,6 +77,10 @@ __attribute__((visibility("default"))) int actsparse_core_set_tuning(int64_t par
   return 1;
 }
 
+__attribute__((visibility("default"))) void actsparse_core_to_huge_pages(const void* p, int64_t bytes) {
+  actsparse::to_huge_pages(p, size_t(bytes));
+}
+
 __attribute__((visibility("default"))) const char* actsparse_core_kernels(void) {
   static const std::string s = join(actsparse::available_kernels());
   return s.c_str();

@@ -95,8 +95,8 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
   const WeightFormat f = w.format;
   const int64_t K = w.K, N = w.N, rb = row_bytes(f, N);  // bytes of one whole (all-tile) row
   const int64_t ng = f == WeightFormat::U4 ? K / w.group_size : 1;
-  auto idx_buf = scratch<int32_t>(M * K);
-  auto z_buf = scratch<float>(M * K);
+  auto idx_buf = scratch<int32_t>(M * K + detail::kLiveSlack);
+  auto z_buf = scratch<float>(M * K + detail::kLiveSlack);
   auto gpos_buf = scratch<int64_t>(M * (ng + 1));
   auto gsum_buf = scratch<float>(M * ng);
   LiveRow rows[4];
@@ -115,6 +115,12 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     int64_t L = 0;
     for (int64_t g = 0; g < ng; ++g) {
       r.gpos[g] = L;
+      if (ops.live) {  // AVX-512: a mask and a compress per 16 channels (K=4096 f32, none live: 5.1 -> 0.7 us)
+        const void* xg = bf16 ? static_cast<const void*>(static_cast<const uint16_t*>(xv) + i * K + g * gs)
+                              : static_cast<const void*>(static_cast<const float*>(xv) + i * K + g * gs);
+        L += ops.live(xg, bf16, gs, g * gs, p.mode, p.threshold, p.mask, r.idx + L, r.z + L, &nonfinite);
+        continue;
+      }
       // Branch-free: at s = 0.5 a branch on keep mispredicts every other channel, which cost more than the
       // call's weight rows on short ones (5632x2048 u8 at s=0.5: about 40 us of a 300 us call).
       for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
@@ -147,6 +153,12 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     }
     double total = 0.0;
     for (int64_t g = 0; g < ng; ++g) {
+      if (q8 && ops.q8_live) {  // the same per group, two chunks per 512-bit step
+        const int64_t a = r.gpos[g];
+        r.gsum[g] = float(ops.q8_live(r.z + a, r.gpos[g + 1] - a, r.q + a, r.qs + a));
+        total += r.gsum[g];
+        continue;
+      }
       double gs = 0.0;
       for (int64_t c0 = r.gpos[g]; c0 < r.gpos[g + 1]; c0 += detail::kQ8Chunk) {
         const int64_t c1 = std::min(r.gpos[g + 1], c0 + detail::kQ8Chunk);

@@ -488,6 +488,31 @@ void q8_quantise(const float* z, int64_t n, int8_t* q, float* scale, float* sq) 
   }
 }
 
+// Ops::q8_live, two chunks of kQ8Chunk (= 8) per step: each 256-bit half finds its own max |z|.
+double q8_live(float* z, int64_t n, int8_t* q, float* qs) {
+  static_assert(kQ8Chunk == 8, "two chunks per 512-bit step");
+  double total = 0.0;
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 in = n - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - c)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(in, z + c);
+    __m512 m = _mm512_abs_ps(v);
+    m = _mm512_max_ps(m, _mm512_permute_ps(m, 0xb1));                  // neighbours
+    m = _mm512_max_ps(m, _mm512_permute_ps(m, 0x4e));                  // pairs
+    m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0xb1));           // 128-bit lanes within each half
+    const __m512 scale = _mm512_div_ps(m, _mm512_set1_ps(127.f));
+    const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(127.f), m);
+    __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));  // to nearest even
+    r = _mm512_min_epi32(_mm512_max_epi32(r, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+    _mm_mask_storeu_epi8(q + c, in, _mm512_cvtepi32_epi8(r));
+    const __m512 zq = _mm512_maskz_mul_ps(in, scale, _mm512_cvtepi32_ps(r));
+    _mm512_mask_storeu_ps(z + c, in, zq);
+    qs[c] = _mm512_cvtss_f32(scale);
+    if (c + 8 < n) qs[c + 8] = _mm512_cvtss_f32(_mm512_shuffle_f32x4(scale, scale, 0x0e));
+    total += double(_mm512_reduce_add_ps(zq));
+  }
+  return total;
+}
+
 // c[mr x nr] += scale * (A - zp * bsum[i]) for kQ8MR rows and NR columns, A = sum over the kc4 words of groups of
 // kQ8KGroup k: sx[group][i] * (int32 dot of that group), scale and zero point from number s of w's params onward
 // (one weight group, or per column for u8). qpan: [kc4][kQ8MR] words of four int8 activations; sx: [kc4 / 8][kQ8MR].
@@ -547,6 +572,7 @@ const Ops* ops_avx512bf16() {
     o.q8_pack = q8_pack;
     o.q8_gemm = q8_gemm;
     o.q8_quantise = q8_quantise;
+    o.q8_live = q8_live;
     return o;
   }();
   return &ops;

@@ -10,6 +10,7 @@ constexpr int64_t kQ8Chunk = 8;          // live rows per int8 activation scale 
 constexpr int64_t kQ8GroupRows = 4 * kQ8Chunk;  // u4_group_q8 takes groups of up to this many live rows at once
 constexpr int64_t kQ8KGroup = 32;  // prefill on int8 activations: k per activation scale (the plugin's group size)
 constexpr int64_t kQ8MR = 3;       // and rows per q8_gemm tile
+constexpr int64_t kLiveSlack = 16;  // Ops::live writes up to this many entries past the last live one
 
 struct Ops {
   int gemm_mr, gemm_nr;  // prefill micro-tile
@@ -57,6 +58,17 @@ struct Ops {
   void (*q8_quantise)(const float* z, int64_t n, int8_t* q, float* scale, float* sq) = nullptr;
   // Decode's U4 rows multiply z rounded to bf16: the driver rounds z (and sums the rounded values).
   bool u4_bf16 = false;
+  // Optional decode preparation (null: the driver's scalar loops do the same). live: the live channels of
+  // x[0..n) (f32, or bf16 bits when bf16): in order, every k with !mask or !(|x[k] - mode| <= tau) (so NaN and
+  // Inf are kept) appends k0 + k to idx and x[k] - mode to z; returns how many. It stores whole vectors:
+  // idx and z need kLiveSlack entries of room past the last live one. *nonfinite |= 1 if a kept value is
+  // NaN or Inf.
+  int64_t (*live)(const void* x, bool bf16, int64_t n, int64_t k0, float mode, float tau, bool mask, int32_t* idx,
+                  float* z, int* nonfinite) = nullptr;
+  // q8_live: int8 activations for n live values z, in chunks of kQ8Chunk from z[0]: qs[c] = max|z| / 127 of the
+  // chunk starting at c, q = z / qs[c] rounded to nearest even, and z becomes qs[c] * q; returns the sum of
+  // the new z.
+  double (*q8_live)(float* z, int64_t n, int8_t* q, float* qs) = nullptr;
 };
 
 #define ACTSPARSE_KERNEL(name, check, automatic) const Ops* ops_##name();

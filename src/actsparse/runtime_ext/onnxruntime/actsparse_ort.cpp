@@ -105,6 +105,7 @@ struct Kernel {
   float mode, threshold;
   bool prune_prefill, has_bias;
   std::atomic<int> width{0};  // the pool's width, measured on the first call (0: not yet)
+  std::once_flag pages;       // to_huge_pages on the weights, at the first call
 
   Kernel(const OrtKernelInfo* raw, bool int8) : int8_activations(int8) {
     Ort::ConstKernelInfo info(raw);
@@ -162,6 +163,7 @@ struct Kernel {
     const float* bias = has_bias ? p : nullptr;
     const float* scale = per_channel ? p + (has_bias ? N : 0) : nullptr;
     const float* zero_point = scale ? scale + per_channel : nullptr;
+    std::call_once(pages, [&] { to_huge_pages(weight.GetTensorRawData(), size_t(w_bytes)); });
     const PackedWeight w{format, K, N, group_size, weight.GetTensorRawData(), scale, zero_point, tile_cols};
 
     // One token per sequence is a decode step: always pruned. Longer inputs are prefill.

@@ -107,6 +107,7 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
                     compact ? " bytes" : " values", ", expected ", expect);
     const auto* bytes = static_cast<const uint8_t*>(inputs[2].data());
     const float* bias = m_has_bias ? reinterpret_cast<const float*>(bytes) : nullptr;
+    std::call_once(m_pages, [&] { to_huge_pages(inputs[1].data(), inputs[1].get_byte_size()); });
     PackedWeight weight{format, K, N, m_group_size, inputs[1].data(), nullptr, nullptr, m_tile_cols};
     if (compact) {
       weight.scale16 = reinterpret_cast<const uint16_t*>(bytes + 4 * bias_n);

@@ -3,6 +3,8 @@
 
 #include <openvino/op/op.hpp>
 
+#include <mutex>
+
 #include "actsparse_core.hpp"
 
 namespace actsparse {
@@ -46,6 +48,7 @@ private:
     // Derived from the attributes in validate_and_infer_types, so evaluate compares no strings.
     WeightFormat m_format = WeightFormat::F32;
     bool m_prune_prefill = false;
+    mutable std::once_flag m_pages;  // to_huge_pages on the weights, at the first evaluate
 };
 
 }  // namespace actsparse
