@@ -493,7 +493,7 @@ double q8_live(float* z, int64_t n, int8_t* q, float* qs) {
   static_assert(kQ8Chunk == 8, "two chunks per 512-bit step");
   double total = 0.0;
   for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 in = n - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - c)) - 1);
+    const __mmask16 in = first16(n - c);
     const __m512 v = _mm512_maskz_loadu_ps(in, z + c);
     __m512 m = _mm512_abs_ps(v);
     m = _mm512_max_ps(m, _mm512_permute_ps(m, 0xb1));                  // neighbours
