@@ -1,10 +1,11 @@
 """End-to-end decode: an actsparse export against its dense baseline, via ``actsparse bench``. Prints JSON.
 
 Models: SmolLM2-135M (built in) and a TinyLlama-shaped model with random weights (hidden 2048,
-intermediate 5632, 8 layers, 32 query / 4 KV heads, SmolLM2's tokenizer). Each export is made
+intermediate 5632, 8 layers, 32 query / 4 KV heads, SmolLM2's tokenizer) by default; any other
+MODEL that ``actsparse export`` takes, e.g. the built-in ``qwen2.5-0.5b``. Each export is made
 once into --work and reused.
 
-    python benchmarks/e2e_bench.py [--work DIR] [--models smollm2-135m tinyllama-8l]
+    python benchmarks/e2e_bench.py [--work DIR] [--models smollm2-135m tinyllama-8l qwen2.5-0.5b]
                                    [--runtimes openvino onnx] [--formats fp32 int8]
                                    [--up 0.5 --down 0.5] [--threads 2] [--export-only]
 
