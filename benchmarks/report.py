@@ -1,0 +1,221 @@
+"""Writes benchmarks/results/README.md from the JSON files beside it: one section per file, each with
+the date, CPU and command that produced it. Standard library only; the output is deterministic.
+
+    python benchmarks/report.py          # rewrite benchmarks/results/README.md
+    python benchmarks/report.py --check  # exit 1 if README.md is not what the JSON files give
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNTIMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime"}
+SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.9)
+
+
+class ReportError(Exception):
+    pass
+
+
+def median(values) -> float:
+    return statistics.median(list(values))
+
+
+def metadata(name: str, data) -> dict:
+    """date, cpu and command of a results file: top-level fields, or those of its ``machine`` record."""
+    if not isinstance(data, dict):
+        raise ReportError(f"{name}: the top level must be an object with date, cpu and command")
+    machine = data.get("machine") if isinstance(data.get("machine"), dict) else {}
+    found = {key: data.get(key, machine.get(key)) for key in ("date", "cpu", "command")}
+    missing = [key for key, value in found.items() if not value]
+    if missing:
+        raise ReportError(f"{name}: no {', '.join(missing)} (add them as top-level fields)")
+    return found
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def x(value: float) -> str:
+    return f"{value:.2f}×"
+
+
+# Kernel benchmarks: one decode step of one layer, ours at several sparsities against the runtime's dense op.
+
+def dense_side(row: dict) -> tuple[str, float, float]:
+    """(dense op, ms, GB/s): OpenVINO rows hold numbers, ONNX Runtime rows one entry per timed baseline."""
+    if isinstance(row["dense_ms"], dict):
+        op = next(iter(row["dense_ms"]))
+        return op, row["dense_ms"][op], row["dense_gbps"][op]
+    return row.get("dense_fc_precision", "dense"), row["dense_ms"], row["dense_gbps"]
+
+
+def speedups(row: dict) -> dict[float, float]:
+    """{sparsity: dense time / our time}, as the benchmark recorded it (a median over its runs) where it did."""
+    op, dense_ms, _ = dense_side(row)
+    return {s["sparsity"]: s.get("speedup_vs_dense") or s.get("dense_over_ours", {}).get(op) or dense_ms / s["ms"]
+            for s in row["sparse"]}
+
+
+def at(row: dict, sparsity: float) -> dict:
+    return next(s for s in row["sparse"] if abs(s["sparsity"] - sparsity) < 1e-9)
+
+
+def kernel_section(data: dict) -> list[str]:
+    rows = data["results"]
+    sizes = sorted({r["K"] * r["N"] for r in rows}, reverse=True)
+    large = set(sizes[:2])
+    out = ["Speed-up against the dense op (its time ÷ ours), median over the shapes; \"large\" is the median over "
+           "the two largest. GB/s count the weight bytes read (all for dense, the live rows for ours), median over "
+           "the large shapes.", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["format"], r["threads"]), []).append(r)
+    summary = []
+    for (fmt, threads), rs in groups.items():
+        big = [r for r in rs if r["K"] * r["N"] in large]
+        summary.append([fmt, str(threads), dense_side(rs[0])[0], str(len(rs))]
+                       + [x(median(speedups(r)[s] for r in rs)) for s in SPARSITIES]
+                       + [x(median(speedups(r)[s] for r in big)) for s in (0.0, 0.5, 0.9)]
+                       + [f"{median(dense_side(r)[2] for r in big):.0f}",
+                          " / ".join(f"{median(at(r, s)['gbps'] for r in big):.0f}" for s in (0.0, 0.5, 0.9))])
+    out += table(["format", "threads", "dense op", "shapes"] + [f"s={s:g}" for s in SPARSITIES]
+                 + ["large: s=0", "s=0.5", "s=0.9", "dense GB/s", "ours GB/s at s=0 / 0.5 / 0.9"], summary)
+    out += ["", "Per shape: ms per layer, dense and ours at each sparsity (speed-up in brackets).", ""]
+    detail = []
+    for r in rows:
+        sp = speedups(r)
+        detail.append([f"{r['K']}×{r['N']}", r["format"], str(r["threads"]), str(r["layers"]),
+                       f"{dense_side(r)[1]:.3f}"] + [f"{at(r, s)['ms']:.3f} ({x(sp[s])})" for s in SPARSITIES])
+    return out + table(["K×N", "format", "threads", "layers", "dense ms"] + [f"s={s:g}" for s in SPARSITIES], detail)
+
+
+# End-to-end runs of `actsparse bench`: rows grouped by their note (one run of the benchmark), rounds merged.
+
+def e2e_section(data: dict) -> list[str]:
+    runs: dict[str, list[dict]] = {}
+    for r in data["results"]:
+        runs.setdefault(r.get("note", ""), []).append(r)
+    out = []
+    for note, rows in runs.items():
+        commands = sorted({r["command"] for r in rows if r.get("command")})
+        out += [f"**{note}**" if note else "", ""] + [f"- `{c}`" for c in commands] + [""]
+        cells: dict[tuple, list[dict]] = {}
+        for r in rows:
+            cells.setdefault((r["model_name"], r["runtime"], r["weight_format"], r["up"], r["down"]), []).append(r)
+        lines = []
+        for (model, runtime, weights, up, down), rs in cells.items():
+            def m(*path):
+                values = []
+                for r in rs:
+                    for key in path:
+                        r = r[key]
+                    values.append(r)
+                return median(values)
+            speed = f"{m('decode_speedup'):.3f}×"
+            if len(rs) > 1:
+                speed += " (" + ", ".join(f"{r['decode_speedup']:.3f}" for r in rs) + ")"
+            lines.append([model, RUNTIMES.get(runtime, runtime), weights, f"{up:g} / {down:g}",
+                          f"{m('dense', 'decode_ms_per_token'):.2f}", f"{m('sparse', 'decode_ms_per_token'):.2f}",
+                          speed, f"{m('amdahl_limit'):.3f}×", f"{100 * m('of_limit'):.0f} %",
+                          f"{m('dense', 'prefill_ms'):.0f} → {m('sparse', 'prefill_ms'):.0f} ({x(m('prefill_ratio'))})",
+                          f"{m('dense', 'peak_rss_mb'):.0f} → {m('sparse', 'peak_rss_mb'):.0f} "
+                          f"({x(m('memory_ratio'))})"])
+        out += table(["model", "runtime", "weights", "up / down", "dense ms/token", "sparse ms/token",
+                      "speed-up (rounds)", "limit", "of limit", "prefill ms dense → sparse",
+                      "peak RSS MB dense → sparse"], lines) + [""]
+    return out[:-1]
+
+
+# Quality sweep of benchmarks/quality.py.
+
+def quality_section(data: dict) -> list[str]:
+    ev, cal = data["eval"], data["calibration"]
+    out = [f"Calibration: {cal['samples']} × {cal['seq_len']} tokens of {cal['text']}; evaluation: "
+           f"{ev['samples']} × {ev['seq_len']} tokens of {ev['text']}, every token pruned."]
+    order = ["scap", "teal", "cats"]
+    for name, r in data["models"].items():
+        encoder = "mean_cosine" in r["dense"]
+        dense = "cosine 1.0" if encoder else f"perplexity {r['dense']['perplexity']:.2f}"
+        rows = sorted(r["rows"], key=lambda row: (order.index(row["method"]), row["allocation"],
+                                                  row["centering"] == "off", row["ffn_sparsity"]))
+        body = [[row["method"], row["allocation"], f"{row['centering']} ({row['centred_layers']} layers centred)",
+                 f"{row['ffn_sparsity']:.2f} / {row['ffn_sparsity_measured']:.3f}",
+                 f"{row['mean_cosine']:.4f} / {row['min_cosine']:.4f}" if encoder
+                 else f"{row['perplexity']:.2f} ({row['perplexity'] / r['dense']['perplexity']:.3f}×)"] for row in rows]
+        out += ["", f"**{name}** (dense {dense})", ""]
+        out += table(["method", "allocation", "centring", "FFN sparsity (planned / measured)",
+                      "mean / min cosine" if encoder else "perplexity (× dense)"], body)
+        out += [f"\n{method} refused: {reason}" for method, reason in r.get("refused", {}).items()]
+        if r.get("note"):
+            out += ["", f"Note: {r['note']}."]
+        if r.get("sensitivity"):
+            out += ["", "Calibration sensitivity (scap uniform, FFN sparsity 0.4):", ""]
+            out += table(["calibration samples × tokens", "perplexity (× dense)", "FFN sparsity measured"],
+                         [[f"{s['calibration_samples']} × {s['calibration_seq_len']}",
+                           f"{s['perplexity']:.2f} ({s['perplexity_ratio']:.3f}×)",
+                           f"{s['ffn_sparsity_measured']:.3f}"] for s in r["sensitivity"]])
+    return out
+
+
+def section(path: Path) -> list[str]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ReportError(f"{path.name}: {err}") from None
+    meta = metadata(path.name, data)
+    commands = meta["command"] if isinstance(meta["command"], list) else [meta["command"]]
+    out = [f"## {path.stem}", "", f"- Data: [`{path.name}`]({path.name})", f"- Date: {meta['date']}",
+           f"- CPU: {meta['cpu']}"] + [f"- Command: `{c}`" for c in commands]
+    if data.get("note"):
+        out.append(f"- Note: {data['note']}")
+    out.append("")
+    rows = data.get("results")
+    try:
+        if "models" in data:
+            return out + quality_section(data)
+        if rows and "sparse" in rows[0] and "dense_ms" in rows[0]:
+            return out + kernel_section(data)
+        if rows and "decode_speedup" in rows[0]:
+            return out + e2e_section(data)
+    except (KeyError, TypeError, ValueError, StopIteration) as err:
+        raise ReportError(f"{path.name}: unexpected layout ({type(err).__name__}: {err})") from None
+    raise ReportError(f"{path.name}: unknown layout (expected kernel, end-to-end or quality results)")
+
+
+def render(folder: Path = RESULTS) -> str:
+    lines = ["# Benchmark results", "",
+             "Generated by `python benchmarks/report.py` from the JSON files in this folder; do not edit by hand. "
+             "Speed-ups are dense time ÷ sparse time, taken within one run (dense and sparse alternate).", ""]
+    for path in sorted(folder.glob("*.json")):
+        lines += section(path) + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is stale, write nothing")
+    args = parser.parse_args(argv)
+    target = RESULTS / "README.md"
+    try:
+        text = render()
+    except ReportError as err:
+        print(f"report: error: {err}", file=sys.stderr)
+        return 1
+    if args.check:
+        if not target.is_file() or target.read_text() != text:
+            print(f"report: {target} is stale: run python benchmarks/report.py", file=sys.stderr)
+            return 1
+        return 0
+    target.write_text(text)
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
