@@ -149,6 +149,8 @@ def quality_section(data: dict) -> list[str]:
                  f"{row['mean_cosine']:.4f} / {row['min_cosine']:.4f}" if encoder
                  else f"{row['perplexity']:.2f} ({row['perplexity'] / r['dense']['perplexity']:.3f}×)"] for row in rows]
         out += ["", f"**{name}** (dense {dense})", ""]
+        if r.get("eval"):
+            out += [f"Evaluation: {r['eval']['samples']} × {r['eval']['seq_len']} tokens of {r['eval']['text']}.", ""]
         out += table(["method", "allocation", "centring", "FFN sparsity (planned / measured)",
                       "mean / min cosine" if encoder else "perplexity (× dense)"], body)
         out += [f"\n{method} refused: {reason}" for method, reason in r.get("refused", {}).items()]
