@@ -16,18 +16,23 @@ ONNX_DOMAIN = "ai.actsparse"
 OPENVINO_LIBRARY = "libactsparse_openvino.so"
 
 
-def library_dir() -> Path:
-    """``$ACTSPARSE_EXT_DIR`` (a development build) or this package's folder (the installed wheel)."""
-    return Path(os.environ.get("ACTSPARSE_EXT_DIR") or Path(__file__).parent)
+def library_path(name: str, what: str, remedy: str) -> Path:
+    """Path of the built library ``name``: in ``$ACTSPARSE_EXT_DIR`` (a development build) if set, else in this
+    package's folders. An editable install keeps the sources in the checkout and installs the built libraries
+    into site-packages; both folders are on ``__path__``, so it is searched whole."""
+    env = os.environ.get("ACTSPARSE_EXT_DIR")
+    folders = [Path(env)] if env else [Path(folder) for folder in __path__]
+    for folder in folders:
+        if (folder / name).is_file():
+            return folder / name
+    raise ActSparseError(f"the ActSparseMatMul {what} {name} was not built (looked in "
+                         f"{', '.join(map(str, folders))}); {remedy}")
 
 
 def openvino_extension() -> str:
     """Path of the OpenVINO extension library, for ``core.add_extension``."""
-    path = library_dir() / OPENVINO_LIBRARY
-    if not path.is_file():
-        raise ActSparseError(f"the ActSparseMatMul OpenVINO extension {OPENVINO_LIBRARY} was not built "
-                             f"(looked in {path.parent}); reinstall actsparse with a C++17 compiler available")
-    return str(path)
+    return str(library_path(OPENVINO_LIBRARY, "OpenVINO extension",
+                            "reinstall actsparse with a C++17 compiler available"))
 
 
 def extension_problem() -> str | None:
@@ -144,12 +149,8 @@ ONNXRUNTIME_LIBRARY = "libactsparse_onnxruntime.so"
 
 def onnxruntime_library() -> str:
     """Path of the ONNX Runtime custom-op library, for ``SessionOptions.register_custom_ops_library``."""
-    path = library_dir() / ONNXRUNTIME_LIBRARY
-    if not path.is_file():
-        raise ActSparseError(f"the ActSparseMatMul ONNX Runtime library {ONNXRUNTIME_LIBRARY} was not built "
-                             f"(looked in {path.parent}); reinstall actsparse with a C++17 compiler and apt-get "
-                             "(or ORT_INCLUDE_DIR) available")
-    return str(path)
+    return str(library_path(ONNXRUNTIME_LIBRARY, "ONNX Runtime library", "reinstall actsparse with a C++17 "
+                            "compiler and apt-get (or ORT_INCLUDE_DIR) available"))
 
 
 def onnxruntime_problem() -> str | None:

@@ -1,6 +1,6 @@
 """ctypes wrapper of the C++ kernel core (libactsparse_core_capi.so) plus numpy packers and a reference.
 
-The library is looked up in $ACTSPARSE_EXT_DIR if set, else next to this file (where the wheel installs it).
+The library is found as the runtime libraries are (:func:`actsparse.runtime_ext.library_path`).
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from . import library_path
+
 FORMATS = {"f32": 0, "f16": 1, "u8": 2, "u4": 3, "bf16": 4}
 _LIB_NAME = "libactsparse_core_capi.so"
 _lib = None
@@ -22,17 +24,10 @@ class KernelError(RuntimeError):
     """The C++ core rejected a call; the message is the core's own."""
 
 
-def library_path() -> Path:
-    d = os.environ.get("ACTSPARSE_EXT_DIR")
-    return (Path(d) if d else Path(__file__).resolve().parent) / _LIB_NAME
-
-
 def _load():
     global _lib
     if _lib is None:
-        path = library_path()
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: build actsparse/runtime_ext/core or set ACTSPARSE_EXT_DIR")
+        path = library_path(_LIB_NAME, "kernel core", "build actsparse/runtime_ext/core or set ACTSPARSE_EXT_DIR")
         lib = ctypes.CDLL(str(path))
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.actsparse_core_matmul.argtypes = [p, i64, ctypes.c_int, i64, i64, i64, p, p, p, p, f32, f32,
