@@ -52,6 +52,8 @@ def _take_over(old: ir.Value, new: ir.Value, suffix: str) -> None:
     name = old.name
     old.replace_all_uses_with(new, replace_graph_outputs=True)
     old.name, new.name = f"{name}{suffix}", name
+    # the type goes with the name: a graph output may lack a shape, a value_info may not
+    new.type, new.shape, old.type, old.shape = old.type, old.shape, None, None
 
 
 class _Planned(ir.passes.InPlacePass):
@@ -276,11 +278,14 @@ class FuseActSparseMatMul(Rule):
 
     def match(self, node: ir.Node) -> Group | str | None:
         mask = read_mask(node)
-        if not isinstance(mask, Mask):
+        if mask is None:
+            return None
+        linears = node.outputs[0].consumers()
+        if isinstance(mask, str):
+            self.refused += sum(n.op_type in LINEAR_OPS for n in linears)
             return mask
-        linears = [use.node for use in node.outputs[0].uses()]
         if any(n.op_type not in LINEAR_OPS or n.inputs[0] is not node.outputs[0] for n in linears) or not linears:
-            self.refused += len(linears)
+            self.refused += sum(n.op_type in LINEAR_OPS for n in linears)
             return "the mask is read by something other than the first input of a MatMul"
         protos = [self.index.producers[n.outputs[0].name] for n in linears]
         weights = [weight_tensors(self.index, p) for p in protos]

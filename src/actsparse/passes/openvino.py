@@ -209,7 +209,7 @@ class Rule(MatcherPass):
     def _callback(self, matcher: Matcher) -> bool:
         root = matcher.get_match_root()
         match = self.read(root)
-        reason = match if isinstance(match, str) else self.check(match)
+        reason = self.check(match)
         if reason:
             return refuse(type(self).__name__, root.get_friendly_name(), reason)
         self.count += self.rewrite(match)
@@ -219,10 +219,11 @@ class Rule(MatcherPass):
         return fused_op_pattern()
 
     def read(self, root: ov.Node):
-        """What ``check`` and ``rewrite`` take (the matched node itself), or why the match is refused."""
+        """What ``check`` and ``rewrite`` take: the matched node itself."""
         return root
 
     def check(self, match) -> str | None:
+        """Why ``match`` is refused, or None."""
         return None
 
     def rewrite(self, match) -> int:
@@ -238,6 +239,9 @@ class MaskRule(Rule):
 
     def read(self, root: ov.Node) -> Mask | str:
         return read_mask(root)
+
+    def check(self, mask: Mask | str) -> str | None:
+        return mask if isinstance(mask, str) else None
 
 
 class DropKeepDense(MaskRule):

@@ -140,8 +140,9 @@ def materialize(model: ov.Model, core: ov.Core) -> ov.Model:
 
 
 class Group(NamedTuple):
-    """A matched pattern, the MatMuls that read its mask and their weights (:func:`read_weight`)."""
-    mask: Mask
+    """A matched pattern (or why it cannot be read), the MatMuls that read its mask and their weights
+    (:func:`read_weight`)."""
+    mask: Mask | str
     matmuls: list[ov.Node]
     weights: list
 
@@ -162,21 +163,23 @@ class FuseActSparseMatMul(MaskRule):
         self.weight_format, self.names, self.refused = weight_format, names or {}, 0
         super().__init__()
 
-    def read(self, root: ov.Node) -> Group | str:
+    def read(self, root: ov.Node) -> Group:
         mask = super().read(root)
-        if isinstance(mask, str):
-            return mask
         # the readers come as a set: sorted, a group's layout is the same from run to run
-        matmuls = sorted((i.get_node() for i in root.output(0).get_target_inputs()), key=lambda n: n.get_friendly_name())
-        return Group(mask, matmuls, [read_weight(mm) if mm.get_type_name() == "MatMul" else None for mm in matmuls])
+        readers = sorted((i.get_node() for i in root.output(0).get_target_inputs()), key=lambda n: n.get_friendly_name())
+        weights = [read_weight(mm) if mm.get_type_name() == "MatMul" and not isinstance(mask, str) else None
+                   for mm in readers]
+        return Group(mask, readers, weights)
 
     def check(self, group: Group) -> str | None:
         reason = self._refusal(group)
-        self.refused += len(group.matmuls) if reason else 0
+        self.refused += sum(mm.get_type_name() == "MatMul" for mm in group.matmuls) if reason else 0
         return reason
 
     @staticmethod
     def _refusal(group: Group) -> str | None:
+        if isinstance(group.mask, str):
+            return group.mask
         if group.mask.cats:  # the op masks x by x itself
             return "its mask comes from another tensor (cats)"
         select = group.mask.select.output(0)
