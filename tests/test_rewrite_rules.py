@@ -1,6 +1,7 @@
 """The rewrite rules find the reference pattern by its structure: each rule on a tiny graph, run before and
 after against numpy, node counts, models whose nodes were all renamed, and patterns they must leave alone."""
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -92,39 +93,6 @@ def _ov_run(model, x):
     return core.compile_model(model, "CPU", EXACT_CONFIG)({0: x})[0]
 
 
-@pytest.fixture
-def ov_library():
-    skip_without_extension(extension_problem())
-
-
-@pytest.mark.parametrize("rename", [False, True])
-def test_openvino_fusion_ignores_node_names(rename, ov_library):
-    model, plan = _ov_pattern()
-    x = RNG.normal(size=(1, 3, K)).astype(np.float32)
-    unfused = _ov_run(model, x)
-    np.testing.assert_allclose(unfused, _numpy_mlp(x), rtol=1e-4, atol=1e-4)
-    if rename:
-        _ov_rename(model)
-    assert fuse(model, plan) == {"fused": 3, "refused": 0}
-    types = _ov_types(model)
-    assert types[OP_TYPE] == 2 and types.get("MatMul", 0) == 0 and types.get("Select", 0) == 0
-    np.testing.assert_allclose(_ov_run(model, x), unfused, rtol=1e-4, atol=1e-4)
-
-
-def test_openvino_prefill_rule_drops_the_keep_dense_test_of_a_renamed_model():
-    model, _ = _ov_pattern("dense")
-    _ov_rename(model)
-    prompt = RNG.normal(size=(1, 4, K)).astype(np.float32)
-    np.testing.assert_allclose(_ov_run(model, prompt), _numpy_mlp(prompt, prefill_dense=True), rtol=1e-4, atol=1e-4)
-    before = _ov_types(model)
-    assert ov_passes.run_rules(model, ov_passes.DropKeepDense()) == {"DropKeepDense": 2}
-    after = _ov_types(model)
-    assert before["LogicalOr"] == 2 and "LogicalOr" not in after and "NotEqual" not in after
-    assert after["Select"] == before["Select"] == 2
-    np.testing.assert_allclose(_ov_run(model, prompt), _numpy_mlp(prompt), rtol=1e-4, atol=1e-4)
-    assert ov_passes.set_prefill_sparse(model) == 0  # nothing left to change
-
-
 def test_openvino_unmask_rule_gives_the_dense_model():
     model, _ = _ov_pattern()
     _ov_rename(model)
@@ -134,7 +102,8 @@ def test_openvino_unmask_rule_gives_the_dense_model():
     np.testing.assert_allclose(_ov_run(model, x), _numpy_mlp(x, pruned=False), rtol=1e-4, atol=1e-4)
 
 
-def test_openvino_fused_op_rules_set_prefill_and_threshold(ov_library):
+def test_openvino_fused_op_rules_set_prefill_and_threshold():
+    skip_without_extension(extension_problem())
     model, plan = _ov_pattern("dense")
     fuse(model, plan)
     step = RNG.normal(size=(1, 1, K)).astype(np.float32)
@@ -231,39 +200,6 @@ def _onnx_run(model, x):
     return onnx_backend.session(model).run(None, {"x": x})[0]
 
 
-@pytest.mark.parametrize("rename", [False, True])
-def test_onnx_fusion_ignores_node_names(rename):
-    skip_without_extension(onnxruntime_problem())
-    model, plan = _onnx_pattern()
-    x = RNG.normal(size=(1, 3, K)).astype(np.float32)
-    unfused = _onnx_run(model, x)
-    np.testing.assert_allclose(unfused, _numpy_mlp(x), rtol=1e-4, atol=1e-4)
-    if rename:
-        _onnx_rename(model)
-    assert onnx_passes.fuse(model, plan) == {"fused": 3, "refused": 0}
-    types = _onnx_types(model)
-    assert types == {OP_TYPE: 2, "Split": 1, "Sigmoid": 1, "Mul": 2}  # DequantizeLinear and the pattern are gone
-    inits = {i.name for i in model.graph.initializer}  # one copy of the weights: the originals are gone
-    assert len(inits) == 5 and not {"w_gate", "w_up", "q_down", "s_down", "zp_down"} & inits
-    if not rename:  # the new nodes are named after the plan's modules where it knows their MatMuls
-        assert "actsparse.model.layers.0.mlp.down_proj/weight" in inits
-    np.testing.assert_allclose(_onnx_run(model, x), unfused, rtol=1e-4, atol=1e-4)
-
-
-def test_onnx_prefill_rule_drops_the_keep_dense_test_of_a_renamed_model():
-    model, _ = _onnx_pattern("dense")
-    _onnx_rename(model)
-    prompt = RNG.normal(size=(1, 4, K)).astype(np.float32)
-    np.testing.assert_allclose(_onnx_run(model, prompt), _numpy_mlp(prompt, prefill_dense=True), rtol=1e-4, atol=1e-4)
-    before = _onnx_types(model)
-    assert onnx_passes.set_prefill_sparse(model) == 2
-    after = _onnx_types(model)
-    assert before["Or"] == 2 and not {"Or", "Greater", "Shape", "Gather"} & set(after)
-    assert after["Where"] == before["Where"] == 2
-    np.testing.assert_allclose(_onnx_run(model, prompt), _numpy_mlp(prompt), rtol=1e-4, atol=1e-4)
-    assert onnx_passes.set_prefill_sparse(model) == 0
-
-
 def test_onnx_unsupported_patterns_are_left_unchanged(caplog):
     tau = numpy_helper.from_array(np.array(0.5, np.float32), "tau")
     zero, one = (numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("zero", 0.0), ("one", 1.0)))
@@ -299,3 +235,57 @@ def test_onnx_unsupported_patterns_are_left_unchanged(caplog):
     assert _onnx_types(model) == _onnx_types(onnx.load_from_string(before))
     for got, want in zip(onnx_backend.session(model).run(None, inputs), expected):
         np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------- both backends
+BACKENDS = {
+    "openvino": SimpleNamespace(pattern=_ov_pattern, rename=_ov_rename, types=_ov_types, run=_ov_run, fuse=fuse,
+                                library=extension_problem, mask="Select", prefill_test={"LogicalOr", "NotEqual"},
+                                drop_keep_dense=lambda m: ov_passes.run_rules(m, ov_passes.DropKeepDense())["DropKeepDense"]),
+    "onnx": SimpleNamespace(pattern=_onnx_pattern, rename=_onnx_rename, types=_onnx_types, run=_onnx_run,
+                            fuse=onnx_passes.fuse, library=onnxruntime_problem, mask="Where",
+                            prefill_test={"Or", "Greater", "Gather", "Shape"}, drop_keep_dense=onnx_passes.set_prefill_sparse)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rename", [False, True])
+def test_fusion_ignores_node_names(backend, rename):
+    """Both runtimes' rules fuse a model whose nodes were all renamed into the same ops, with the same outputs."""
+    backend = BACKENDS[backend]
+    skip_without_extension(backend.library())
+    model, plan = backend.pattern()
+    x = RNG.normal(size=(1, 3, K)).astype(np.float32)
+    unfused = backend.run(model, x)
+    np.testing.assert_allclose(unfused, _numpy_mlp(x), rtol=1e-4, atol=1e-4)
+    if rename:
+        backend.rename(model)
+    assert backend.fuse(model, plan) == {"fused": 3, "refused": 0}
+    types = backend.types(model)
+    assert types[OP_TYPE] == 2 and not {"MatMul", backend.mask, "DequantizeLinear"} & set(types)
+    np.testing.assert_allclose(backend.run(model, x), unfused, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_rule_drops_the_keep_dense_test_of_a_renamed_model(backend):
+    backend = BACKENDS[backend]
+    model, _ = backend.pattern("dense")
+    backend.rename(model)
+    prompt = RNG.normal(size=(1, 4, K)).astype(np.float32)
+    np.testing.assert_allclose(backend.run(model, prompt), _numpy_mlp(prompt, prefill_dense=True), rtol=1e-4, atol=1e-4)
+    before = backend.types(model)
+    assert backend.drop_keep_dense(model) == 2
+    after = backend.types(model)
+    assert all(before[t] for t in backend.prefill_test) and not backend.prefill_test & set(after)
+    assert after[backend.mask] == before[backend.mask] == 2
+    np.testing.assert_allclose(backend.run(model, prompt), _numpy_mlp(prompt), rtol=1e-4, atol=1e-4)
+    assert backend.drop_keep_dense(model) == 0  # nothing left to change
+
+
+def test_onnx_fused_initializers_replace_the_weights():
+    skip_without_extension(onnxruntime_problem())
+    model, plan = _onnx_pattern()
+    onnx_passes.fuse(model, plan)
+    inits = {i.name for i in model.graph.initializer}  # one copy of the weights: the originals are gone
+    assert len(inits) == 5 and not {"w_gate", "w_up", "q_down", "s_down", "zp_down"} & inits
+    assert "actsparse.model.layers.0.mlp.down_proj/weight" in inits  # named after the plan's module
+    assert _onnx_types(model) == {OP_TYPE: 2, "Split": 1, "Sigmoid": 1, "Mul": 2}
