@@ -130,7 +130,8 @@ def apply_plan(model: onnx.ModelProto, plan: dict, prefill: str = "dense") -> di
                    for t in group.targets]
         work.append((f"actsparse.{group.targets[0].module}", group, m, tau, rowsums))
     rewrite = _Planned(work, prefill)
-    _edit(model, rewrite)
+    if work:
+        _edit(model, rewrite)
     return rewrite.counts
 
 

@@ -11,6 +11,9 @@ For a group of MatMuls ``y_j = x·W_jᵀ`` that read one tensor x, with mode m a
 Since ``x·Wᵀ = (x − m)·Wᵀ + m·rowsum(W)``, the fold is exact and an unpruned token gives the
 dense result. ``rowsum`` is taken over the weight as the runtime multiplies it, after
 decompression of fp16/int8/int4 constants. This pattern runs on stock OpenVINO.
+
+The rules below (``openvino.passes`` MatcherPasses) find the pattern again by its structure, never by
+node names: set_prefill_sparse, set_dense, and the fusion in passes/openvino_fuse.py.
 """
 from __future__ import annotations
 

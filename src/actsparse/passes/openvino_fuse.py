@@ -1,4 +1,4 @@
-"""Fuse the reference pattern into ``ActSparseMatMul``, one op per consumer MatMul.
+"""Fuse the reference pattern, found by its structure, into ``ActSparseMatMul``: one op per mask.
 
     Select(¬(|x − m| ≤ τ) ∨ keep_dense, x − m, 0) → MatMul(·, W) [→ Add(m·rowsum W)]
         ⇒  ActSparseMatMul(x, pack(W), [b' = m·rowsum W | scale | zero_point]; m, τ, prefill)
