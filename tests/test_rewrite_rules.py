@@ -23,7 +23,8 @@ RNG = np.random.default_rng(7)
 K, N_GATE, N_UP, N_DOWN = 32, 24, 24, 16
 W_GATE, W_UP = (RNG.normal(size=(n, K)).astype(np.float32) for n in (N_GATE, N_UP))
 Q_DOWN = RNG.integers(0, 256, (N_UP, N_DOWN)).astype(np.uint8)  # ONNX layout [in, out]
-ZP_DOWN, SCALE_DOWN = RNG.integers(100, 156, N_DOWN).astype(np.uint8), RNG.uniform(0.01, 0.05, N_DOWN).astype(np.float32)
+ZP_DOWN = RNG.integers(100, 156, N_DOWN).astype(np.uint8)
+SCALE_DOWN = RNG.uniform(0.01, 0.05, N_DOWN).astype(np.float32)
 W_DOWN = (Q_DOWN.astype(np.float32) - ZP_DOWN) * SCALE_DOWN
 UP_MODE, UP_TAU, DOWN_TAU = 0.2, 0.5, 0.3
 
@@ -52,10 +53,11 @@ MODES = {"gate": (UP_MODE, UP_TAU), "up": (UP_MODE, UP_TAU), "down": (0.0, DOWN_
 
 # ----------------------------------------------------------------------------------------------- OpenVINO
 def _ov_mlp():
-    """x -> gate/up (f32 weights) -> SiLU(gate)·up -> down (u8 weight as NNCF writes it), named like optimum's trace."""
+    """x -> gate/up (f32 weights) -> SiLU(gate)·up -> down (u8 weight as NNCF writes it), named as optimum traces."""
     x = ops.parameter([-1, -1, K], np.float32, name="x")
     h = ops.multiply(x, np.float32(1.0), name="__module.model.layers.0.post_attention_layernorm/aten::mul/Multiply")
-    gate = ops.matmul(h, ops.constant(W_GATE), False, True, name="__module.model.layers.0.mlp.gate_proj/aten::linear/MatMul")
+    gate = ops.matmul(h, ops.constant(W_GATE), False, True,
+                      name="__module.model.layers.0.mlp.gate_proj/aten::linear/MatMul")
     up = ops.matmul(h, ops.constant(W_UP), False, True, name="__module.model.layers.0.mlp.up_proj/aten::linear/MatMul")
     a = ops.multiply(ops.swish(gate), up, name="__module.model.layers.0.mlp/aten::mul/Multiply")
     codes, zp = ops.constant(np.ascontiguousarray(Q_DOWN.T)), ops.constant(ZP_DOWN[:, None])
@@ -152,7 +154,8 @@ def test_openvino_unsupported_patterns_are_left_unchanged(caplog):
         assert fuse(model, {}) == {"fused": 0, "refused": 4}  # one MatMul each, "not_keep" is no pattern at all
     assert _ov_types(model) == before
     for reason in ("another tensor (cats)", "pruned value is not a one-element constant (0)",
-                   "OR-ed with something other than the prefill test", "something other than the first input of a MatMul"):
+                   "OR-ed with something other than the prefill test",
+                   "something other than the first input of a MatMul"):
         assert reason in caplog.text
     got = ov.Core().compile_model(model, "CPU", EXACT_CONFIG)(inputs)
     for i in range(len(model.outputs)):
@@ -171,7 +174,8 @@ def _onnx_mlp():
              helper.make_node("DequantizeLinear", ["q_down", "s_down", "zp_down"], ["w_down"], name="/dq", axis=1),
              helper.make_node("MatMul", ["a", "w_down"], ["y"], name=names["down"])]
     inits = [numpy_helper.from_array(v, n) for n, v in (("w_gate", W_GATE.T.copy()), ("w_up", W_UP.T.copy()),
-                                                         ("q_down", Q_DOWN), ("s_down", SCALE_DOWN), ("zp_down", ZP_DOWN))]
+                                                         ("q_down", Q_DOWN), ("s_down", SCALE_DOWN),
+                                                         ("zp_down", ZP_DOWN))]
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", K])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", N_DOWN])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -238,13 +242,18 @@ def test_onnx_unsupported_patterns_are_left_unchanged(caplog):
 
 
 # ------------------------------------------------------------------------------------------- both backends
+def _ov_drop_keep_dense(model):
+    return ov_passes.run_rules(model, ov_passes.DropKeepDense())["DropKeepDense"]
+
+
 BACKENDS = {
     "openvino": SimpleNamespace(pattern=_ov_pattern, rename=_ov_rename, types=_ov_types, run=_ov_run, fuse=fuse,
                                 library=extension_problem, mask="Select", prefill_test={"LogicalOr", "NotEqual"},
-                                drop_keep_dense=lambda m: ov_passes.run_rules(m, ov_passes.DropKeepDense())["DropKeepDense"]),
+                                drop_keep_dense=_ov_drop_keep_dense),
     "onnx": SimpleNamespace(pattern=_onnx_pattern, rename=_onnx_rename, types=_onnx_types, run=_onnx_run,
                             fuse=onnx_passes.fuse, library=onnxruntime_problem, mask="Where",
-                            prefill_test={"Or", "Greater", "Gather", "Shape"}, drop_keep_dense=onnx_passes.set_prefill_sparse)}
+                            prefill_test={"Or", "Greater", "Gather", "Shape"},
+                            drop_keep_dense=onnx_passes.set_prefill_sparse)}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -26,7 +26,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from .._common import ActSparseError
-from ..calibration.onnx_backend import LINEAR_OPS, Index, dequantized, gemm_bias, read_weight, weight_refusal, weight_tensors
+from ..calibration.onnx_backend import (LINEAR_OPS, Index, dequantized, gemm_bias, read_weight, weight_refusal,
+                                        weight_tensors)
 from ..calibration.plan import group_settings
 from ..runtime_ext import ONNX_DOMAIN, OP_TYPE
 from ..runtime_ext.kernels import TILE_COLS, to_tiles
@@ -74,7 +75,8 @@ class _Planned(ir.passes.InPlacePass):
             tape = ir.tape.Tape()
             z = x
             if m != 0:
-                z = tape.op("Sub", [x, _initializer(graph, np.array(m, np.float32), f"{name}/mode")], name=f"{name}/shift")
+                mode = _initializer(graph, np.array(m, np.float32), f"{name}/mode")
+                z = tape.op("Sub", [x, mode], name=f"{name}/shift")
                 self.counts["shifts"] += 1
             # Not(|z| ≤ τ) rather than |z| > τ: a NaN input is kept and propagates, as in a dense MatMul
             small = tape.op("LessOrEqual", [tape.op("Abs", [z], name=f"{name}/abs"),
@@ -194,8 +196,9 @@ def read_mask(node: ir.Node) -> Mask | str | None:
 
 
 class Rule(ir.passes.InPlacePass):
-    """One rewrite over the main graph: ``match(node) -> match, reason or None``, ``rewrite(graph, match)``
-    returning how many nodes it rewrote (``count`` sums them). A refused match is logged with its reason."""
+    """One rewrite over the main graph: ``match(node) -> match or None``, ``check(match) -> reason or None``,
+    ``rewrite(model, match)`` returning how many nodes it rewrote (``count`` sums them). A refused match is
+    logged with its reason."""
 
     def __init__(self):
         super().__init__()
@@ -203,17 +206,19 @@ class Rule(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         for node in list(model.graph):
-            if node.graph is None:  # removed by an earlier rewrite
-                continue
             match = self.match(node)
-            if isinstance(match, str):
-                refuse(type(self).__name__, node.name or node.outputs[0].name, match)
+            reason = None if match is None else self.check(match)
+            if reason:
+                refuse(type(self).__name__, node.name or node.outputs[0].name, reason)
             elif match is not None:
                 self.count += self.rewrite(model, match)
         return ir.passes.PassResult(model, modified=self.count > 0)
 
     def match(self, node: ir.Node):
         raise NotImplementedError
+
+    def check(self, match) -> str | None:
+        return None
 
     def rewrite(self, model: ir.Model, match) -> int:
         raise NotImplementedError
@@ -258,10 +263,11 @@ def set_prefill_sparse(model: onnx.ModelProto) -> int:
 
 
 class Group(NamedTuple):
-    """A matched pattern, the linear nodes reading its mask, their protobuf twins and weights."""
-    mask: Mask
+    """A matched pattern (or why it cannot be read), the nodes reading its mask, the protobuf twins of the
+    linear ones (None for others) and their weight initializers (or why there are none)."""
+    mask: Mask | str
     linears: list[ir.Node]
-    protos: list[onnx.NodeProto]
+    protos: list[onnx.NodeProto | None]
     weights: list
 
 
@@ -277,26 +283,30 @@ class FuseActSparseMatMul(Rule):
         super().__init__()
         self.index, self.names, self.refused = index, names or {}, 0
 
-    def match(self, node: ir.Node) -> Group | str | None:
+    def match(self, node: ir.Node) -> Group | None:
         mask = read_mask(node)
         if mask is None:
             return None
         linears = node.outputs[0].consumers()
-        if isinstance(mask, str):
-            self.refused += sum(n.op_type in LINEAR_OPS for n in linears)
-            return mask
-        if any(n.op_type not in LINEAR_OPS or n.inputs[0] is not node.outputs[0] for n in linears) or not linears:
-            self.refused += sum(n.op_type in LINEAR_OPS for n in linears)
+        protos = [self.index.producers[n.outputs[0].name] if n.op_type in LINEAR_OPS else None for n in linears]
+        return Group(mask, linears, protos, [p and weight_tensors(self.index, p) for p in protos])
+
+    def check(self, group: Group) -> str | None:
+        reason = self._refusal(group)
+        self.refused += sum(p is not None for p in group.protos) if reason else 0
+        return reason
+
+    @staticmethod
+    def _refusal(group: Group) -> str | None:
+        if isinstance(group.mask, str):
+            return group.mask
+        mask = group.mask.where.outputs[0]
+        if not group.linears or any(p is None or n.inputs[0] is not mask for n, p in zip(group.linears, group.protos)):
             return "the mask is read by something other than the first input of a MatMul"
-        protos = [self.index.producers[n.outputs[0].name] for n in linears]
-        weights = [weight_tensors(self.index, p) for p in protos]
-        reasons = [f"{p.name}: {w}" for p, w in zip(protos, weights) if isinstance(w, str)]
-        if not reasons and len({w[0] for w in weights}) > 1:
+        reasons = [f"{p.name}: {w}" for p, w in zip(group.protos, group.weights) if isinstance(w, str)]
+        if not reasons and len({w[0] for w in group.weights}) > 1:
             reasons = ["consumers of one input have different weight formats"]
-        if reasons:
-            self.refused += len(linears)
-            return "; ".join(reasons)
-        return Group(mask, linears, protos, [read_weight(self.index, p) for p in protos])
+        return "; ".join(reasons) or None
 
     @staticmethod
     def _fold(linear: ir.Node, mask: Mask, width: int) -> ir.Node | None:
@@ -309,7 +319,8 @@ class FuseActSparseMatMul(Rule):
         return add if bias is not None and bias.dtype == ir.DataType.FLOAT and bias.size == width else None
 
     def rewrite(self, model: ir.Model, group: Group) -> int:
-        mask, linears, protos, weights = group
+        mask, linears, protos, _ = group
+        weights = [read_weight(self.index, p) for p in protos]
         graph, fmt = model.graph, weights[0][0]
         widths = [w[1].shape[1] for w in weights]
         folds = [self._fold(n, mask, width) for n, width in zip(linears, widths)]
@@ -328,7 +339,8 @@ class FuseActSparseMatMul(Rule):
                                  "tile_cols": TILE_COLS[fmt]})
         outputs, nodes = op.outputs, [op]
         if len(linears) > 1:
-            split = ir.node("Split", [op.outputs[0], _initializer(graph, np.array(widths, np.int64), f"{prefix}/widths")],
+            sizes = _initializer(graph, np.array(widths, np.int64), f"{prefix}/widths")
+            split = ir.node("Split", [op.outputs[0], sizes],
                             attributes={"axis": -1}, num_outputs=len(linears), name=f"{prefix}/split")
             outputs, nodes = split.outputs, nodes + [split]
         # the mask comes after x's producer and before every linear node, hence before every consumer

@@ -166,7 +166,8 @@ class FuseActSparseMatMul(MaskRule):
     def read(self, root: ov.Node) -> Group:
         mask = super().read(root)
         # the readers come as a set: sorted, a group's layout is the same from run to run
-        readers = sorted((i.get_node() for i in root.output(0).get_target_inputs()), key=lambda n: n.get_friendly_name())
+        readers = sorted((i.get_node() for i in root.output(0).get_target_inputs()),
+                         key=lambda n: n.get_friendly_name())
         weights = [read_weight(mm) if mm.get_type_name() == "MatMul" and not isinstance(mask, str) else None
                    for mm in readers]
         return Group(mask, readers, weights)
@@ -186,7 +187,8 @@ class FuseActSparseMatMul(MaskRule):
         if any(mm.get_type_name() != "MatMul" or mm.get_attributes()["transpose_a"] or mm.input_value(0) != select
                for mm in group.matmuls):
             return "the mask is read by something other than the first input of a MatMul"
-        reasons = [f"{mm.get_friendly_name()}: {w}" for mm, w in zip(group.matmuls, group.weights) if isinstance(w, str)]
+        reasons = [f"{mm.get_friendly_name()}: {w}" for mm, w in zip(group.matmuls, group.weights)
+                   if isinstance(w, str)]
         if reasons:
             return "; ".join(reasons)
         if len({(w[0], w[4]) for w in group.weights}) > 1:
