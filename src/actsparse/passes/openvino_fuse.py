@@ -1,4 +1,4 @@
-"""Fuse the reference pattern into ``ActSparseMatMul``, one op per consumer MatMul.
+"""Fuse the reference pattern, found by its structure, into ``ActSparseMatMul``: one op per mask.
 
     Select(¬(|x − m| ≤ τ) ∨ keep_dense, x − m, 0) → MatMul(·, W) [→ Add(m·rowsum W)]
         ⇒  ActSparseMatMul(x, pack(W), [b' = m·rowsum W | scale | zero_point]; m, τ, prefill)
@@ -16,18 +16,16 @@ constant, so the model holds one copy of the weights.
 """
 from __future__ import annotations
 
-import logging
+from typing import NamedTuple
 
 import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
-from ..calibration.plan import group_settings
 from ..runtime_ext import OP_TYPE, OPENVINO_OPSET, bf16_io
 from ..runtime_ext.kernels import TILE_COLS, compact_u4_params, pack_u4, to_bf16, to_tiles
-from .openvino import KEEP_DENSE, _prefix
-
-log = logging.getLogger("actsparse")
+from .openvino import Mask, MaskRule, run_rules
+from .pattern import prefixes
 
 
 class ActSparseMatMul(ov.Op):
@@ -141,41 +139,82 @@ def materialize(model: ov.Model, core: ov.Core) -> ov.Model:
         return core.read_model(f"{tmp}/model.xml")
 
 
-def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
-    """Replace the planned MatMuls (and fold Adds) of each group by one ActSparseMatMul; return counts.
+class Group(NamedTuple):
+    """A matched pattern (or why it cannot be read), the MatMuls that read its mask and their weights
+    (:func:`read_weight`)."""
+    mask: Mask | str
+    matmuls: list[ov.Node]
+    weights: list
 
-    Consumers of one input (gate+up, q+k+v) become a single op over their weights concatenated
-    along N, followed by a VariadicSplit: one live-channel list and one call per group, since
-    every custom-op call pays the CPU plugin's generic shape inference.
+
+def _width(mm: ov.Node) -> int:
+    return mm.get_output_partial_shape(0)[-1].get_length()
+
+
+class FuseActSparseMatMul(MaskRule):
+    """Select(¬(|x − m| ≤ τ) [∨ keep_dense], x − m, 0) → MatMul(·, W_j) [→ Add(b'_j)], for every MatMul
+    reading the mask ⇒ ActSparseMatMul(x, pack([W_1 … W_n]), [b' | scale | zero point]) → VariadicSplit.
+
+    Exact: the op computes Select(keep, x − m, 0)·W + b' itself. b'_j = m·rowsum(W_j), the fold
+    apply_plan writes after each MatMul when m ≠ 0 (absent: b'_j = 0).
     """
-    nodes = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
-    counts = {"fused": 0, "refused": 0}
-    for group, layer in group_settings(plan):
-        prefix = _prefix(group)
-        mask = nodes.get(f"{prefix}/mask")
-        if mask is None:
-            continue
-        if layer.get("mask_source"):  # the op masks x by x itself
-            log.warning("not fusing %s: its mask comes from another tensor (cats)", group.targets[0].module)
-            counts["refused"] += len(group.targets)
-            continue
-        shifted = mask.input_value(1)  # x − m, or x itself when m = 0
-        x = shifted.get_node().input_value(0) if layer["mode"] != 0 else shifted
-        matmuls = [nodes[t.node] for t in group.targets]
-        weights = [read_weight(mm) for mm in matmuls]
-        refusals = {t.module: w for t, w in zip(group.targets, weights) if isinstance(w, str)}
-        if not refusals and len({(w[0], w[4]) for w in weights}) > 1:
-            refusals = {group.targets[0].module: "consumers of one input have different weight formats"}
-        if refusals:
-            for module, reason in refusals.items():
-                log.warning("not fusing %s: %s", module, reason)
-            counts["refused"] += len(group.targets)
-            continue
-        folds = [nodes.get(f"{mm.get_friendly_name()}/actsparse_fold") for mm in matmuls]
-        widths = [t.out_features for t in group.targets]
+
+    def __init__(self, weight_format: str | None = None, names: dict[str, str] | None = None):
+        self.weight_format, self.names, self.refused = weight_format, names or {}, 0
+        super().__init__()
+
+    def read(self, root: ov.Node) -> Group:
+        mask = super().read(root)
+        # the readers come as a set: sorted, a group's layout is the same from run to run
+        readers = sorted((i.get_node() for i in root.output(0).get_target_inputs()),
+                         key=lambda n: n.get_friendly_name())
+        weights = [read_weight(mm) if mm.get_type_name() == "MatMul" and not isinstance(mask, str) else None
+                   for mm in readers]
+        return Group(mask, readers, weights)
+
+    def check(self, group: Group) -> str | None:
+        reason = self._refusal(group)
+        self.refused += sum(mm.get_type_name() == "MatMul" for mm in group.matmuls) if reason else 0
+        return reason
+
+    @staticmethod
+    def _refusal(group: Group) -> str | None:
+        if isinstance(group.mask, str):
+            return group.mask
+        if group.mask.cats:  # the op masks x by x itself
+            return "its mask comes from another tensor (cats)"
+        select = group.mask.select.output(0)
+        if any(mm.get_type_name() != "MatMul" or mm.get_attributes()["transpose_a"] or mm.input_value(0) != select
+               for mm in group.matmuls):
+            return "the mask is read by something other than the first input of a MatMul"
+        reasons = [f"{mm.get_friendly_name()}: {w}" for mm, w in zip(group.matmuls, group.weights)
+                   if isinstance(w, str)]
+        if reasons:
+            return "; ".join(reasons)
+        if len({(w[0], w[4]) for w in group.weights}) > 1:
+            return "consumers of one input have different weight formats"
+        return None
+
+    @staticmethod
+    def _fold(mm: ov.Node, mask: Mask) -> ov.Node | None:
+        """The Add(b') that follows ``mm`` when the pattern has a shift, or None."""
+        readers = [i.get_node() for i in mm.output(0).get_target_inputs()]
+        if mask.mode == 0 or len(readers) != 1 or readers[0].get_type_name() != "Add":
+            return None
+        add, bias = readers[0], readers[0].input_value(1).get_node()
+        if (bias.get_type_name() != "Constant" or bias.get_output_element_type(0) != ov.Type.f32
+                or bias.get_output_partial_shape(0).is_dynamic or add.input_value(0) != mm.output(0)
+                or int(np.prod(bias.get_output_shape(0))) != _width(mm)):
+            return None
+        return add
+
+    def rewrite(self, group: Group) -> int:
+        mask, matmuls, weights = group
+        widths = [_width(mm) for mm in matmuls]
+        folds = [self._fold(mm, mask) for mm in matmuls]
         fmt, group_size = weights[0][0], weights[0][4]
         data = np.concatenate([w[1] for w in weights], axis=1)
-        if fmt == "f32" and plan.get("weight_format") == "bf16":  # rounded once, stored as raw bytes like f16
+        if fmt == "f32" and self.weight_format == "bf16":  # rounded once, stored as raw bytes like f16
             fmt, data = "bf16", to_bf16(data).view(np.uint8)
         params = []
         if any(f is not None for f in folds):
@@ -191,12 +230,13 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
                                     [compact[0].ravel().view(np.uint8), compact[1].ravel()])
         else:
             params = np.concatenate([p.ravel().astype(np.float32) for p in params]) if params else np.zeros(0, np.float32)
-        op = ActSparseMatMul([x, ops.constant(data).output(0), ops.constant(params).output(0)],
+        op = ActSparseMatMul([mask.x, ops.constant(data).output(0), ops.constant(params).output(0)],
                              {"weight_format": fmt, "out_features": int(sum(widths)), "group_size": int(group_size),
-                              "mode": float(layer["mode"]), "threshold": float(layer["threshold"]),
-                              "prefill": "dense" if f"{prefix}/{KEEP_DENSE}" in nodes else "sparse",
+                              "mode": mask.mode, "threshold": mask.tau,
+                              "prefill": "dense" if mask.keep_dense is not None else "sparse",
                               "has_bias": any(f is not None for f in folds), "tile_cols": TILE_COLS[fmt]})
-        op.set_friendly_name(f"{prefix}/{OP_TYPE}")
+        first = matmuls[0].get_friendly_name()
+        op.set_friendly_name(f"{self.names.get(first, first)}/{OP_TYPE}")
         # bf16 weights are for CPUs where OpenVINO runs the graph in bf16: the op then also takes and
         # returns bf16 (Converts in the file), so the plugin needs no Reorders around it
         y = bf16_io(op) if fmt == "bf16" else op.output(0)
@@ -206,6 +246,17 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
             outputs = split.outputs()
         for mm, fold, out in zip(matmuls, folds, outputs):
             (fold if fold is not None else mm).output(0).replace(out)
-        counts["fused"] += len(matmuls)
-    model.validate_nodes_and_infer_types()
-    return counts
+        return len(matmuls)
+
+
+def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
+    """Replace every reference pattern (mask, its MatMuls and fold Adds) by one ActSparseMatMul; return
+    counts of MatMuls fused and refused. The plan gives the weight format (bf16) and the ops' names.
+
+    Consumers of one input (gate+up, q+k+v) become a single op over their weights concatenated
+    along N, followed by a VariadicSplit: one live-channel list and one call per group, since
+    every custom-op call pays the CPU plugin's generic shape inference.
+    """
+    rule = FuseActSparseMatMul(plan.get("weight_format"), prefixes(plan))
+    fused = run_rules(model, rule)[type(rule).__name__]
+    return {"fused": fused, "refused": rule.refused}
