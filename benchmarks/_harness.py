@@ -82,10 +82,11 @@ def shape(text: str) -> tuple[int, int]:
     return k, n
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
+def parser(doc: str, output: bool = True) -> argparse.ArgumentParser:
     """The benchmark's parser: its docstring (what it measures) as the description, and --output."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", type=Path, help="also write the JSON result to this file")
+    if output:
+        p.add_argument("--output", type=Path, help="also write the JSON result to this file")
     return p
 
 
@@ -122,9 +123,10 @@ def parse_kernel_args(p: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
-def add_work(p: argparse.ArgumentParser, default: str | None, *aliases: str) -> None:
+def add_work(p: argparse.ArgumentParser, default: str | None, reuse: bool, *aliases: str) -> None:
     p.add_argument("--work", *aliases, default=default,
-                   help="folder for the exports, reused when present" + ("" if default else " (default: a new temporary one)"))
+                   help="folder for the exports" + (", which later runs reuse" if reuse else ", remade each run")
+                        + ("" if default else " (default: a new temporary folder)"))
 
 
 # Running the CLI
