@@ -94,7 +94,8 @@ def add_threads(p: argparse.ArgumentParser, default) -> None:
     if isinstance(default, list):
         p.add_argument("--threads", nargs="+", action=_Ints, default=default, help="thread counts, e.g. 1 2 or 1,2")
     else:
-        p.add_argument("--threads", type=int, default=default, help="inference threads (default: the runtime's)")
+        p.add_argument("--threads", type=int, default=default,
+                       help=f"inference threads (default: {default or 'as the runtime chooses'})")
 
 
 def add_kernel_args(p: argparse.ArgumentParser, formats: list[str], rounds: bool = True) -> None:

@@ -17,6 +17,7 @@ down-projection only) the mean and minimum cosine of mean-pooled embeddings to t
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,9 +68,9 @@ def main() -> None:
             if args.sensitivity and name == "smollm2-135m":
                 results["models"][name]["sensitivity"] = sensitivity(name, Path(work), args)
     results["models"] = {name: results["models"][name] for name in SWEEP if name in results["models"]}
+    emit(results, args, out / "quality.json")
     (out / "quality.md").write_text(table(results))
     plot(results, out / "quality.png")
-    emit(results, args, out / "quality.json")
 
 
 class Model:
@@ -227,7 +228,11 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # an optional dependency (the bench extra): the JSON and table are written already
+        print(f"{path} not drawn: matplotlib is not installed (pip install '.[bench]')", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
