@@ -20,7 +20,7 @@ import numpy as np
 
 from actsparse.runtime_ext import kernels as ks
 
-SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (2048, 5632)]  # K x N of 7B and 1B Llama projections
+SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (2048, 5632)]  # K x N: Llama-7B MLP and attention, TinyLlama MLP
 SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.9]
 ISA_FLAGS = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
              "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"]
@@ -30,6 +30,7 @@ CACHE_NAMES = {("1", "Data"): "L1d", ("1", "Instruction"): "L1i", ("2", "Unified
 # Timing
 
 def median_ms(seconds: Sequence[float]) -> float:
+    """The median of timings in seconds, in ms."""
     return 1e3 * float(np.median(seconds))
 
 
@@ -155,7 +156,7 @@ def _cpuinfo() -> dict[str, str]:
 
 
 def _caches_kb() -> dict[str, int]:
-    """Cache sizes of one core (its L3 slice is the whole shared L3 of its complex) in KiB, from sysfs."""
+    """Cache sizes in KiB that the first CPU sees (L3: the whole cache it shares), from sysfs."""
     out = {}
     for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         with contextlib.suppress(OSError, ValueError):
