@@ -6,13 +6,11 @@ this takes the difference of the totals (average x inferences) before and after 
 nodes (FullyConnected*, our ActSparseMatMul, which the plugin runs as a `Reference` node) are split by the
 projection they compute (`mlp.down_proj`, `self_attn.q_proj`, ...), read from the node's name.
 
-Usage: python benchmarks/decode_profile.py OUT [OUT ...] [--prompt 64] [--steps 100] [--threads 2]
+    python benchmarks/decode_profile.py OUT [OUT ...] [--prompt 64] [--steps 100] [--threads 2] [--output FILE]
 """
 from __future__ import annotations
 
-import argparse
 import collections
-import json
 import re
 
 import numpy as np
@@ -21,6 +19,8 @@ import openvino as ov
 from actsparse.benchmark import greedy_steps
 from actsparse.calibration.openvino_backend import feed
 from actsparse.runtime_ext import compile_model, read_model
+
+from _harness import add_threads, emit, median_ms, parser
 
 PROJECTION = re.compile(r"\.((?:self_attn|mlp)\.\w+?_proj)\b")
 
@@ -59,18 +59,18 @@ def profile(folder: str, prompt: int, steps: int, threads: int) -> dict:
                      "us_per_node": round(us / nodes, 1)})
     rows.sort(key=lambda r: -r["us_per_token"])
     return {"model": folder, "threads": threads, "prompt": prompt, "steps": steps,
-            "decode_ms_per_token": round(1e3 * float(np.median(wall)), 3),
+            "decode_ms_per_token": round(median_ms(wall), 3),
             "nodes_ms_per_token": round(sum(r["us_per_token"] for r in rows) / 1e3, 3), "rows": rows}
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("outputs", nargs="+", help="OpenVINO export folders (dense or sparse)")
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    print(json.dumps([profile(o, args.prompt, args.steps, args.threads) for o in args.outputs], indent=1))
+    p = parser(__doc__)
+    p.add_argument("outputs", nargs="+", help="OpenVINO export folders (dense or sparse)")
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    p.add_argument("--steps", type=int, default=100, help="decode steps profiled")
+    add_threads(p, 2)
+    args = p.parse_args()
+    emit({"results": [profile(o, args.prompt, args.steps, args.threads) for o in args.outputs]}, args)
 
 
 if __name__ == "__main__":

@@ -7,19 +7,19 @@ once into --work and reused.
 
     python benchmarks/e2e_bench.py [--work DIR] [--models smollm2-135m tinyllama-8l qwen2.5-0.5b]
                                    [--runtimes openvino onnx] [--formats fp32 int8]
-                                   [--up 0.5 --down 0.5] [--threads 2] [--export-only]
+                                   [--up 0.5 --down 0.5] [--threads 2] [--runs 3] [--export-only] [--output FILE]
 
 ``--runtimes openvino onnx`` puts OpenVINO and ONNX Runtime side by side on the same model,
 weights and sparsity (each against its own dense export in the same runtime).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from _harness import add_threads, add_work, emit, parser, run_cli
 
 
 def tinyllama(folder: Path) -> Path:
@@ -40,25 +40,18 @@ def tinyllama(folder: Path) -> Path:
     return folder
 
 
-def cli(*args) -> str:
-    proc = subprocess.run([sys.executable, "-m", "actsparse", *map(str, args)], capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"actsparse {' '.join(map(str, args))}: {proc.stderr.strip().splitlines()[-1]}")
-    return proc.stdout
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="e2e-work")
-    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "tinyllama-8l"])
-    parser.add_argument("--runtimes", nargs="+", default=["openvino"], choices=["openvino", "onnx"])
-    parser.add_argument("--formats", nargs="+", default=["fp32", "int8"])
-    parser.add_argument("--up", type=float, default=0.5)
-    parser.add_argument("--down", type=float, default=0.5)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--export-only", action="store_true", help="make the exports, measure nothing")
-    args = parser.parse_args()
+    p = parser(__doc__)
+    add_work(p, "e2e-work", reuse=True)
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "tinyllama-8l"])
+    p.add_argument("--runtimes", nargs="+", default=["openvino"], choices=["openvino", "onnx"])
+    p.add_argument("--formats", nargs="+", default=["fp32", "int8"], help="export --weight-format values")
+    p.add_argument("--up", type=float, default=0.5, help="--sparsity-up of the sparse export")
+    p.add_argument("--down", type=float, default=0.5, help="--sparsity-down of the sparse export")
+    add_threads(p, None)
+    p.add_argument("--runs", type=int, default=3, help="alternating dense/sparse runs of actsparse bench")
+    p.add_argument("--export-only", action="store_true", help="make the exports, measure nothing")
+    args = p.parse_args()
     work = Path(args.work)
     results = []
     for name in args.models:
@@ -67,21 +60,21 @@ def main() -> None:
             stem = f"{name}-{runtime}-{fmt}"
             dense, sparse = work / f"{stem}-dense", work / f"{stem}-up{args.up}-down{args.down}"
             if not dense.exists():
-                cli("export", model, dense, "--format", runtime, "--weight-format", fmt, "--sparsity", 0)
+                run_cli("export", model, dense, "--format", runtime, "--weight-format", fmt, "--sparsity", 0)
             if not sparse.exists():
-                cli("export", model, sparse, "--format", runtime, "--weight-format", fmt, "--sparsity-up", args.up,
-                    "--sparsity-down", args.down, "--calibration-samples", 16)
+                run_cli("export", model, sparse, "--format", runtime, "--weight-format", fmt, "--sparsity-up", args.up,
+                        "--sparsity-down", args.down, "--calibration-samples", 16)
             if args.export_only:
                 continue
             extra = ["--threads", args.threads] if args.threads else []
-            result = json.loads(cli("bench", sparse, "--baseline", dense, "--json", "--runs", args.runs, *extra))
+            result = json.loads(run_cli("bench", sparse, "--baseline", dense, "--json", "--runs", args.runs, *extra)[0])
             result.update(model_name=name, runtime=runtime, weight_format=fmt, up=args.up, down=args.down)
             results.append(result)
             print(f"{name} {runtime} {fmt}: decode {result['dense']['decode_ms_per_token']:.2f} -> "
                   f"{result['sparse']['decode_ms_per_token']:.2f} ms/token = {result['decode_speedup']:.3f}x "
                   f"(limit {result['amdahl_limit']:.3f}x), prefill {result['prefill_ratio']:.2f}x, "
                   f"memory {result['memory_ratio']:.2f}x", file=sys.stderr)
-    print(json.dumps(results, indent=1))
+    emit({"results": results}, args)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@ For each shape (K x N), weight format and thread count: one decode step (x is [1
   int8 asym per channel, NNCF int4 asym group 128), compiled by the CPU plugin, and
 - the fused ActSparseMatMul at sparsity 0/0.3/0.5/0.7/0.9 (threshold = that quantile of |x|).
 Each model holds L such layers side by side on the same x, each with its own weights, L chosen so that a
-call reads at least --min-mb of weights (by default three times this CPU's last-level cache, 32 MB here): every
-layer's weights then come from DRAM, as in a real model's decode step, and the one Python call per step
-is spread over L layers, as one call per token is over a model's. Times are per layer (call / L); they
-include OpenVINO's per-node costs, which a model pays too. --min-mb 0 gives one layer per model (the
-single-node method of earlier runs: small shapes then stay in the cache and the call's overhead weighs).
+call reads at least --min-mb of weights (by default three times this CPU's last-level cache): every layer's
+weights then come from DRAM, as in a real model's decode step, and the one Python call per step is spread
+over L layers, as one call per token is over a model's. Times are per layer (call / L); they include
+OpenVINO's per-node costs, which a model pays too. --min-mb 0 gives one layer per model (small shapes then
+stay in the cache and the call's overhead weighs).
 fp32 is compiled with INFERENCE_PRECISION_HINT f32, so both sides read f32 weights; bf16 is the fp32
 model under the plugin's default precision (bf16 on CPUs with AVX512-BF16 or AMX, which rounds the
 weights to bf16 at compile time) against our op with bf16 weights (export --weight-format bf16);
@@ -17,18 +17,17 @@ the other formats use the default precision too. Each row records the precision 
 fused models are compiled through actsparse.runtime_ext.compile_model, as actsparse.load and actsparse
 bench do: with the plugin's default dynamic quantisation, its int8/int4 FullyConnected multiplies int8
 activations, and so does our u8/u4 decode (int8_activations).
-Reports median ms over many calls, the ratio against dense (speed-up), the bandwidth limit
-1/(1-s), the effective GB/s of weight bytes read, and the plugin's FullyConnected precision.
+Reports median ms over many calls (models timed in interleaved rounds), the ratio against dense (speed-up),
+the bandwidth limit 1/(1-s), the effective GB/s of weight bytes read, and the plugin's FullyConnected precision.
 
-    python benchmarks/kernel_bench.py [--quick] [--threads 1 2] [--formats fp32 fp16 int8 int4] [--min-mb MB] [--rounds R]
+    python benchmarks/kernel_bench.py [--quick] [--shapes KxN ...] [--threads 1 2] [--formats fp32 bf16 fp16 int8 int4]
+                                      [--min-mb MB] [--rounds R] [--output FILE]
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
+import logging
 import sys
-import time
 
 import numpy as np
 import openvino as ov
@@ -37,11 +36,10 @@ from openvino import opset13 as ops
 from actsparse.calibration.openvino_backend import find_groups
 from actsparse.passes.openvino import apply_plan
 from actsparse.passes.openvino_fuse import fuse, materialize
-from actsparse.runtime_ext import kernels as ks
 from actsparse.runtime_ext import compile_model, register
 
-SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (2048, 5632)]
-SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.9]
+from _harness import SPARSITIES, add_kernel_args, emit, layers_for, parse_kernel_args, parser, time_ms
+
 BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 
 
@@ -56,9 +54,7 @@ def dense_model(k: int, n: int, fmt: str, rng, layers: int) -> ov.Model:
         outputs.append(ops.matmul(h, weight, False, True, name=f"__module.model.layers.{i}.mlp.down_proj/aten::linear/MatMul"))
     model = ov.Model(outputs, [x])
     if fmt in ("int8", "int4"):
-        import logging
-
-        import nncf
+        import nncf  # only for these formats: it takes seconds to import
 
         nncf.set_log_level(logging.ERROR)  # its tables would go to stdout, which carries the JSON
         mode = nncf.CompressWeightsMode.INT8_ASYM if fmt == "int8" else nncf.CompressWeightsMode.INT4_ASYM
@@ -80,28 +76,6 @@ def fused_model(model: ov.Model, tau: float, core: ov.Core, fmt: str) -> ov.Mode
     return materialize(model, core)
 
 
-def time_ms(models: list[ov.CompiledModel], xs: list[np.ndarray], rounds: int, calls: int = 5, warm: int = 3) -> list[float]:
-    """Median ms per call of each model, interleaved: every round times each model in turn, so that
-    the noise of a shared machine falls on all of them alike. Each model's turn starts with `warm`
-    untimed calls: every compiled model has its own TBB arena, and OpenVINO's worker threads take a
-    few calls to move to the arena that now needs them (timed without them, a 2-thread op ran at
-    about 1.5 threads' speed)."""
-    requests = [m.create_infer_request() for m in models]
-    for request in requests:
-        for x in xs[:3]:
-            request.infer({0: x})
-    times = [[] for _ in models]
-    for r in range(rounds):
-        for request, samples in zip(requests, times):
-            for i in range(warm):
-                request.infer({0: xs[i]})
-            for i in range(calls):
-                start = time.perf_counter()
-                request.infer({0: xs[(r * calls + i) % len(xs)]})
-                samples.append(time.perf_counter() - start)
-    return [1e3 * float(np.median(t)) for t in times]
-
-
 def fc_precision(compiled: ov.CompiledModel) -> str:
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
@@ -111,23 +85,17 @@ def fc_precision(compiled: ov.CompiledModel) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one shape, fewer calls")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--formats", nargs="+", default=list(BYTES))
-    parser.add_argument("--min-mb", type=float, default=3 * ks.last_level_cache_mb(),
-                        help="weights per model: enough layers to read this many MB per call (0: one layer; default: three times the last-level cache)")
-    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 12, 6 with --quick)")
-    args = parser.parse_args()
+    p = parser(__doc__)
+    add_kernel_args(p, list(BYTES))
+    args = parse_kernel_args(p)
     rng = np.random.default_rng(0)
     core = ov.Core()
     register(core)
     rows = []
-    for k, n in SHAPES[:1] if args.quick else SHAPES:
+    for k, n in args.shapes:
         xs = [rng.standard_normal((1, 1, k)).astype(np.float32) for _ in range(16)]
-        rounds = args.rounds or (6 if args.quick else 12)
         for fmt in args.formats:
-            layers = max(1, int(np.ceil(args.min_mb * 1e6 / (k * n * BYTES[fmt]))))
+            layers = layers_for(args.min_mb, k * n * BYTES[fmt])
             dense = dense_model(k, n, fmt, rng, layers)
             fused = {s: fused_model(dense, float(np.quantile(np.abs(np.concatenate(xs)), s)), core, fmt)
                      for s in SPARSITIES}
@@ -142,7 +110,11 @@ def main() -> None:
                 agree = max(float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(yd, y0))
                 if agree > 0.05:
                     sys.exit(f"{k}x{n} {fmt}: the fused op at s=0 differs from the dense model by {agree:.3g} (relative)")
-                dense_ms, *sparse_ms = (t / layers for t in time_ms([compiled] + sparse, xs, rounds))
+                requests = [c.create_infer_request() for c in [compiled] + sparse]
+                # warm=3: every compiled model has its own TBB arena, and OpenVINO's worker threads take a few
+                # calls to move to the arena that now needs them (without them a 2-thread op runs slower)
+                calls = [lambda i, r=r: r.infer({0: xs[i % len(xs)]}) for r in requests]
+                dense_ms, *sparse_ms = (t / layers for t in time_ms(calls, args.rounds, warm=3))
                 row = {"K": k, "N": n, "format": fmt, "threads": threads, "layers": layers, "dense_ms": dense_ms,
                        "max_rel_diff_at_s0": agree,
                        "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").to_string(),
@@ -157,11 +129,8 @@ def main() -> None:
                 rows.append(row)
                 print(f"{k}x{n} {fmt} t{threads} x{layers}: dense {dense_ms:.2f} ms ({row['dense_fc_precision']}) | " +
                       " ".join(f"s{e['sparsity']}: {e['ms']:.2f} ({e['speedup_vs_dense']:.2f}x)" for e in row["sparse"]),
-                      file=__import__("sys").stderr)
-    # the extension's own copy of the core starts from the same kernel and prefetch defaults as the ctypes one
-    print(json.dumps({"device": "CPU", "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"), "min_mb": args.min_mb,
-                      "openvino": ov.get_version(), "kernel": ks.best_kernel(),
-                      "prefetch": ks.get_tuning()["prefetch"], "results": rows}, indent=1))
+                      file=sys.stderr)
+    emit({"device": "CPU", "results": rows}, args)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
-"""Self-check benchmark of the C++ kernel core at decode (M=1). Prints JSON.
+"""The C++ kernel core alone at decode (M=1), called through its C API: ms, GB/s and speed-up over s=0. Prints JSON.
 
-Bytes read = live rows x row bytes (+ scale/zero-point bytes of the groups touched, for u8/u4; u4 params are
-compact, 3 bytes a group and column, as exports store them).
-Usage: ACTSPARSE_EXT_DIR=<build dir> python benchmarks/kernel_core_bench.py [--kernel avx2] [--quick]
-       [--int8-activations] [--threads 1,2] [--shapes 4096x11008,...] [--formats f32,u8,...]
+For each shape, weight format, thread count and sparsity 0/0.5/0.9, the median time of one call, cycling through
+weight copies (at least 256 MB) and 16 inputs with different live sets, so that the rows read come from DRAM, as in
+a real model. Bytes read = live rows x row bytes (+ scale/zero-point bytes of the groups touched, for u8/u4; u4
+params are compact, 3 bytes a group and column, as exports store them).
+
+    ACTSPARSE_EXT_DIR=<build dir> python benchmarks/kernel_core_bench.py [--kernel avx2] [--quick]
+        [--int8-activations] [--threads 1 2] [--shapes 4096x11008 ...] [--formats f32 u8 ...] [--output FILE]
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 
@@ -17,7 +18,8 @@ import numpy as np
 from actsparse.runtime_ext import kernels as ks
 from actsparse.runtime_ext.kernels import PackedWeight
 
-SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (2048, 5632)]
+from _harness import add_kernel_args, emit, parse_kernel_args, parser, time_ms
+
 FORMATS = ["f32", "bf16", "f16", "u8", "u4"]
 SPARSITIES = [0.0, 0.5, 0.9]
 G = 128
@@ -43,62 +45,43 @@ def bytes_read(packed, live):
     return b
 
 
-def timeit(fn, reps):
-    for _ in range(3):
-        fn()
-    t = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        t.append(time.perf_counter() - t0)
-    return float(np.median(t))
-
-
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel", default=None)
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--shapes", default=None, help="e.g. 4096x11008,4096x4096")
-    ap.add_argument("--formats", default=",".join(FORMATS))
-    ap.add_argument("--int8-activations", action="store_true", help="u8/u4 decode on int8 activations")
-    ap.add_argument("--threads", default="1,2", help="e.g. 1,4,8,16")
-    args = ap.parse_args()
-    kernel = args.kernel or ks.best_kernel()
-    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    p = parser(__doc__)
+    add_kernel_args(p, FORMATS, rounds=False)
+    p.add_argument("--kernel", default=None, help="a kernel of the core's (default: the best this CPU runs)")
+    p.add_argument("--int8-activations", action="store_true", help="u8/u4 decode on int8 activations")
+    args = parse_kernel_args(p)
+    args.kernel = args.kernel or ks.best_kernel()
     rng = np.random.default_rng(0)
     rows = []
     t_start = time.perf_counter()
-    for K, N in shapes:
-        for fmt in args.formats.split(","):
+    for K, N in args.shapes:
+        for fmt in args.formats:
             packed = make(fmt, K, N, rng)
             dense_bytes = K * packed.row_bytes
             # Cycle through weight copies (>= 256 MB) and 16 inputs with different live sets, so the rows
-            # read come from DRAM rather than the last-level cache (32 MB here), as in a real model.
+            # read come from DRAM rather than the last-level cache, as in a real model.
             copies = [packed] + [PackedWeight(**{**packed.__dict__, "data": packed.data.copy()})
                                  for _ in range(-(-256_000_000 // dense_bytes) - 1)]
             reps = 20 if args.quick else max(20, min(200, int(2e9 / dense_bytes)))
-            for threads in map(int, args.threads.split(",")):
+            for threads in args.threads:
                 base = None
                 for s in SPARSITIES:
                     xs = rng.standard_normal((16, 1, K)).astype(np.float32)
                     tau = float(np.quantile(np.abs(xs), s)) if s > 0 else -1.0  # tau < 0 keeps every channel
                     live = ~(np.abs(xs[0, 0]) <= tau)
-                    it = iter(range(1 << 30))
 
-                    def call():
-                        i = next(it)
-                        ks.matmul(xs[i % 16], copies[i % len(copies)], None, 0.0, tau, True, threads, kernel,
+                    def call(i):
+                        ks.matmul(xs[i % 16], copies[i % len(copies)], None, 0.0, tau, True, threads, args.kernel,
                                   int8_activations=args.int8_activations)
-                    t = timeit(call, reps)
-                    base = t if s == 0 else base
-                    nbytes = bytes_read(packed, live)
-                    rows.append(dict(K=K, N=N, format=fmt, threads=threads, sparsity=s,
-                                     live=int(live.sum()), ms=round(t * 1e3, 4),
-                                     gbps=round(nbytes / t / 1e9, 2), speedup=round(base / t, 2)))
-                    print(f"{K}x{N} {fmt:3s} t={threads} s={s:.1f} {t*1e3:8.3f} ms "
-                          f"{nbytes / t / 1e9:6.2f} GB/s x{base / t:5.2f}", file=sys.stderr)
-    print(json.dumps(dict(kernel=kernel, tuning=ks.get_tuning(), M=1, int8_activations=args.int8_activations, seconds=round(time.perf_counter() - t_start, 1), results=rows),
-                     indent=1))
+                    ms = time_ms([call], rounds=1, per_round=reps)[0]
+                    base = ms if s == 0 else base
+                    gbps = bytes_read(packed, live) / ms / 1e6
+                    rows.append(dict(K=K, N=N, format=fmt, threads=threads, sparsity=s, live=int(live.sum()),
+                                     ms=round(ms, 4), gbps=round(gbps, 2), speedup=round(base / ms, 2)))
+                    print(f"{K}x{N} {fmt:3s} t={threads} s={s:.1f} {ms:8.3f} ms {gbps:6.2f} GB/s x{base / ms:5.2f}",
+                          file=sys.stderr)
+    emit({"M": 1, "seconds": round(time.perf_counter() - t_start, 1), "results": rows}, args)
 
 
 if __name__ == "__main__":

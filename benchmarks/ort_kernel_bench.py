@@ -8,34 +8,32 @@ For each shape (K x N), weight format and intra-op thread count: one decode step
   op's exact result, and
 - the custom op (libactsparse_onnxruntime.so) at sparsity 0/0.3/0.5/0.7/0.9 (threshold = that quantile of |x|).
 Each model holds L such layers side by side on the same x, each with its own weights, L chosen so that a call
-reads at least --min-mb of weights (by default three times this CPU's last-level cache, 32 MB here), so every layer's
+reads at least --min-mb of weights (by default three times this CPU's last-level cache), so every layer's
 weights come from DRAM, as in a real model's decode step, and the one Python call is spread over L layers; times
-are per layer (call / L). --min-mb 0: one node per model, the method of earlier runs.
+are per layer (call / L). --min-mb 0: one node per model.
 Sessions are timed in interleaved rounds (the noise of a shared machine falls on all alike), with thread
 spinning off in every session (several pools in one process would otherwise steal each other's cores); reports median
 ms per call, dense/ours time ratio, the bandwidth limit 1/(1-s), and effective GB/s of weight codes read
 ((1-s) of them for ours; scales and zero points not counted).
 
-    python benchmarks/ort_kernel_bench.py [--quick] [--threads 1 2] [--formats fp32 int8 int4-g32 int4-g64 int4-g128]
-                                          [--min-mb MB] [--rounds R]
+    python benchmarks/ort_kernel_bench.py [--quick] [--shapes KxN ...] [--threads 1 2]
+                                          [--formats fp32 int8 int4-g32 int4-g64 int4-g128]
+                                          [--min-mb MB] [--rounds R] [--output FILE]
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from actsparse.runtime_ext import kernels as ks
 from actsparse.calibration.onnx_backend import EXACT_CONFIG
+from actsparse.runtime_ext import kernels as ks
 from actsparse.runtime_ext import session_options
 
-SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (2048, 5632)]
-SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.9]
+from _harness import SPARSITIES, add_kernel_args, emit, layers_for, parse_kernel_args, parser, time_ms
+
 FORMATS = ["fp32", "int8", "int4-g32", "int4-g64", "int4-g128"]
 INT8_BLOCK = 128  # divides every K above
 
@@ -102,39 +100,18 @@ def ours(packed: list[ks.PackedWeight], tau: float) -> bytes:
     return model(nodes, packed[0].K, inits, "ai.actsparse")
 
 
-def time_ms(sessions: list, xs: list[np.ndarray], rounds: int, calls: int = 5) -> list[float]:
-    """Median ms per call of each session, interleaved: every round times each session in turn."""
-    for s in sessions:
-        for x in xs[:3]:
-            s.run(None, {"x": x})
-    times = [[] for _ in sessions]
-    for r in range(rounds):
-        for s, samples in zip(sessions, times):
-            for i in range(calls):
-                x = xs[(r * calls + i) % len(xs)]
-                start = time.perf_counter()
-                s.run(None, {"x": x})
-                samples.append(time.perf_counter() - start)
-    return [1e3 * float(np.median(t)) for t in times]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one shape, fewer rounds")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
-    parser.add_argument("--min-mb", type=float, default=3 * ks.last_level_cache_mb(),
-                        help="weights per model: enough layers to read this many MB per call (0: one layer; default: three times the last-level cache)")
-    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 12, 6 with --quick)")
-    args = parser.parse_args()
+    p = parser(__doc__)
+    add_kernel_args(p, FORMATS)
+    args = parse_kernel_args(p)
     rng = np.random.default_rng(0)
     rows = []
-    for k, n in SHAPES[:1] if args.quick else SHAPES:
+    for k, n in args.shapes:
         xs = [rng.standard_normal((1, 1, k)).astype(np.float32) for _ in range(16)]
         taus = [0.0 if s == 0 else float(np.quantile(np.abs(np.concatenate(xs)), s)) for s in SPARSITIES]
         for fmt in args.formats:
             bits = 32 if fmt == "fp32" else 8 if fmt == "int8" else 4
-            layers = max(1, int(np.ceil(args.min_mb * 8e6 / (k * n * bits))))
+            layers = layers_for(args.min_mb, k * n * bits / 8)
             packed, dense = weights(fmt, k, n, layers, rng)
             code_bytes = k * packed[0].row_bytes
             # exact, but for u4 on a kernel that multiplies its f32 activations in bf16 (avx512bf16)
@@ -163,7 +140,9 @@ def main() -> None:
                     if agree[name] > (2e-2 if quantised else exact_tol):
                         sys.exit(f"{k}x{n} {fmt}: ours at s=0 differs from {name} by {agree[name]:.3g} (relative)")
                 timed = [(name, s) for name, s in zip(dense, dense_s) if "acc=0" not in name]
-                ms = [t / layers for t in time_ms([s for _, s in timed] + ours_s, xs, args.rounds or (6 if args.quick else 12))]
+                calls = [lambda i, session=session: session.run(None, {"x": xs[i % len(xs)]})
+                         for session in [s for _, s in timed] + ours_s]
+                ms = [t / layers for t in time_ms(calls, args.rounds)]
                 dense_ms = {name: t for (name, _), t in zip(timed, ms)}
                 row = {"K": k, "N": n, "format": fmt, "ours_weight_format": packed[0].format, "threads": threads,
                        "layers": layers,
@@ -178,10 +157,7 @@ def main() -> None:
                 print(f"{k}x{n} {fmt} t{threads} x{layers}: " + " ".join(f"{d} {t:.2f} ms" for d, t in dense_ms.items()) + " | " +
                       " ".join(f"s{e['sparsity']}: {e['ms']:.2f} ({e['dense_over_ours'][first]:.2f}x)"
                                for e in row["sparse"]), file=sys.stderr)
-    print(json.dumps({"device": "CPU", "min_mb": args.min_mb, "onnxruntime": ort.__version__, "kernel": ks.best_kernel(),
-                      # the custom-op library's own copy of the core starts from the same defaults
-                      "prefetch": ks.get_tuning()["prefetch"], "results": rows},
-                     indent=1))
+    emit({"device": "CPU", "results": rows}, args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 Markdown table and a PNG plot (one Pareto curve per method and allocation).
 
     python benchmarks/quality.py [--models smollm2-135m minilm-l6 qwen2.5-0.5b] [--out benchmarks/results]
+                                 [--samples 32] [--settings scap-greedy ...] [--merge quality.json] [--sensitivity]
 
 Each model is exported once (fp32) and calibrated once; every setting is then planned from the
 same statistics and evaluated in memory on the held-out split of builtin:wiki, every token
@@ -15,11 +16,13 @@ down-projection only) the mean and minimum cosine of mean-pooled embeddings to t
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _harness import emit, parser
 
 SWEEP = {  # model -> (sparsity kinds swept, weighted sparsities, settings: (method, allocation, centering))
     "smollm2-135m": ("mlp", [0.2, 0.3, 0.4, 0.5, 0.6],
@@ -34,19 +37,19 @@ SWEEP = {  # model -> (sparsity kinds swept, weighted sparsities, settings: (met
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(SWEEP), choices=list(SWEEP))
-    parser.add_argument("--out", default="benchmarks/results", help="folder for quality.json/.md/.png")
-    parser.add_argument("--samples", type=int, default=32, help="held-out samples per evaluation")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--calibration-samples", type=int, default=64)
-    parser.add_argument("--calibration-seq-len", type=int, default=256)
-    parser.add_argument("--settings", nargs="+", default=None, metavar="METHOD-ALLOCATION",
-                        help="run only these settings (e.g. scap-greedy); with --merge, keep the other rows")
-    parser.add_argument("--merge", default=None, help="an earlier quality.json whose rows of other settings are kept")
-    parser.add_argument("--sensitivity", action="store_true",
-                        help="also re-calibrate smollm2-135m with 16/64 samples of 128/256 tokens (scap 0.4)")
-    args = parser.parse_args()
+    p = parser(__doc__, output=False)
+    p.add_argument("--models", nargs="+", default=list(SWEEP), choices=list(SWEEP))
+    p.add_argument("--out", default="benchmarks/results", help="folder for quality.json/.md/.png")
+    p.add_argument("--samples", type=int, default=32, help="held-out samples per evaluation")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--calibration-samples", type=int, default=64)
+    p.add_argument("--calibration-seq-len", type=int, default=256)
+    p.add_argument("--settings", nargs="+", default=None, metavar="METHOD-ALLOCATION",
+                   help="run only these settings (e.g. scap-greedy); with --merge, keep the other rows")
+    p.add_argument("--merge", default=None, help="an earlier quality.json whose rows of other settings are kept")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="also re-calibrate smollm2-135m with 16/64 samples of 128/256 tokens (scap 0.4)")
+    args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"eval": {"text": "builtin:wiki (held-out split)", "samples": args.samples, "seq_len": args.seq_len},
@@ -65,10 +68,9 @@ def main() -> None:
             if args.sensitivity and name == "smollm2-135m":
                 results["models"][name]["sensitivity"] = sensitivity(name, Path(work), args)
     results["models"] = {name: results["models"][name] for name in SWEEP if name in results["models"]}
-    (out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
+    emit(results, args, out / "quality.json")
     (out / "quality.md").write_text(table(results))
     plot(results, out / "quality.png")
-    print(json.dumps(results))
 
 
 class Model:
@@ -226,7 +228,11 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # an optional dependency (the bench extra): the JSON and table are written already
+        print(f"{path} not drawn: matplotlib is not installed (pip install '.[bench]')", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
