@@ -21,11 +21,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .._common import ActSparseError
-from ..calibration.onnx_backend import LINEAR_OPS, Index, consumers, dequantized, gemm_bias, read_weight, weight_refusal
-from ..calibration.plan import group_settings
-from ..runtime_ext import ONNX_DOMAIN, OP_TYPE
-from ..runtime_ext.kernels import TILE_COLS, to_tiles
+from ..._common import ActSparseError
+from ...calibration.plan import group_settings
+from ...runtime_ext import ONNX_DOMAIN, OP_TYPE
+from ...runtime_ext.kernels import TILE_COLS, to_tiles
+from .graph import LINEAR_OPS, Index, consumers, dequantized, gemm_bias, read_weight, weight_refusal
 
 log = logging.getLogger("actsparse")
 KEEP_DENSE = "keep_dense"

@@ -22,10 +22,11 @@ import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
-from ..calibration.plan import group_settings
-from ..runtime_ext import OP_TYPE, OPENVINO_OPSET, bf16_io
-from ..runtime_ext.kernels import TILE_COLS, compact_u4_params, pack_u4, to_bf16, to_tiles
-from .openvino import KEEP_DENSE, _prefix
+from ...calibration.plan import group_settings
+from ...runtime_ext import OP_TYPE, OPENVINO_OPSET
+from ...runtime_ext.kernels import TILE_COLS, compact_u4_params, pack_u4, to_bf16, to_tiles
+from .passes import KEEP_DENSE, _prefix
+from .runtime import bf16_io
 
 log = logging.getLogger("actsparse")
 
@@ -134,7 +135,7 @@ def materialize(model: ov.Model, core: ov.Core) -> ov.Model:
     import tempfile
     from pathlib import Path
 
-    from ..exports.openvino import save_ir
+    from .export import save_ir
 
     with tempfile.TemporaryDirectory(prefix="actsparse-ir-") as tmp:
         save_ir(model, Path(tmp) / "model.xml")  # aligned weights, as an export writes them

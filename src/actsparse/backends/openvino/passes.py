@@ -18,9 +18,9 @@ import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
-from .._common import ActSparseError
-from ..calibration.openvino_backend import EXACT_CONFIG, tensor_name, tensors_by_name, weight_refusal
-from ..calibration.plan import group_settings
+from ..._common import ActSparseError
+from ...calibration.plan import group_settings
+from .graph import EXACT_CONFIG, tensor_name, tensors_by_name, weight_refusal
 
 KEEP_DENSE = "keep_dense"
 
@@ -121,7 +121,7 @@ def set_prefill_sparse(model: ov.Model) -> int:
     Works on the reference pattern (its keep_dense condition becomes false) and on fused
     ActSparseMatMul ops (their ``prefill`` attribute becomes "sparse").
     """
-    from ..runtime_ext import OP_TYPE
+    from ...runtime_ext import OP_TYPE
 
     changed = 0
     for op in model.get_ordered_ops():
@@ -139,7 +139,7 @@ def set_dense(model: ov.Model) -> int:
     """Undo the pruning in place (every channel kept), giving the dense model's function; return
     nodes changed. The reference pattern's masks pass x − m through (the fold keeps it exact);
     fused ops get a negative threshold, which keeps every channel."""
-    from ..runtime_ext import OP_TYPE
+    from ...runtime_ext import OP_TYPE
 
     changed = 0
     for op in model.get_ordered_ops():
