@@ -17,6 +17,8 @@ constant, so the model holds one copy of the weights.
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import openvino as ov
@@ -25,6 +27,7 @@ from openvino import opset13 as ops
 from ...calibration.plan import group_settings
 from ...runtime_ext import OP_TYPE, OPENVINO_OPSET
 from ...runtime_ext.kernels import TILE_COLS, compact_u4_params, pack_u4, to_bf16, to_tiles
+from .export import save_ir
 from .passes import KEEP_DENSE, _prefix
 from .runtime import bf16_io
 
@@ -132,11 +135,6 @@ def materialize(model: ov.Model, core: ov.Core) -> ov.Model:
 
     ``core`` must have the extension registered.
     """
-    import tempfile
-    from pathlib import Path
-
-    from .export import save_ir
-
     with tempfile.TemporaryDirectory(prefix="actsparse-ir-") as tmp:
         save_ir(model, Path(tmp) / "model.xml")  # aligned weights, as an export writes them
         return core.read_model(f"{tmp}/model.xml")

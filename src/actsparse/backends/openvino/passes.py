@@ -20,6 +20,7 @@ from openvino import opset13 as ops
 
 from ..._common import ActSparseError
 from ...calibration.plan import group_settings
+from ...runtime_ext import OP_TYPE
 from .graph import EXACT_CONFIG, tensor_name, tensors_by_name, weight_refusal
 
 KEEP_DENSE = "keep_dense"
@@ -121,8 +122,6 @@ def set_prefill_sparse(model: ov.Model) -> int:
     Works on the reference pattern (its keep_dense condition becomes false) and on fused
     ActSparseMatMul ops (their ``prefill`` attribute becomes "sparse").
     """
-    from ...runtime_ext import OP_TYPE
-
     changed = 0
     for op in model.get_ordered_ops():
         if op.get_friendly_name().endswith(f"/{KEEP_DENSE}"):
@@ -139,8 +138,6 @@ def set_dense(model: ov.Model) -> int:
     """Undo the pruning in place (every channel kept), giving the dense model's function; return
     nodes changed. The reference pattern's masks pass x − m through (the fold keeps it exact);
     fused ops get a negative threshold, which keeps every channel."""
-    from ...runtime_ext import OP_TYPE
-
     changed = 0
     for op in model.get_ordered_ops():
         if op.get_friendly_name().startswith("actsparse.") and op.get_friendly_name().endswith("/mask"):
