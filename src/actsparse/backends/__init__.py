@@ -73,7 +73,7 @@ class EvalStep:
 
 
 # settings(group, s) -> (m, τ) of a group at sparsity s, for model_error_curves
-Settings = Callable[[Group, float], "tuple[float, float]"]
+Settings = Callable[[Group, float], tuple[float, float]]
 
 
 class Backend(abc.ABC):
