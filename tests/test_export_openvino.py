@@ -205,3 +205,22 @@ def test_load_returns_an_optimum_model_that_generates(tiny_llama, llama_exports)
     tok = AutoTokenizer.from_pretrained(llama_exports["sparse"])
     out = model.generate(**tok("The city", return_tensors="pt"), max_new_tokens=5, do_sample=False, min_new_tokens=5)
     assert out.shape[1] == len(tok("The city")["input_ids"]) + 5
+
+
+def test_bench_times_both_exports_and_counts_the_skipped_weight_bytes(tiny_llama, llama_exports):
+    """fp32 IR: every Linear's weight is 4 bytes a parameter, so the skipped share follows from the torch model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from actsparse.benchmark import bench
+
+    linears = [m for m in AutoModelForCausalLM.from_pretrained(tiny_llama).modules() if isinstance(m, torch.nn.Linear)]
+    skipped = sum(l["in_features"] * l["out_features"] * l["target_sparsity"]
+                  for l in plan_of(llama_exports["sparse"])["layers"])
+    result = bench(llama_exports["sparse"], llama_exports["dense"], prompt_tokens=8, decode_tokens=2, runs=1)
+    assert result["sparsified_weight_share"] == pytest.approx(skipped / sum(m.weight.numel() for m in linears))
+    for name in ("sparse", "dense"):
+        assert result[name]["decode_ms_per_token"] > 0 and result[name]["prefill_ms"] > 0
+        assert result[name]["peak_rss_mb"] > 0 and result[name]["inference_precision"] in ("f32", "bf16")
+    assert result["decode_speedup"] == pytest.approx(
+        result["dense"]["decode_ms_per_token"] / result["sparse"]["decode_ms_per_token"])
