@@ -10,8 +10,8 @@ from actsparse.calibration.error import GRID
 from actsparse.calibration.plan import build_plan, read_plan, write_plan
 from actsparse.calibration.stats import StreamingHistogram
 from actsparse.calibration.targets import Group, Target
-from actsparse.pipeline import (ExportOptions, Statistics, calibrate, find_targets, make_plan, resolve_sparsity,
-                                rewrite, save)
+from actsparse.pipeline import (ExportOptions, Statistics, calibrate, export, find_targets, make_plan,
+                                resolve_sparsity, rewrite, save)
 from actsparse.runtime_ext import OP_TYPE
 from conftest import skip_without_extension
 
@@ -82,6 +82,12 @@ class _NoTargets(type(get_backend("onnx"))):
 def test_find_targets_refuses_a_model_with_nothing_to_prune():
     with pytest.raises(ActSparseError, match="found no mlp projections to prune in tiny"):
         find_targets(_NoTargets(), None, ExportOptions(format="onnx"), "tiny")
+
+
+def test_export_refuses_cats_where_the_backend_has_no_cats_masks(tiny_llama, tmp_path):
+    with pytest.raises(ActSparseError, match="--method cats is not available with --format onnx"):
+        export(str(tiny_llama), tmp_path / "out", format="onnx", method="cats", sparsity={"down": 0.5})
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

@@ -145,6 +145,8 @@ def export(model: str, output: str | os.PathLike, **options) -> Path:
         raise ActSparseError(f"output folder {output} already exists (use --force to overwrite)")
     hf_dir = resolve_model(model)
     backend = get_backend(options.format)
+    if options.method == "cats" and not backend.capabilities.cats:  # before the export, which takes a while
+        raise ActSparseError(f"--method cats is not available with --format {options.format}")
     if (options.weight_format == "fp32" and options.fuse and any(options.sparsity.values())
             and backend.capabilities.fp32_runs_in_bf16):
         log.warning("the runtime runs fp32 models in bf16 on this CPU, so the dense model reads bf16 weights; "
@@ -174,11 +176,7 @@ def find_targets(backend: Backend, path: Path, options: ExportOptions, model: st
     groups = backend.find_groups(graph, options.kinds)
     if not groups:
         raise ActSparseError(f"found no {options.targets} projections to prune in {model}")
-    if options.method != "cats":
-        return groups, {}
-    if not backend.capabilities.cats:
-        raise ActSparseError(f"--method cats is not available with --format {options.format}")
-    return groups, backend.cats_sources(graph, groups)
+    return groups, backend.cats_sources(graph, groups) if options.method == "cats" else {}
 
 
 def calibrate(backend: Backend, path: Path, groups: list[Group], sources: dict[str, str],
