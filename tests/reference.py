@@ -120,9 +120,9 @@ def ov_logits(folder, ids: np.ndarray, prefill_sparse: bool = False) -> np.ndarr
     """Logits of an exported folder for ``[1, seq]`` ids from a fresh state, in exact f32."""
     import openvino as ov
 
-    from actsparse.calibration.openvino_backend import EXACT_CONFIG, feed
-    from actsparse.passes.openvino import set_prefill_sparse
-    from actsparse.runtime_ext import read_model
+    from actsparse.backends.openvino.graph import EXACT_CONFIG
+    from actsparse.backends.openvino.passes import set_prefill_sparse
+    from actsparse.backends.openvino.runtime import feed, read_model
 
     core = ov.Core()
     model = read_model(core, folder / "openvino_model.xml")

@@ -9,10 +9,12 @@ import pytest
 from openvino import opset13 as ops
 
 import actsparse
-from actsparse.calibration.openvino_backend import EXACT_CONFIG, find_groups
-from actsparse.passes.openvino import apply_plan, set_prefill_sparse
-from actsparse.passes.openvino_fuse import fuse, materialize, read_weight
-from actsparse.runtime_ext import OP_TYPE, extension_problem, read_model, register
+from actsparse.backends.openvino.calibration import find_groups
+from actsparse.backends.openvino.fuse import fuse, materialize, read_weight
+from actsparse.backends.openvino.graph import EXACT_CONFIG
+from actsparse.backends.openvino.passes import apply_plan, set_prefill_sparse
+from actsparse.backends.openvino.runtime import extension_problem, read_model
+from actsparse.runtime_ext import OP_TYPE, register
 from conftest import plan_of, run_cli, skip_without_extension
 from reference import (int8_groups, int8_live, multiplies_in_bf16, ov_logits, pruned_input, quantises_activations, torch_bf16,
                        weights_in_bf16)
@@ -175,7 +177,7 @@ def test_dense_prefill_and_decode_and_every_channel_pruned():
 def test_ir_without_tile_cols_reads_2048_column_tiles(legacy):
     """The op's tile_cols says how W is stored (exports write it; u8 uses 8192-column tiles); an IR
     written before the attribute existed has none and was stored in 2048-column tiles."""
-    from actsparse.passes.openvino_fuse import ActSparseMatMul
+    from actsparse.backends.openvino.fuse import ActSparseMatMul
     from actsparse.runtime_ext import kernels as ks
 
     k, n, mode, tau = 64, 8300, 0.1, 0.6
@@ -220,7 +222,7 @@ def test_u4_params_compact_and_f32_give_the_same_results():
 
 
 def test_bad_tile_cols_is_refused_when_the_ir_is_read():
-    from actsparse.passes.openvino_fuse import ActSparseMatMul
+    from actsparse.backends.openvino.fuse import ActSparseMatMul
 
     x = ops.parameter([-1, 8], np.float32, name="x")
     op = ActSparseMatMul([x.output(0), ops.constant(np.zeros((8, 4), np.float32)).output(0),
@@ -246,7 +248,7 @@ def test_bf16_graphs_give_the_op_bf16_activations():
     """Where OpenVINO runs a graph in bf16, runtime_ext.compile_model puts each f32 op between Converts (so
     the plugin needs no Reorders around it) and the op's prefill then multiplies in bf16, as the plugin's
     own FullyConnected does; an f32 compilation is left exact."""
-    from actsparse.runtime_ext import bf16_activations, compile_model
+    from actsparse.backends.openvino.runtime import bf16_activations, compile_model
 
     k, n, mode, tau = 64, 40, 0.1, 0.6
     model, dequant, core = _fused("u8", n, k, mode, tau)
@@ -271,7 +273,7 @@ def test_int8_activations_follow_the_plugins_dynamic_quantisation(fmt):
     its own int8/int4 FullyConnected (DYNAMIC_QUANTIZATION_GROUP_SIZE, non-zero by default), for a decode
     step (runs of 8 live channels) and a prompt (u8: groups of 32 channels); the attribute is absent from
     exported IRs, which then compute as before under a plain core.compile_model."""
-    from actsparse.runtime_ext import compile_model
+    from actsparse.backends.openvino.runtime import compile_model
 
     k, n, mode, tau = 256, 96, 0.1, 0.6
     model, dequant, core = _fused(fmt, n, k, mode, tau)
@@ -361,7 +363,7 @@ def test_eval_of_a_fused_export_exits_cleanly(tiny_exports, texts):
 
 def test_concurrent_requests_are_independent(tiny_exports):
     """Several streams and requests in flight at once: every result equals its sequential one."""
-    from actsparse.calibration.openvino_backend import feed
+    from actsparse.backends.openvino.runtime import feed
 
     folder = tiny_exports["fp32", True]
     core = ov.Core()

@@ -9,11 +9,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import actsparse
-from actsparse.calibration import onnx_backend
+from actsparse.backends.onnx.calibration import find_groups, module_of
+from actsparse.backends.onnx.graph import Index, dequantized, read_weight, weight_refusal
+from actsparse.backends.onnx.runtime import feed, session
 from actsparse.calibration.plan import build_plan
 from actsparse.calibration.stats import StreamingHistogram
-from actsparse.passes.onnx import apply_plan, fuse, set_prefill_sparse
-from actsparse.runtime_ext import OP_TYPE, extension_problem, onnxruntime_problem
+from actsparse.backends.onnx.passes import apply_plan, fuse, set_prefill_sparse
+from actsparse.backends.onnx.runtime import onnxruntime_problem
+from actsparse.backends.openvino.runtime import extension_problem
+from actsparse.runtime_ext import OP_TYPE
 from conftest import plan_of, run_cli, skip_without_extension
 from reference import (assert_close_through_flips, pruned_input, quantises_activations, torch_logits,
                        torch_model_with_plan)
@@ -37,8 +41,8 @@ def _graph(folder, prefill_sparse=False):
 
 def ort_logits(folder, ids, prefill_sparse=False, exact=True):
     graph = _graph(folder, prefill_sparse)
-    sess = onnx_backend.session(graph, folder, exact=exact)
-    return sess.run(["logits"], onnx_backend.feed(sess.get_inputs(), ids))[0]
+    sess = session(graph, folder, exact=exact)
+    return sess.run(["logits"], feed(sess.get_inputs(), ids))[0]
 
 
 def _op_count(folder, op_type):
@@ -105,7 +109,7 @@ def test_one_file_two_runtimes(tiny_llama, texts, exports, ort_library):
     """OpenVINO reads the fused ONNX file through its ONNX frontend, with the extension registered."""
     import openvino as ov
 
-    from actsparse.calibration.openvino_backend import EXACT_CONFIG
+    from actsparse.backends.openvino.graph import EXACT_CONFIG
     from actsparse.runtime_ext import register
 
     skip_without_extension(extension_problem())
@@ -156,7 +160,7 @@ def _two_layer_graph():
 
 
 def _run(model, x):
-    return onnx_backend.session(model).run(["logits"], {"x": x})[0]
+    return session(model).run(["logits"], {"x": x})[0]
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -165,7 +169,7 @@ def test_computed_weight_is_left_dense_and_the_pattern_is_exact(caplog, fused):
         skip_without_extension(onnxruntime_problem())
     model, w_up, w_down = _two_layer_graph()
     with caplog.at_level(logging.WARNING, logger="actsparse"):
-        groups = onnx_backend.find_groups(model, {"up", "down"})
+        groups = find_groups(model, {"up", "down"})
     assert [t.module for g in groups for t in g.targets] == ["model.layers.0.mlp.up_proj"]
     assert "not pruning model.layers.0.mlp.down_proj: weight is not an initializer" in caplog.text
     hist = StreamingHistogram()
@@ -206,14 +210,14 @@ def test_int8_pattern_and_fusion_match_torch_with_the_same_weights(tiny_llama, t
     np.testing.assert_allclose(ort_logits(fused, ids), ort_logits(unfused, ids), atol=1e-4, rtol=1e-4)
     # the reference: the torch model with every Linear set to the dequantized weight, pruned by the plan
     model = torch_model_with_plan(tiny_llama, plan_of(unfused))
-    modules, index = dict(model.named_modules()), onnx_backend.Index(onnx.load(str(unfused / "model.onnx")))
+    modules, index = dict(model.named_modules()), Index(onnx.load(str(unfused / "model.onnx")))
     with torch.no_grad():
         for node in index.model.graph.node:
-            module = onnx_backend.module_of(node)
-            if module in modules and onnx_backend.weight_refusal(index, node) is None:
-                weight = onnx_backend.dequantized(onnx_backend.read_weight(index, node))
+            module = module_of(node)
+            if module in modules and weight_refusal(index, node) is None:
+                weight = dequantized(read_weight(index, node))
                 modules[module].weight.copy_(torch.from_numpy(weight.T))
-                assert onnx_backend.read_weight(index, node)[0] == "u8"
+                assert read_weight(index, node)[0] == "u8"
     assert_close_through_flips(ort_logits(unfused, ids), torch_logits(model, ids))
     # Under ORT's defaults the unfused MatMuls become MatMulNBits at accuracy level 4, which quantises its
     # activations to int8 in blocks of 32 channels (its block size for per-channel weights), one scale
@@ -227,9 +231,9 @@ def test_int8_pattern_and_fusion_match_torch_with_the_same_weights(tiny_llama, t
         np.testing.assert_allclose(loose["fused"], loose["unfused"], atol=1e-4, rtol=1e-4)
     else:  # the ops stay f32 while MatMulNBits quantises
         assert np.abs(loose["fused"] - loose["unfused"]).max() < 0.05 * np.abs(exact).max()
-    from actsparse.benchmark import _worker  # what `actsparse bench` reports it ran
+    from actsparse.benchmark import measure  # what `actsparse bench` reports it ran
 
-    assert _worker(fused, 8, 2, 1)["inference_precision"] == "f32, int8 activations at int8 weights"
+    assert measure(fused, 8, 2, 1)["inference_precision"] == "f32, int8 activations at int8 weights"
 
 
 @pytest.mark.parametrize("weight_format", ["int4", "bf16"])

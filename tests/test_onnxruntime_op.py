@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from actsparse._common import ActSparseError
-from actsparse.calibration.onnx_backend import EXACT_CONFIG
-from actsparse.runtime_ext import ONNXRUNTIME_LIBRARY, onnxruntime_problem, session_options
+from actsparse.backends.onnx.runtime import EXACT_CONFIG, onnxruntime_problem, session_options
+from actsparse.runtime_ext import ONNXRUNTIME_LIBRARY
 from actsparse.runtime_ext import kernels as ks
 from conftest import skip_without_extension
 from reference import (int8_groups, int8_live, make_weight, multiplies_in_bf16, quantises_activations, torch_bf16,
@@ -188,22 +188,29 @@ def test_concurrent_runs_on_one_and_two_sessions():
     assert not errors, errors[0]
 
 
+def _openvino_core():
+    """An OpenVINO Core with the extension, through which its ONNX frontend builds the op (else the test skips)."""
+    import openvino as ov
+
+    from actsparse.backends.openvino.runtime import extension_problem
+    from actsparse.runtime_ext import register
+
+    skip_without_extension(extension_problem())
+    core = ov.Core()
+    register(core)
+    return core
+
+
 @pytest.mark.parametrize("fmt,G", [("f32", 0), ("f16", 0), ("bf16", 0), ("u8", 0), ("u4", 32), ("u4", 64), ("u4", 128)])
 @pytest.mark.parametrize("prefill", ["dense", "sparse"])
 def test_openvino_reads_the_same_onnx(tmp_path, fmt, G, prefill):
-    import openvino as ov
-
-    from actsparse.runtime_ext import extension_problem, register
-
-    skip_without_extension(extension_problem())
+    core = _openvino_core()
     rng = np.random.default_rng(5)
     packed = make_weight(fmt, 256, 70, G, rng)
     bias = rng.standard_normal(70).astype(np.float32)
     path = tmp_path / "actsparse.onnx"
     path.write_bytes(make_model(packed, bias, 0.2, 0.5, prefill))
     ort_session = session(str(path), 2)
-    core = ov.Core()
-    register(core)
     compiled = core.compile_model(core.read_model(path), "CPU",
                                   {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
     for shape in [(1, 1, 256), (2, 6, 256)]:
@@ -217,30 +224,31 @@ def test_openvino_reads_the_same_onnx(tmp_path, fmt, G, prefill):
 
 @pytest.mark.parametrize("fmt", ["u8", "u4"])
 @pytest.mark.parametrize("legacy", [False, True])
-def test_tile_cols_attribute_and_files_without_it(tmp_path, fmt, legacy):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_tile_cols_attribute_and_files_without_it(tmp_path, fmt, legacy, runtime):
     """u8/u4 weights are stored in 8192-column tiles and the node says so (tile_cols); a node without
     the attribute was exported with 2048-column tiles. ORT and OpenVINO's ONNX frontend read both."""
-    import openvino as ov
-
-    from actsparse.runtime_ext import extension_problem, register
-
     rng = np.random.default_rng(8)
     packed = make_weight(fmt, 64, 8300, 32, rng, ks.LEGACY_TILE_COLS if legacy else 0)
     assert packed.tile_cols == (2048 if legacy else 8192)
     bias = rng.standard_normal(8300).astype(np.float32)
     path = tmp_path / "actsparse.onnx"
     path.write_bytes(make_model(packed, bias, 0.2, 0.5, "sparse", tile_attr=not legacy))
-    runtimes = [session(str(path), 2).run]
-    if not extension_problem():
-        core = ov.Core()
-        register(core)
+    if runtime == "onnxruntime":
+        sess = session(str(path), 2)
+
+        def run(x):
+            return sess.run(None, {"x": x})[0]
+    else:
+        core = _openvino_core()
         compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        runtimes.append(lambda _, feed: [compiled(feed["x"])[0]])
+
+        def run(x):
+            return compiled(x)[0]
     for shape in [(1, 1, 64), (1, 6, 64)]:
         x = make_x(shape, 0.2, 0.5, rng)
         ref, scale = reference(x, packed, bias, 0.2, 0.5, True)
-        for run in runtimes:
-            check(run(None, {"x": x})[0], ref, scale, f"{fmt} legacy={legacy} {shape}")
+        check(run(x), ref, scale, f"{fmt} legacy={legacy} {shape}")
 
 
 @pytest.mark.parametrize("fmt,G", [("u8", 0), ("u4", 32), ("u4", 128)])
@@ -297,22 +305,23 @@ def test_bad_inputs_are_reported():
         session(make_model(bad, None, 0, 0.5), 1).run(None, {"x": np.zeros((1, 1, 64), np.float32)})
 
 
-def test_unknown_weight_format_is_named_by_both_runtimes(tmp_path):
-    import openvino as ov
-
-    from actsparse.runtime_ext import extension_problem, register
-
+def _u2_model():
     model = onnx.load_from_string(make_model(make_weight("u8", 64, 8, 0, np.random.default_rng(6)), None, 0.0, 0.5))
     next(a for a in model.graph.node[0].attribute if a.name == "weight_format").s = b"u2"
+    return model
+
+
+def test_unknown_weight_format_is_named_by_onnxruntime():
     with pytest.raises(Exception, match="unknown weight_format 'u2'"):
-        session(model.SerializeToString(), 1)
-    if not extension_problem():  # OpenVINO's ONNX frontend builds the op through the extension
-        path = tmp_path / "bad.onnx"
-        path.write_bytes(model.SerializeToString())
-        core = ov.Core()
-        register(core)
-        with pytest.raises(Exception, match="unknown weight_format 'u2'"):
-            core.read_model(path)
+        session(_u2_model().SerializeToString(), 1)
+
+
+def test_unknown_weight_format_is_named_by_openvino(tmp_path):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(_u2_model().SerializeToString())
+    core = _openvino_core()
+    with pytest.raises(Exception, match="unknown weight_format 'u2'"):
+        core.read_model(path)
 
 
 def test_missing_library_names_it(tmp_path, monkeypatch):

@@ -5,8 +5,9 @@ import pytest
 from openvino import opset13 as ops
 
 from actsparse import ActSparseError
-from actsparse.calibration.openvino_backend import EXACT_CONFIG, find_groups
-from actsparse.passes.openvino import apply_plan, set_prefill_sparse
+from actsparse.backends.openvino.calibration import find_groups
+from actsparse.backends.openvino.graph import EXACT_CONFIG
+from actsparse.backends.openvino.passes import apply_plan, set_prefill_sparse
 from reference import pruned_input
 
 K, N1, N2 = 48, 32, 40

@@ -67,9 +67,9 @@ def test_model_error_curves_are_the_torch_kl(tiny_llama, texts, tmp_path):
     import torch
     from transformers import AutoTokenizer
 
-    from actsparse.calibration.openvino_backend import find_groups, model_error_curves
+    from actsparse.backends.openvino.calibration import find_groups, model_error_curves
     from actsparse.calibration.targets import TARGET_KINDS
-    from actsparse.exports.openvino import export_openvino
+    from actsparse.backends.openvino.export import export_openvino
 
     ir = export_openvino(tiny_llama, tmp_path / "ir")
     groups = find_groups(ov.Core().read_model(ir), TARGET_KINDS["mlp"])[:3]
@@ -190,9 +190,9 @@ def test_encoder_eval_gives_cosine_one_at_sparsity_zero(tmp_path):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from actsparse.calibration.openvino_backend import EXACT_CONFIG, feed
-    from actsparse.passes.openvino import set_dense
-    from actsparse.runtime_ext import read_model
+    from actsparse.backends.openvino.graph import EXACT_CONFIG
+    from actsparse.backends.openvino.passes import set_dense
+    from actsparse.backends.openvino.runtime import feed, read_model
 
     hf = _slice("minilm-l6", 1, tmp_path / "minilm")
     dense = actsparse.export(str(hf), tmp_path / "dense", sparsity={"sparsity": 0})

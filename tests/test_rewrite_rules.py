@@ -10,12 +10,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from openvino import opset13 as ops
 
-from actsparse.calibration import onnx_backend
-from actsparse.calibration.openvino_backend import EXACT_CONFIG, find_groups
-from actsparse.passes import onnx as onnx_passes
-from actsparse.passes import openvino as ov_passes
-from actsparse.passes.openvino_fuse import fuse, materialize
-from actsparse.runtime_ext import OP_TYPE, extension_problem, onnxruntime_problem, register
+from actsparse.backends.onnx import calibration as onnx_calibration
+from actsparse.backends.onnx import passes as onnx_passes
+from actsparse.backends.onnx.runtime import onnxruntime_problem, session
+from actsparse.backends.openvino import passes as ov_passes
+from actsparse.backends.openvino.calibration import find_groups
+from actsparse.backends.openvino.fuse import fuse, materialize
+from actsparse.backends.openvino.graph import EXACT_CONFIG
+from actsparse.backends.openvino.runtime import extension_problem
+from actsparse.runtime_ext import OP_TYPE, register
 from conftest import skip_without_extension
 from reference import pruned_input
 
@@ -183,7 +186,7 @@ def _onnx_mlp():
 
 def _onnx_pattern(prefill="sparse"):
     model = _onnx_mlp()
-    plan = _plan(onnx_backend.find_groups(model, {"up", "down"}), MODES)
+    plan = _plan(onnx_calibration.find_groups(model, {"up", "down"}), MODES)
     assert onnx_passes.apply_plan(model, plan, prefill) == {"masks": 2, "shifts": 1, "folds": 2}
     onnx.checker.check_model(model)
     return model, plan
@@ -201,7 +204,7 @@ def _onnx_types(model):
 
 
 def _onnx_run(model, x):
-    return onnx_backend.session(model).run(None, {"x": x})[0]
+    return session(model).run(None, {"x": x})[0]
 
 
 def test_onnx_unsupported_patterns_are_left_unchanged(caplog):
@@ -230,14 +233,14 @@ def test_onnx_unsupported_patterns_are_left_unchanged(caplog):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     before = model.SerializeToString()
     inputs = {n: RNG.normal(size=(1, 2, K)).astype(np.float32) for n in ("x", "other")}
-    expected = onnx_backend.session(model).run(None, inputs)
+    expected = session(model).run(None, inputs)
     with caplog.at_level(logging.WARNING, logger="actsparse"):
         assert onnx_passes.fuse(model, {}) == {"fused": 0, "refused": 3}  # one MatMul each
     for reason in ("another tensor (cats)", "pruned value is not a one-element constant (0)",
                    "something other than the first input of a MatMul"):
         assert reason in caplog.text
     assert _onnx_types(model) == _onnx_types(onnx.load_from_string(before))
-    for got, want in zip(onnx_backend.session(model).run(None, inputs), expected):
+    for got, want in zip(session(model).run(None, inputs), expected):
         np.testing.assert_array_equal(got, want)
 
 

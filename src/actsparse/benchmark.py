@@ -11,13 +11,14 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ._common import ActSparseError
+from .backends import get_backend
 from .calibration.plan import read_plan
+
 
 def bench(output: str | os.PathLike, baseline: str | os.PathLike, *, prompt_tokens: int = 256,
           decode_tokens: int = 32, runs: int = 3, threads: int | None = None) -> dict:
@@ -32,7 +33,7 @@ def bench(output: str | os.PathLike, baseline: str | os.PathLike, *, prompt_toke
     samples: dict[str, list[dict]] = {"sparse": [], "dense": []}
     for _ in range(runs):
         for name, folder in (("sparse", output), ("dense", baseline)):
-            samples[name].append(_measure(folder, prompt_tokens, decode_tokens, threads))
+            samples[name].append(_measure_in_subprocess(folder, prompt_tokens, decode_tokens, threads))
     result = {"model": str(output), "baseline": str(baseline), "prompt_tokens": prompt_tokens,
               "decode_tokens": decode_tokens, "runs": runs, "threads": threads}
     for name, rows in samples.items():
@@ -55,31 +56,22 @@ def sparsified_share(plan: dict, baseline: Path) -> float:
     """f: the share of the weight bytes read per decode token that the plan's sparsity skips.
 
     Every MatMul reads its whole weight (codes, scales and zero points) once per token; an
-    embedding table that is only gathered is not read. Bytes come from the dense IR.
+    embedding table that is only gathered is not read. Bytes come from the dense model.
     """
-    per_matmul = _weight_bytes(baseline)
+    per_matmul = get_backend(baseline).weight_bytes(baseline)
     skipped = sum(per_matmul.get(l["node"], 0) * l["target_sparsity"] for l in plan["layers"])
     return skipped / sum(per_matmul.values())
 
 
-def _weight_bytes(baseline: Path) -> dict[str, int]:
-    if (baseline / "model.onnx").is_file():
-        from .calibration.onnx_backend import matmul_weight_bytes
-
-        return matmul_weight_bytes(baseline / "model.onnx")
-    import openvino as ov
-
-    from .calibration.openvino_backend import weight_constants
-
-    per_matmul = {}
-    for op in ov.Core().read_model(baseline / "openvino_model.xml").get_ordered_ops():
-        constants = weight_constants(op) if op.get_type_name() == "MatMul" else "not a MatMul"
-        if not isinstance(constants, str):  # attention's activation MatMuls have no constant weight
-            per_matmul[op.get_friendly_name()] = sum(c.get_byte_size() for c in constants)
-    return per_matmul
+def measure(folder: str | os.PathLike, prompt_tokens: int, decode_tokens: int, threads: int | None = None) -> dict:
+    """One measurement of the output ``folder`` in this process: prefill ms, decode ms/token (medians), the
+    inference precision the runtime chose, and this process's peak RSS."""
+    folder = Path(folder)
+    result = get_backend(folder).time_decode(folder, prompt_tokens, decode_tokens, threads)
+    return {**result, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _measure(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int | None) -> dict:
+def _measure_in_subprocess(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int | None) -> dict:
     cmd = [sys.executable, "-m", "actsparse.benchmark", str(folder), str(prompt_tokens), str(decode_tokens),
            str(threads or 0)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -88,65 +80,9 @@ def _measure(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def greedy_steps(compiled, request, ids, steps: int) -> list[float]:
-    """``steps`` greedy one-token decode steps on an OpenVINO request that has just taken the prompt ``ids``
-    (``[1, seq]``); the seconds each took."""
-    from .calibration.openvino_backend import feed
-
-    names = [i.get_any_name() for i in compiled.inputs]
-    token, times = ids[:, -1:], []
-    for pos in range(ids.shape[1], ids.shape[1] + steps):
-        inputs = {**feed(names, token), "position_ids": np.array([[pos]], np.int64),
-                  "attention_mask": np.ones((1, pos + 1), np.int64)}
-        start = time.perf_counter()
-        logits = request.infer(inputs)[compiled.output("logits")]
-        times.append(time.perf_counter() - start)
-        token = logits[:, -1:].argmax(-1).astype(np.int64)
-    return times
-
-
-def _worker(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int) -> dict:
-    if (folder / "model.onnx").is_file():
-        import onnx
-
-        from .calibration.onnx_backend import time_decode
-
-        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-        # ORT's defaults: int8 weights (behind DequantizeLinear, which MatMulNBits absorbs) meet int8 activations
-        int8 = any(node.op_type == "DequantizeLinear" for node in graph.node)
-        return {**time_decode(folder, prompt_tokens, decode_tokens, threads or None),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "inference_precision": "f32, int8 activations at int8 weights" if int8 else "f32"}
-    import openvino as ov
-
-    from .calibration.openvino_backend import feed
-    from .runtime_ext import compile_model, read_model
-
-    core = ov.Core()
-    compiled = compile_model(core, read_model(core, folder / "openvino_model.xml"), "CPU",
-                             {"INFERENCE_NUM_THREADS": threads} if threads else {})
-    request = compiled.create_infer_request()
-    names = [i.get_any_name() for i in compiled.inputs]
-    vocab = compiled.output("logits").get_partial_shape()[-1].get_length()
-    ids = np.random.default_rng(0).integers(0, vocab, (1, prompt_tokens))
-    prefill, steps = [], []
-    for rep in range(3):  # the first repetition warms up
-        request.reset_state()
-        start = time.perf_counter()
-        request.infer(feed(names, ids))
-        prefill.append(time.perf_counter() - start)
-        decode = greedy_steps(compiled, request, ids, decode_tokens)
-        if rep:
-            steps += decode
-    return {"prefill_ms": 1e3 * float(np.median(prefill[1:])), "decode_ms_per_token": 1e3 * float(np.median(steps)),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            # the plugin's choice for this CPU: f32, or bf16 where it has AVX512-BF16/AMX (weights rounded too)
-            "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").to_string()}
-
-
 if __name__ == "__main__":
     folder, prompt, decode, threads = sys.argv[1:5]
     try:
-        print(json.dumps(_worker(Path(folder), int(prompt), int(decode), int(threads))))
+        print(json.dumps(measure(folder, int(prompt), int(decode), int(threads) or None)))
     except ActSparseError as err:  # one line for the parent to relay, not a traceback
         sys.exit(str(err))

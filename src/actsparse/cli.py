@@ -8,6 +8,12 @@ import os
 import sys
 
 from ._common import ActSparseError
+from .backends import FORMATS, WEIGHT_FORMATS
+from .benchmark import bench
+from .calibration.plan import ALLOCATIONS, CENTERING, METHODS
+from .demo import demo
+from .evaluation import evaluate
+from .pipeline import PREFILL, export
 
 PROG = "actsparse"
 
@@ -37,17 +43,13 @@ def _positive(text: str) -> int:
 
 def add_export_arguments(parser: argparse.ArgumentParser, model_flag: bool = False) -> None:
     """Arguments of ``actsparse export``; ``model_flag`` takes MODEL as ``-m`` (optimum-cli's style)."""
-    from .calibration.plan import ALLOCATIONS, CENTERING, METHODS
-    from .exports.openvino import WEIGHT_FORMATS
-    from .pipeline import FORMATS
-
     if model_flag:
         parser.add_argument("-m", "--model", required=True, help="Hugging Face folder, .gguf file or built-in name")
     else:
         parser.add_argument("model", help="Hugging Face folder, .gguf file or built-in name (smollm2-135m)")
     parser.add_argument("output", help="output folder (must not exist unless --force)")
     fmt = parser.add_argument_group("format")
-    fmt.add_argument("--format", default="openvino", choices=FORMATS)
+    fmt.add_argument("--format", default="openvino", choices=tuple(FORMATS))
     fmt.add_argument("--weight-format", default="fp32", choices=WEIGHT_FORMATS)
     sp = parser.add_argument_group("sparsity")
     sp.add_argument("--sparsity", type=_sparsity, default=None, help="target sparsity of every kind")
@@ -60,7 +62,7 @@ def add_export_arguments(parser: argparse.ArgumentParser, model_flag: bool = Fal
                     help="auto: centre on the mode only where it lowers the layer's output error")
     sp.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
                     help="greedy: spread the parameter-weighted sparsity budget over layers by output error")
-    sp.add_argument("--prefill", default="dense", choices=("dense", "sparse"),
+    sp.add_argument("--prefill", default="dense", choices=PREFILL,
                     help="dense: prune only one-token decode steps (default)")
     cal = parser.add_argument_group("calibration")
     cal.add_argument("--calibration", default="builtin:wiki", help=".txt file, folder of .txt, or builtin:wiki")
@@ -72,8 +74,6 @@ def add_export_arguments(parser: argparse.ArgumentParser, model_flag: bool = Fal
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .pipeline import export
-
     sparsity = {"sparsity": args.sparsity, "up": args.sparsity_up, "down": args.sparsity_down,
                 "qkv": args.sparsity_qkv, "o": args.sparsity_o}
     out = export(args.model, args.output, format=args.format, weight_format=args.weight_format,
@@ -86,8 +86,6 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate
-
     result = evaluate(args.output, text=args.text, samples=args.samples, seq_len=args.seq_len)
     if args.json:
         print(json.dumps(result))
@@ -102,8 +100,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .benchmark import bench
-
     result = bench(args.output, args.baseline, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                    runs=args.runs, threads=args.threads)
     if args.json:
@@ -119,8 +115,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .demo import demo
-
     demo(args.output, force=args.force)
     return 0
 

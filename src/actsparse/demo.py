@@ -5,23 +5,23 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import load
 from ._common import ActSparseError
+from .backends import get_backend
+from .benchmark import bench
+from .evaluation import evaluate
 from .exports.models import DEFAULT_MODEL
+from .pipeline import export
 
 DEMO_SPARSITY = {"up": 0.3, "down": 0.5}
 PROMPT = "The capital of France is"
 
 
 def demo(output: str | None = None, force: bool = False, model: str = DEFAULT_MODEL, eval_samples: int = 16) -> dict:
-    from .benchmark import bench
-    from .evaluation import evaluate
-    from .exports.openvino import cpu_runs_bf16
-    from .pipeline import export
-
     if output is not None and Path(output).exists() and not force:
         raise ActSparseError(f"output folder {output} already exists (use --force to overwrite)")
     # where OpenVINO runs the dense model in bf16, fused weights in f32 would read twice its bytes
-    weight_format = "bf16" if cpu_runs_bf16() else "fp32"
+    weight_format = "bf16" if get_backend("openvino").capabilities.fp32_runs_in_bf16 else "fp32"
     with tempfile.TemporaryDirectory(prefix="actsparse-demo-") as scratch:
         root = Path(output) if output is not None else Path(scratch)
         runs = {}
@@ -59,8 +59,6 @@ def demo(output: str | None = None, force: bool = False, model: str = DEFAULT_MO
 
 def generate(folder: Path, prompt: str, max_new_tokens: int = 24) -> str:
     from transformers import AutoTokenizer
-
-    from . import load
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = load(folder)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional

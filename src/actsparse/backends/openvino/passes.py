@@ -24,11 +24,11 @@ import openvino as ov
 from openvino import opset13 as ops
 from openvino.passes import AnyInput, Manager, Matcher, MatcherPass, Or, WrapType
 
-from .._common import ActSparseError
-from ..calibration.openvino_backend import EXACT_CONFIG, tensor_name, tensors_by_name, weight_refusal
-from ..calibration.plan import group_settings
-from ..runtime_ext import OP_TYPE
-from .pattern import KEEP_DENSE, TOKEN_AXIS, refuse
+from ..._common import ActSparseError
+from ...calibration.plan import group_settings
+from ...runtime_ext import OP_TYPE
+from ..pattern import KEEP_DENSE, TOKEN_AXIS, refuse
+from .graph import EXACT_CONFIG, tensor_name, tensors_by_name, weight_refusal
 
 
 def _prefix(group) -> str:

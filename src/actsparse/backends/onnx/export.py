@@ -12,23 +12,22 @@ import logging
 import warnings
 from pathlib import Path
 
-from .._common import ActSparseError
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
 
-ONNX_NAME = "model.onnx"
+from ..._common import ActSparseError
+from .. import FORMATS
+from .graph import Index, gemm_refusal
+
+ONNX_NAME = FORMATS["onnx"].model_file
 ONNX_DATA = "model.onnx_data"
-ONNX_WEIGHT_FORMATS = ("fp32", "int8")
-
-
-def check_weight_format(weight_format: str) -> None:
-    if weight_format not in ONNX_WEIGHT_FORMATS:
-        raise ActSparseError(f"weight format {weight_format} is not supported with --format onnx "
-                             f"(supported: {', '.join(ONNX_WEIGHT_FORMATS)})")
 
 
 def export_onnx(hf_dir: Path, output: Path, weight_format: str = "fp32",
                 task: str = "text-generation-with-past") -> Path:
     """Write ``model.onnx`` (+ data), tokenizer and configs into ``output``; return the model path."""
-    check_weight_format(weight_format)
+    FORMATS["onnx"].check_weight_format(weight_format)
     from optimum.exporters.onnx import main_export
     from transformers.utils import logging as hf_logging
 
@@ -55,12 +54,6 @@ def compress_int8(model) -> int:
     """Quantize every private f32 MatMul (or Gemm) weight ``W [K, N]`` to u8 codes per output channel,
     asymmetric like NNCF's INT8_ASYM, dequantized in the graph: ``W ≈ (q − zp)·scale``,
     ``scale = (max − min)/255`` over the channel's range widened to hold 0. Returns how many."""
-    import numpy as np
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from ..calibration.onnx_backend import Index, gemm_refusal
-
     index, replaced, added, nodes = Index(model), set(), [], []
     for node in model.graph.node:
         nodes.append(node)
@@ -90,15 +83,11 @@ def compress_int8(model) -> int:
 
 def read_onnx(path: str | Path):
     """The ``ModelProto`` at ``path`` with its external data loaded into memory."""
-    import onnx
-
     return onnx.load(str(path))
 
 
 def save_onnx(model, path: str | Path) -> None:
     """Save ``model`` over ``path`` in the one layout: graph + ``model.onnx_data`` beside it."""
-    import onnx
-
     path = Path(path)
     data = path.with_name(ONNX_DATA)
     data.unlink(missing_ok=True)  # onnx appends to an existing data file; ``model`` holds every weight in memory

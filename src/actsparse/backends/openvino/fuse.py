@@ -16,16 +16,20 @@ constant, so the model holds one copy of the weights.
 """
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
-from ..runtime_ext import OP_TYPE, OPENVINO_OPSET, bf16_io
-from ..runtime_ext.kernels import TILE_COLS, compact_u4_params, pack_u4, to_bf16, to_tiles
-from .openvino import Mask, MaskRule, run_rules
-from .pattern import prefixes
+from ...runtime_ext import OP_TYPE, OPENVINO_OPSET
+from ...runtime_ext.kernels import TILE_COLS, compact_u4_params, pack_u4, to_bf16, to_tiles
+from ..pattern import prefixes
+from .export import save_ir
+from .passes import Mask, MaskRule, run_rules
+from .runtime import bf16_io
 
 
 class ActSparseMatMul(ov.Op):
@@ -129,11 +133,6 @@ def materialize(model: ov.Model, core: ov.Core) -> ov.Model:
 
     ``core`` must have the extension registered.
     """
-    import tempfile
-    from pathlib import Path
-
-    from ..exports.openvino import save_ir
-
     with tempfile.TemporaryDirectory(prefix="actsparse-ir-") as tmp:
         save_ir(model, Path(tmp) / "model.xml")  # aligned weights, as an export writes them
         return core.read_model(f"{tmp}/model.xml")

@@ -25,13 +25,12 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from .._common import ActSparseError
-from ..calibration.onnx_backend import (LINEAR_OPS, Index, dequantized, gemm_bias, read_weight, weight_refusal,
-                                        weight_tensors)
-from ..calibration.plan import group_settings
-from ..runtime_ext import ONNX_DOMAIN, OP_TYPE
-from ..runtime_ext.kernels import TILE_COLS, to_tiles
-from .pattern import KEEP_DENSE, TOKEN_AXIS, prefixes, refuse
+from ..._common import ActSparseError
+from ...calibration.plan import group_settings
+from ...runtime_ext import ONNX_DOMAIN, OP_TYPE
+from ...runtime_ext.kernels import TILE_COLS, to_tiles
+from ..pattern import KEEP_DENSE, TOKEN_AXIS, prefixes, refuse
+from .graph import LINEAR_OPS, Index, dequantized, gemm_bias, read_weight, weight_refusal, weight_tensors
 
 
 def _edit(model: onnx.ModelProto, *passes: ir.passes.PassBase) -> None:

@@ -2,20 +2,21 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import logging
+import mmap
 import re
 import warnings
 from pathlib import Path
 
-from .._common import ActSparseError
+import openvino as ov
 
-# bf16: the IR is fp32 (OpenVINO picks the inference precision: bf16 by default on CPUs with AVX512-BF16
-# or AMX), and the fused ActSparseMatMul ops store their weights in bf16, half the bytes of fp32.
-WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
-IR_NAME = "openvino_model.xml"
+from ..._common import ActSparseError
+from ...exports.models import is_decoder
+from .. import FORMATS
+
+IR_NAME = FORMATS["openvino"].model_file
 
 
 def int4_group_size(hf_dir: Path) -> int:
@@ -25,24 +26,12 @@ def int4_group_size(hf_dir: Path) -> int:
     return next((g for g in (128, 64, 32) if all(s % g == 0 for s in sizes)), 32)
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_runs_bf16() -> bool:
-    """Whether OpenVINO's CPU plugin runs fp32 models in bf16 by default on this machine."""
-    import openvino as ov
-
-    from ..runtime_ext import runs_in_bf16
-
-    return runs_in_bf16(ov.Core())
-
-
 def compress_weights(ir: Path, weight_format: str, group_size: int) -> None:
     """Compress the weights of the IR at ``ir`` in place: fp16 at save time, int8/int4 with NNCF.
 
     int8 is asymmetric per output channel, int4 asymmetric group-wise (``group_size``); NNCF
     keeps the embeddings and the last layer at int8, as optimum-cli does.
     """
-    import openvino as ov
-
     model = ov.Core().read_model(ir)
     if weight_format in ("int8", "int4"):
         import nncf
@@ -65,10 +54,6 @@ def save_ir(model, xml: Path, compress_to_fp16: bool = False, alignment: int = 6
     where the .bin is mapped: split cache lines cost its u4 decode about 9 % in OpenVINO (4096x11008, s=0.5).
     Callers write to a staged name: the .bin and the XML are rewritten one after the other.
     """
-    import mmap
-
-    import openvino as ov
-
     ov.save_model(model, xml, compress_to_fp16=compress_to_fp16)
     text, bin_path = xml.read_bytes(), xml.with_suffix(".bin")
     blocks = sorted({(int(m[2]), int(m[4])) for m in _CONSTANT_DATA.finditer(text)})
@@ -104,13 +89,10 @@ def export_openvino(hf_dir: Path, output: Path, weight_format: str = "fp32") -> 
 
     Causal LMs are exported with their KV cache, encoders for feature extraction (embeddings).
     """
-    if weight_format not in WEIGHT_FORMATS:
-        raise ActSparseError(f"unknown weight format {weight_format!r} (known: {', '.join(WEIGHT_FORMATS)})")
+    FORMATS["openvino"].check_weight_format(weight_format)
     from optimum.exporters.openvino import main_export
     from optimum.intel import OVConfig
     from transformers.utils import logging as hf_logging
-
-    from .models import is_decoder
 
     hf_logging.set_verbosity_error()
     quiet = io.StringIO()

@@ -1,0 +1,188 @@
+"""Running models in OpenVINO: the op's extension, compilation as the plugin would run the op, decoding."""
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import openvino as ov
+from openvino import opset13 as ops
+from tqdm.auto import tqdm
+
+from ..._common import ActSparseError
+from ...runtime_ext import OP_TYPE, register
+
+
+def extension_problem() -> str | None:
+    """Why the OpenVINO extension cannot be used here, or None."""
+    try:
+        register(ov.Core())
+    except ActSparseError as err:
+        return str(err)
+    return None
+
+
+def read_model(core, xml):
+    """``core.read_model(xml)``, registering the extension first when the IR uses the op."""
+    if OP_TYPE in Path(xml).read_text(errors="replace"):
+        register(core)
+    return core.read_model(xml)
+
+
+def runs_in_bf16(core, device: str = "CPU", config: dict | None = None) -> bool:
+    """Whether ``device`` will run a graph compiled with ``config`` in bf16 (the CPU plugin's default
+    where the CPU has AVX512-BF16 or AMX)."""
+    config = config or {}
+    if str(config.get("EXECUTION_MODE_HINT", "")).upper().endswith("ACCURACY"):
+        return False
+    try:
+        hint = config.get("INFERENCE_PRECISION_HINT") or core.get_property(device, "INFERENCE_PRECISION_HINT")
+    except RuntimeError:  # a device without the property (or none at all): not ours to change
+        return False
+    return (hint.to_string() if hasattr(hint, "to_string") else str(hint)) == "bf16"
+
+
+def bf16_io(op):
+    """Put one f32 ActSparseMatMul between Convert(bf16) and Convert(f32); return the f32 output that now
+    feeds its consumers. In a graph the device runs in bf16, the values there are bf16 anyway: the
+    Converts change nothing but let the plugin drop the bf16<->f32 Reorders it would put around the op,
+    and the op's prefill then multiplies in bf16 like the plugin's own FullyConnected. Under f32
+    inference they round x and y (bf16 exports accept that: their weights are bf16 already)."""
+    consumers = list(op.output(0).get_target_inputs())
+    op.input(0).replace_source_output(ops.convert(op.input_value(0), "bf16").output(0))
+    op.validate_and_infer_types()
+    back = ops.convert(op.output(0), "f32").output(0)
+    for consumer in consumers:
+        consumer.replace_source_output(back)
+    return back
+
+
+def bf16_activations(model) -> int:
+    """:func:`bf16_io` for every ActSparseMatMul of ``model`` that takes f32, in place; return how many.
+    Only for a device that runs the graph in bf16 (see compile_model)."""
+    wrapped = [bf16_io(op) for op in model.get_ordered_ops()
+               if op.get_type_name() == OP_TYPE and op.get_input_element_type(0).to_string() == "f32"]
+    if wrapped:
+        model.validate_nodes_and_infer_types()
+    return len(wrapped)
+
+
+def quantises_activations(core, device: str = "CPU", config: dict | None = None) -> bool:
+    """Whether ``device`` quantises the activations of its own int8/int4-weight FullyConnected to int8 for a
+    graph compiled with ``config``: a non-zero DYNAMIC_QUANTIZATION_GROUP_SIZE (the CPU plugin's default)."""
+    config = config or {}
+    try:
+        size = config.get("DYNAMIC_QUANTIZATION_GROUP_SIZE", None)
+        size = core.get_property(device, "DYNAMIC_QUANTIZATION_GROUP_SIZE") if size is None else size
+        return int(size) != 0
+    except (RuntimeError, TypeError, ValueError):  # a device without the property: no quantisation
+        return False
+
+
+def int8_activations(model, on: bool) -> int:
+    """Set the ``int8_activations`` attribute of every u8/u4-weight ActSparseMatMul of ``model``, in place;
+    return how many: they then quantise their activations to int8 (decode and prompt), or compute in f32."""
+    ops = [op for op in model.get_ordered_ops()
+           if op.get_type_name() == OP_TYPE and op.get_attributes().get("weight_format") in ("u8", "u4")]
+    for op in ops:
+        op.set_attribute("int8_activations", bool(on))
+    return len(ops)
+
+
+def compile_model(core, model, device: str = "CPU", config: dict | None = None):
+    """``core.compile_model``, after :func:`bf16_activations` where the device runs the graph in bf16, and
+    with int8 activations for u8/u4 weights exactly where the device quantises its own (see
+    :func:`quantises_activations`): the op then computes what the plugin's FullyConnected would."""
+    if runs_in_bf16(core, device, config):
+        bf16_activations(model)
+    int8_activations(model, quantises_activations(core, device, config))
+    return core.compile_model(model, device, config or {})
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_runs_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin runs fp32 models in bf16 by default on this machine."""
+    return runs_in_bf16(ov.Core())
+
+
+def feed(model_inputs: list[str], ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs of an optimum-exported graph for a ``[batch, seq]`` block of token ids, from position 0."""
+    batch, seq = ids.shape
+    values = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
+              "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), ids.shape).copy(),
+              "beam_idx": np.arange(batch, dtype=np.int32)}
+    missing = [name for name in model_inputs if name not in values]
+    if missing:
+        raise ValueError(f"do not know how to feed model inputs {missing}")
+    return {name: values[name] for name in model_inputs}
+
+
+def run_chunks(compiled: ov.CompiledModel, chunks: np.ndarray, desc: str) -> Iterator[tuple[np.ndarray, ov.InferRequest]]:
+    """Run each ``[seq]`` row of ``chunks`` as its own sequence (state reset), yielding it and the request."""
+    request = compiled.create_infer_request()
+    names = [i.get_any_name() for i in compiled.inputs]
+    for row in tqdm(chunks, desc=desc, unit="sample", leave=False):
+        request.reset_state()
+        request.infer(feed(names, row[None]))
+        yield row, request
+
+
+def greedy_steps(compiled, request, ids, steps: int) -> list[float]:
+    """``steps`` greedy one-token decode steps on an OpenVINO request that has just taken the prompt ``ids``
+    (``[1, seq]``); the seconds each took."""
+    names = [i.get_any_name() for i in compiled.inputs]
+    token, times = ids[:, -1:], []
+    for pos in range(ids.shape[1], ids.shape[1] + steps):
+        inputs = {**feed(names, token), "position_ids": np.array([[pos]], np.int64),
+                  "attention_mask": np.ones((1, pos + 1), np.int64)}
+        start = time.perf_counter()
+        logits = request.infer(inputs)[compiled.output("logits")]
+        times.append(time.perf_counter() - start)
+        token = logits[:, -1:].argmax(-1).astype(np.int64)
+    return times
+
+
+def time_decode(xml: Path, prompt_tokens: int, decode_tokens: int, threads: int | None = None) -> dict:
+    """Median prefill ms of a ``prompt_tokens`` prompt and decode ms/token after it, and the inference
+    precision, under the plugin's default CPU configuration (``INFERENCE_NUM_THREADS`` = ``threads`` if given)."""
+    core = ov.Core()
+    compiled = compile_model(core, read_model(core, xml), "CPU", {"INFERENCE_NUM_THREADS": threads} if threads else {})
+    request = compiled.create_infer_request()
+    names = [i.get_any_name() for i in compiled.inputs]
+    vocab = compiled.output("logits").get_partial_shape()[-1].get_length()
+    ids = np.random.default_rng(0).integers(0, vocab, (1, prompt_tokens))
+    prefill, steps = [], []
+    for rep in range(3):  # the first repetition warms up
+        request.reset_state()
+        start = time.perf_counter()
+        request.infer(feed(names, ids))
+        prefill.append(time.perf_counter() - start)
+        decode = greedy_steps(compiled, request, ids, decode_tokens)
+        if rep:
+            steps += decode
+    return {"prefill_ms": 1e3 * float(np.median(prefill[1:])), "decode_ms_per_token": 1e3 * float(np.median(steps)),
+            # the plugin's choice for this CPU: f32, or bf16 where it has AVX512-BF16/AMX (weights rounded too)
+            "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").to_string()}
+
+
+def load(folder: Path, plan: dict, device: str = "CPU", **kwargs):
+    """``folder`` as an optimum-intel ``OVModelForCausalLM``; see :func:`actsparse.load`."""
+    from optimum.intel import OVModelForCausalLM
+    from optimum.intel.openvino import modeling_base, modeling_decoder
+
+    if not plan.get("passes", {}).get("fused"):
+        return OVModelForCausalLM.from_pretrained(folder, device=device, **kwargs)
+    for core in {id(m.core): m.core for m in (modeling_base, modeling_decoder)}.values():
+        register(core)
+    if kwargs.get("compile_only"):
+        return OVModelForCausalLM.from_pretrained(folder, device=device, **kwargs)
+    compile_now = kwargs.pop("compile", True)
+    model = OVModelForCausalLM.from_pretrained(folder, device=device, compile=False, **kwargs)
+    if runs_in_bf16(modeling_base.core, model._device, model.ov_config):
+        bf16_activations(model.model)
+    int8_activations(model.model, quantises_activations(modeling_base.core, model._device, model.ov_config))
+    if compile_now:
+        model.compile()
+    return model
