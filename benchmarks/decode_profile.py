@@ -16,9 +16,7 @@ import re
 import numpy as np
 import openvino as ov
 
-from actsparse.benchmark import greedy_steps
-from actsparse.calibration.openvino_backend import feed
-from actsparse.runtime_ext import compile_model, read_model
+from actsparse.backends.openvino.runtime import compile_model, feed, greedy_steps, read_model
 
 from _harness import add_threads, emit, median_ms, parser
 

@@ -14,7 +14,7 @@ fp32 is compiled with INFERENCE_PRECISION_HINT f32, so both sides read f32 weigh
 model under the plugin's default precision (bf16 on CPUs with AVX512-BF16 or AMX, which rounds the
 weights to bf16 at compile time) against our op with bf16 weights (export --weight-format bf16);
 the other formats use the default precision too. Each row records the precision the plugin ran. The
-fused models are compiled through actsparse.runtime_ext.compile_model, as actsparse.load and actsparse
+fused models are compiled through actsparse.backends.openvino.compile_model, as actsparse.load and actsparse
 bench do: with the plugin's default dynamic quantisation, its int8/int4 FullyConnected multiplies int8
 activations, and so does our u8/u4 decode (int8_activations).
 Reports median ms over many calls (models timed in interleaved rounds), the ratio against dense (speed-up),
@@ -33,10 +33,11 @@ import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
-from actsparse.calibration.openvino_backend import find_groups
-from actsparse.passes.openvino import apply_plan
-from actsparse.passes.openvino_fuse import fuse, materialize
-from actsparse.runtime_ext import compile_model, register
+from actsparse.backends.openvino import compile_model
+from actsparse.backends.openvino.calibration import find_groups
+from actsparse.backends.openvino.fuse import fuse, materialize
+from actsparse.backends.openvino.passes import apply_plan
+from actsparse.runtime_ext import register
 
 from _harness import SPARSITIES, add_kernel_args, emit, layers_for, parse_kernel_args, parser, time_ms
 

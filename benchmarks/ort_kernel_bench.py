@@ -28,9 +28,9 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from actsparse.calibration.onnx_backend import EXACT_CONFIG
+from actsparse.backends.onnx import session_options
+from actsparse.backends.onnx.runtime import EXACT_CONFIG
 from actsparse.runtime_ext import kernels as ks
-from actsparse.runtime_ext import session_options
 
 from _harness import SPARSITIES, add_kernel_args, emit, layers_for, parse_kernel_args, parser, time_ms
 

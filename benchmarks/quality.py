@@ -80,40 +80,38 @@ class Model:
         import openvino as ov
         from transformers import AutoTokenizer
 
-        from actsparse.calibration.openvino_backend import find_groups
+        from actsparse.backends import get_backend
         from actsparse.calibration.targets import TARGET_KINDS
         from actsparse.calibration.text import read_documents, token_chunks
         from actsparse.exports.models import resolve_model
-        from actsparse.exports.openvino import export_openvino
-        from actsparse.pipeline import _backend
 
         self.folder = work / name
         self.folder.mkdir(parents=True)
-        self.core, self.backend = ov.Core(), _backend("openvino")
-        self.ir = export_openvino(resolve_model(name), self.folder)
-        self.groups = find_groups(self.core.read_model(self.ir), TARGET_KINDS.get(kinds, {kinds}))
-        self.chunks = token_chunks(AutoTokenizer.from_pretrained(self.folder), read_documents("builtin:wiki", "calibration"),
-                                   samples, seq_len)
+        self.core, self.backend = ov.Core(), get_backend("openvino")
+        self.ir = self.backend.export(resolve_model(name), self.folder, "fp32")
+        self.groups = self.backend.find_groups(self.backend.read(self.ir), TARGET_KINDS.get(kinds, {kinds}))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        self.chunks = token_chunks(self.tokenizer, read_documents("builtin:wiki", "calibration"), samples, seq_len)
         self.stats = {}
 
     def calibrate(self, cats: bool, greedy_centring: str | None):
         """Statistics once per mask kind, and (for greedy allocation) model error curves once per centring."""
-        from actsparse.pipeline import _calibrate, _model_curves
+        from actsparse.pipeline import measure_statistics, model_error_curves
 
         if cats not in self.stats:
-            sources = self.backend.cats_sources(self.core.read_model(self.ir), self.groups) if cats else {}
-            histograms, curves, _ = _calibrate(self.backend, self.ir, self.groups, self.chunks, sources)
-            self.stats[cats] = (histograms, curves, sources, {})
-        histograms, curves, sources, model_curves = self.stats[cats]
+            sources = self.backend.cats_sources(self.backend.read(self.ir), self.groups) if cats else {}
+            self.stats[cats] = (measure_statistics(self.backend, self.ir, self.groups, self.chunks, sources), sources, {})
+        statistics, sources, model_curves = self.stats[cats]
         if greedy_centring is not None and greedy_centring not in model_curves:
-            model_curves[greedy_centring] = _model_curves(self.backend, self.ir, self.groups, self.chunks, sources,
-                                                          histograms, curves, greedy_centring)
-        return histograms, curves, model_curves.get(greedy_centring, {}), sources
+            model_curves[greedy_centring] = model_error_curves(self.backend, self.ir, self.groups, self.chunks, sources,
+                                                               statistics, greedy_centring)
+        return statistics.histograms, statistics.curves, model_curves.get(greedy_centring, {}), sources
 
     def evaluate(self, method: str, allocation: str, centering: str, sparsity: dict, args) -> dict:
+        from actsparse.backends.openvino import evaluate_model
         from actsparse.calibration.plan import build_plan, group_params
-        from actsparse.evaluation import evaluate_model
-        from actsparse.passes.openvino import apply_plan
+        from actsparse.calibration.text import read_documents, token_chunks
+        from actsparse.evaluation import score
 
         if any(sparsity.values()):
             histograms, curves, model_curves, sources = self.calibrate(method == "cats",
@@ -121,13 +119,14 @@ class Model:
             plan = build_plan(self.groups, histograms, sparsity, method=method, centering=centering, curves=curves,
                               allocation=allocation, mask_sources=sources, model_curves=model_curves)
         else:  # the dense baseline needs no calibration
-            from actsparse.pipeline import _plan
+            from actsparse.pipeline import ExportOptions, Statistics, make_plan
 
-            plan, sources = _plan(self.groups, {}, {}), {}
-        model = self.core.read_model(self.ir)
-        apply_plan(model, plan, "sparse")
+            plan, sources = make_plan(self.groups, Statistics(), {}, ExportOptions()), {}
+        model = self.backend.read(self.ir)
+        self.backend.apply_plan(model, plan, "sparse")
         start = time.perf_counter()
-        result = evaluate_model(self.core, model, plan, self.folder, samples=args.samples, seq_len=args.seq_len)
+        chunks = token_chunks(self.tokenizer, read_documents("builtin:wiki", "evaluation"), args.samples, args.seq_len)
+        result = score(evaluate_model(self.core, model, plan, chunks), plan)
         # parameter-weighted FFN sparsity, planned and measured (cats also skips the matching up columns)
         total = sum(group_params(g) for g in self.groups)
         by_group = {l["group"]: l for l in plan["layers"]}

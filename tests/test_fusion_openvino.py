@@ -245,7 +245,7 @@ def _fused(fmt, n, k, mode, tau):
 
 
 def test_bf16_graphs_give_the_op_bf16_activations():
-    """Where OpenVINO runs a graph in bf16, runtime_ext.compile_model puts each f32 op between Converts (so
+    """Where OpenVINO runs a graph in bf16, backends.openvino.compile_model puts each f32 op between Converts (so
     the plugin needs no Reorders around it) and the op's prefill then multiplies in bf16, as the plugin's
     own FullyConnected does; an f32 compilation is left exact."""
     from actsparse.backends.openvino.runtime import bf16_activations, compile_model
@@ -269,7 +269,7 @@ def test_bf16_graphs_give_the_op_bf16_activations():
 
 @pytest.mark.parametrize("fmt", ["u8", "u4"])
 def test_int8_activations_follow_the_plugins_dynamic_quantisation(fmt):
-    """runtime_ext.compile_model gives u8/u4 ops int8 activations exactly where the plugin quantises those of
+    """backends.openvino.compile_model gives u8/u4 ops int8 activations exactly where the plugin quantises those of
     its own int8/int4 FullyConnected (DYNAMIC_QUANTIZATION_GROUP_SIZE, non-zero by default), for a decode
     step (runs of 8 live channels) and a prompt (u8: groups of 32 channels); the attribute is absent from
     exported IRs, which then compute as before under a plain core.compile_model."""

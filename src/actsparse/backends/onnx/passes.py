@@ -14,7 +14,7 @@ group's weights concatenated along N (followed by a Split), with the OpenVINO op
 inputs x, weight ``[K, N]`` (f32, or u8 codes; bytes in the kernels' tile-major order), params ``[b' | scale | zero_point]``.
 
 The graph is edited through onnx-ir; the rules find the pattern by its structure, not by node names.
-Weights are read from the protobuf (calibration.onnx_backend), found by the name of the MatMul's output tensor.
+Weights are read from the protobuf (backends.onnx.graph), found by the name of the MatMul's output tensor.
 """
 from __future__ import annotations
 

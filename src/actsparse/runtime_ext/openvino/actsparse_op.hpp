@@ -19,7 +19,7 @@ namespace actsparse {
 // stored column tiles (PackedWeight); an IR without it was written with kLegacyTileCols.
 // int8_activations (u8/u4 weights; false when absent): the op quantises its activations to int8
 // (Params::int8_activations), as the CPU plugin's dynamic quantisation does for its own u8/u4 FullyConnected;
-// runtime_ext.compile_model sets it from the plugin's DYNAMIC_QUANTIZATION_GROUP_SIZE.
+// backends.openvino.compile_model sets it from the plugin's DYNAMIC_QUANTIZATION_GROUP_SIZE.
 class ActSparseMatMul : public ov::op::Op {
 public:
     OPENVINO_OP("ActSparseMatMul", "actsparse");
