@@ -498,22 +498,21 @@ void validate(const void* x, int64_t M, const PackedWeight& w, const void* y) {
   if (M > 0 && (!x || !y || !w.data)) throw std::invalid_argument("actsparse: null x, y or weight data");
   if (!valid_tile_cols(w.tile_cols))
     throw std::invalid_argument("actsparse: tile_cols must be a power of two from 128 to " + std::to_string(kMaxTileCols));
-  switch (w.format) {
-    case WeightFormat::F32:
-    case WeightFormat::F16:
-    case WeightFormat::BF16: return;
-    case WeightFormat::U8:
-      if (!w.scale || !w.zero_point) throw std::invalid_argument("actsparse: U8 needs scale and zero_point");
-      if (w.group_size != 0 && w.group_size != w.K) throw std::invalid_argument("actsparse: U8 group_size must be K");
+  const FormatInfo* f = find_format(int(w.format));
+  if (!f) throw std::invalid_argument("actsparse: unknown weight format");
+  switch (f->params) {
+    case ParamsLayout::None: return;
+    case ParamsLayout::PerColumn:
+      if (!w.scale || !w.zero_point) throw std::invalid_argument(std::string("actsparse: ") + f->name + " needs scale and zero_point");
+      if (w.group_size != 0 && w.group_size != w.K) throw std::invalid_argument(std::string("actsparse: ") + f->name + " group_size must be K");
       return;
-    case WeightFormat::U4:
-      if (!(w.scale && w.zero_point) && !(w.scale16 && w.zp8))
-        throw std::invalid_argument("actsparse: U4 needs scale and zero_point (f32, or f16 and u8)");
+    case ParamsLayout::PerGroup:
+      if (!(w.scale && w.zero_point) && !(f->compact_params && w.scale16 && w.zp8))
+        throw std::invalid_argument(std::string("actsparse: ") + f->name + " needs scale and zero_point (f32, or f16 and u8)");
       if (w.group_size < 1 || w.K % w.group_size != 0)
-        throw std::invalid_argument("actsparse: U4 group_size must divide K");
+        throw std::invalid_argument(std::string("actsparse: ") + f->name + " group_size must divide K");
       return;
   }
-  throw std::invalid_argument("actsparse: unknown weight format");
 }
 
 }  // namespace

@@ -36,6 +36,7 @@ public:
     bool has_evaluate() const override { return true; }
 
 private:
+    OpDesc describe() const;  // the attributes, for bind_op
     std::string m_weight_format = "f32";
     int64_t m_out_features = 0;
     int64_t m_group_size = 0;
@@ -45,9 +46,8 @@ private:
     bool m_has_bias = false;
     int64_t m_tile_cols = kLegacyTileCols;
     bool m_int8_activations = false;
-    // Derived from the attributes in validate_and_infer_types, so evaluate compares no strings.
-    WeightFormat m_format = WeightFormat::F32;
-    bool m_prune_prefill = false;
+    // The contract as bound in validate_and_infer_types, so evaluate only compares sizes with it.
+    BoundOp m_bound;
     mutable std::once_flag m_pages;  // to_huge_pages on the weights, at the first evaluate
 };
 
