@@ -63,34 +63,14 @@ BoundOp bind_op(const OpDesc& d) {
   b.prune_prefill = d.prefill == "sparse";
   b.has_bias = d.has_bias;
 
-  if (d.weight_type != Element::Unknown && d.weight_type != f->storage)
-    fail("weight of weight_format ", f->name, " must be ", element_name(f->storage), ", got ", element_name(d.weight_type));
-  if (known_k && d.weight_bytes >= 0) {
-    const int64_t expect = d.K * row_bytes(f->format, b.N);  // both below 2^31: no overflow
-    if (d.weight_bytes != expect)
-      fail("weight has ", d.weight_bytes, " bytes, expected ", expect, " for K=", d.K, ", N=", b.N, ", weight_format ",
-           f->name);
-    b.weight_bytes = d.weight_bytes;
-  }
-
+  // Params first, then the weight, then the group size: a runtime that does not know K yet (ONNX Runtime
+  // creating a kernel) then reports the same first fault as one that does.
   const int64_t G = d.group_size;
   switch (f->params) {
-    case ParamsLayout::None:
-      if (G != 0) fail("group_size must be 0 for weight_format ", f->name, ", got ", G);
-      break;
-    case ParamsLayout::PerColumn:
-      if (G < 0 || (known_k && G != 0 && G != d.K))
-        fail("group_size must be 0 or K for weight_format ", f->name, ", got ", G, known_k ? " with K=" : "",
-             known_k ? std::to_string(d.K) : "");
-      b.per_channel = b.N;
-      break;
-    case ParamsLayout::PerGroup:
-      if (G < 1) fail("group_size must be >= 1 for weight_format ", f->name, ", got ", G);
-      if (known_k && d.K % G) fail("group_size ", G, " does not divide K=", d.K);
-      b.per_channel = known_k ? d.K / G * b.N : -1;
-      break;
+    case ParamsLayout::None: b.per_channel = 0; break;
+    case ParamsLayout::PerColumn: b.per_channel = b.N; break;
+    case ParamsLayout::PerGroup: b.per_channel = known_k && G >= 1 && d.K % G == 0 ? d.K / G * b.N : -1; break;
   }
-
   if (d.params_type != Element::Unknown && d.params_type != Element::F32 &&
       !(d.params_type == Element::U8 && f->compact_params))
     fail("params must be f32", f->compact_params ? " (or u8, compact)" : "", " for weight_format ", f->name, ", got ",
@@ -104,6 +84,30 @@ BoundOp bind_op(const OpDesc& d) {
            ", weight_format ", f->name, b.compact ? " (compact)" : "");
     b.params_bytes = d.params_bytes;
   }
+  if (d.weight_type != Element::Unknown && d.weight_type != f->storage)
+    fail("weight of weight_format ", f->name, " must be ", element_name(f->storage), ", got ", element_name(d.weight_type));
+  if (known_k && d.weight_bytes >= 0) {
+    const int64_t expect = d.K * row_bytes(f->format, b.N);  // both below 2^31: no overflow
+    if (d.weight_bytes != expect)
+      fail("weight has ", d.weight_bytes, " bytes, expected ", expect, " for K=", d.K, ", N=", b.N, ", weight_format ",
+           f->name);
+    b.weight_bytes = d.weight_bytes;
+  }
+
+  switch (f->params) {
+    case ParamsLayout::None:
+      if (G != 0) fail("group_size must be 0 for weight_format ", f->name, ", got ", G);
+      break;
+    case ParamsLayout::PerColumn:
+      if (G < 0 || (known_k && G != 0 && G != d.K))
+        fail("group_size must be 0 or K for weight_format ", f->name, ", got ", G);
+      break;
+    case ParamsLayout::PerGroup:
+      if (G < 1) fail("group_size must be >= 1 for weight_format ", f->name, ", got ", G);
+      if (known_k && d.K % G) fail("group_size ", G, " does not divide K=", d.K);
+      break;
+  }
+
   return b;
 }
 
