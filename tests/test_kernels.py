@@ -63,6 +63,22 @@ def cases():
             yield pytest.param(fmt, K, N, G, M, id=f"{fmt}-K{K}-N{N}-G{G}-M{M}")
 
 
+def test_the_format_table_comes_from_the_core():
+    """kernels.formats() is the core's formats.inc: every format the packers know, with the ids the C API
+    takes, and row sizes that match what numpy packs (the bytes of a [K, N] weight are K rows)."""
+    table = ks.formats()
+    assert sorted(table) == sorted({"f32", "f16", "bf16", "u8", "u4"})
+    assert sorted(t["id"] for t in table.values()) == list(range(len(table)))
+    assert dict(ks.FORMATS) == {name: t["id"] for name, t in table.items()}
+    rng = np.random.default_rng(0)
+    for fmt in table:
+        for N in (1, 7, 130):
+            packed = make_weight(fmt, 64, N, 32, rng)
+            assert packed.data.nbytes == 64 * ks.row_bytes(fmt, N), (fmt, N)
+            assert packed.tile_cols == ks.TILE_COLS[fmt] == table[fmt]["tile_cols"]
+    assert [t["params"] for t in (table["f32"], table["u8"], table["u4"])] == ["none", "per_column", "per_group"]
+
+
 def test_tile_major_layout():
     """Stored bytes: tile t (tile_cols columns, the last one narrower) holds rows 0..K-1 of its columns."""
     a = np.arange(3 * 4200, dtype=np.float32).reshape(3, 4200)

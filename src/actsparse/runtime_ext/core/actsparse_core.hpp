@@ -233,10 +233,8 @@ struct ThreadExecutor final : Executor {
 // Moves the 2 MB-aligned part of [p, p + bytes) onto 2 MB pages where it is: same address, same bytes (a
 // copy on fresh anonymous huge pages takes the old pages' place in one mremap, which unmaps them, so one
 // copy stays resident). Decode reads live rows at random, and on 4 KB pages nearly every row costs a TLB
-// miss: 4096x4096 u4 from DRAM on one thread, five alternating runs, s=0.9 0.070-0.072 -> 0.063-0.065 ms,
-// s=0.5 0.252-0.270 -> 0.248-0.256 ms. The ops call it once per weight tensor, on their first call, which
-// the copy slows (2-6 GB/s here). Does nothing off Linux, where nothing is 2 MB-aligned, or with
-// $ACTSPARSE_HUGE_PAGES=0.
+// miss. The ops call it once per weight tensor, on their first call, which the copy slows. Does nothing off
+// Linux, where nothing is 2 MB-aligned, or with $ACTSPARSE_HUGE_PAGES=0.
 void to_huge_pages(const void* p, size_t bytes);
 
 // int8_activations: U8/U4 may quantise the activations to int8, as OpenVINO's CPU plugin quantises those of its
