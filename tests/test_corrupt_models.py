@@ -29,6 +29,9 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 K, N = 64, 40
 TIMEOUT_S = 120
+# Under AddressSanitizer (.ci/run) OpenVINO cannot compile a model: its TBB opens libtbbbind with RTLD_DEEPBIND,
+# which the sanitizer refuses. Reading a model (where every corrupted one here is refused) still works.
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 
 # Runs one model in one runtime per argument ("ort:FILE", "ov:FILE"), printing a JSON line per run: the error's
 # text, or the outputs for a decode and a prefill input.
@@ -43,6 +46,7 @@ def ort_run(path):
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    options.enable_cpu_mem_arena = False  # each tensor its own allocation, so AddressSanitizer sees its ends
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")  # f32 activations
     options.register_custom_ops_library(lib_dir + "/libactsparse_onnxruntime.so")
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -288,6 +292,10 @@ def test_the_uncorrupted_models_run_and_match_numpy(tmp_path, fmt, G, compact):
     """The harness's control: the same models before corruption run in every runtime and compute the method."""
     parts = corrupt(fmt, G, compact=compact)()
     runtimes = ("ov-ir",) if compact else ("ort", "ov-onnx", "ov-ir")
+    if UNDER_ASAN:
+        runtimes = tuple(r for r in runtimes if r == "ort")
+        if not runtimes:
+            pytest.skip("OpenVINO cannot compile a model under AddressSanitizer (RTLD_DEEPBIND)")
     rng = np.random.default_rng(0)  # the worker's inputs
     xs = [rng.standard_normal((1, t, K)).astype(np.float32) for t in (1, 5)]
     for runtime, result in run(tmp_path, parts, runtimes).items():

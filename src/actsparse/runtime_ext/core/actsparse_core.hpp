@@ -1,9 +1,11 @@
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -273,6 +275,34 @@ struct BoundOp {
   }
   const float* bias(const void* params) const { return has_bias ? static_cast<const float*>(params) : nullptr; }
   PackedWeight weight(const void* data, const void* params) const;  // a complete binding's view of the buffers
+};
+
+// A node's binding as its runtime keeps it: a call whose sizes match the first complete binding reuses it
+// (one atomic load and three compares); any other call is bound by bind() first. get is thread-safe; set
+// (a graph edit) must not run during a call.
+class OpBinding {
+ public:
+  void set(const BoundOp& b) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    op_ = b;
+    complete_.store(b.complete(), std::memory_order_release);
+  }
+  template <class Bind>
+  BoundOp get(int64_t K, int64_t weight_bytes, int64_t params_bytes, Bind bind) {
+    if (complete_.load(std::memory_order_acquire) && op_.matches(K, weight_bytes, params_bytes)) return op_;
+    const BoundOp b = bind();
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!complete_.load(std::memory_order_relaxed) && b.complete()) {
+      op_ = b;
+      complete_.store(true, std::memory_order_release);
+    }
+    return b;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::atomic<bool> complete_{false};
+  BoundOp op_;  // written only while complete_ is false
 };
 
 // Checks every known fact of desc against the contract and returns the binding. A fault throws

@@ -117,7 +117,7 @@ void describe_input(const Info& info, Element& type, int64_t& bytes) {
 struct Kernel {
   bool int8_activations;  // the session's (see RegisterCustomOps)
   OpDesc desc;
-  BoundOp op;
+  OpBinding binding;
   std::atomic<int> width{0};  // the pool's width, measured on the first call (0: not yet)
   std::once_flag pages;       // to_huge_pages on the weights, at the first call
 
@@ -144,7 +144,7 @@ struct Kernel {
     } catch (const Ort::Exception&) {
       known = desc;
     }
-    op = bind_op(known);
+    binding.set(bind_op(known));
   }
 
   void compute(OrtKernelContext* raw) {
@@ -152,18 +152,25 @@ struct Kernel {
     const auto x = ctx.GetInput(0), weight = ctx.GetInput(1), params = ctx.GetInput(2);
     const auto x_info = x.GetTensorTypeAndShapeInfo();  // x and params: float32, as GetInputType declares
     std::vector<int64_t> shape = x_info.GetShape();
-    OpDesc d = desc;
-    d.K = shape.empty() ? 0 : shape.back();
-    describe_input(weight.GetTensorTypeAndShapeInfo(), d.weight_type, d.weight_bytes);
-    describe_input(params.GetTensorTypeAndShapeInfo(), d.params_type, d.params_bytes);
-    const BoundOp bound = op.matches(d.K, d.weight_bytes, d.params_bytes) ? op : bind_op(d);
+    const auto w_info = weight.GetTensorTypeAndShapeInfo(), p_info = params.GetTensorTypeAndShapeInfo();
+    const int64_t K = shape.empty() ? 0 : shape.back();
+    const int64_t w_bytes = int64_t(w_info.GetElementCount() * element_size(w_info.GetElementType()));
+    const int64_t p_bytes = int64_t(p_info.GetElementCount() * element_size(p_info.GetElementType()));
+    auto rebind = [&] {
+      OpDesc d = desc;
+      d.K = K;
+      describe_input(w_info, d.weight_type, d.weight_bytes);
+      describe_input(p_info, d.params_type, d.params_bytes);
+      return bind_op(d);
+    };
+    const BoundOp bound = binding.get(K, w_bytes, p_bytes, rebind);
     const int64_t M = int64_t(x_info.GetElementCount()) / bound.K;
 
     shape.back() = bound.N;
     auto y = ctx.GetOutput(0, shape);
     if (M == 0) return;
     const void* p = params.GetTensorRawData();
-    std::call_once(pages, [&] { to_huge_pages(weight.GetTensorRawData(), size_t(d.weight_bytes)); });
+    std::call_once(pages, [&] { to_huge_pages(weight.GetTensorRawData(), size_t(w_bytes)); });
     const PackedWeight w = bound.weight(weight.GetTensorRawData(), p);
 
     // One token per sequence is a decode step: always pruned. Longer inputs are prefill.

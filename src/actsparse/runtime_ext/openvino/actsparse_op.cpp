@@ -75,7 +75,7 @@ void ActSparseMatMul::validate_and_infer_types() {
     d.weight_bytes = byte_size(*this, 1);
     d.params_bytes = byte_size(*this, 2);
     try {
-        m_bound = bind_op(d);
+        m_binding.set(bind_op(d));
     } catch (const std::invalid_argument& e) {
         NODE_VALIDATION_CHECK(this, false, e.what());
     }
@@ -108,10 +108,6 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     const ov::Shape in_shape = x.get_shape();
     const int64_t K = static_cast<int64_t>(in_shape.back());
     const int64_t M = K ? static_cast<int64_t>(ov::shape_size(in_shape)) / K : 0;
-    ov::Shape out_shape = in_shape;
-    out_shape.back() = static_cast<size_t>(m_out_features);
-    outputs[0].set_shape(out_shape);
-
     // One token per sequence is a decode step: always pruned. Longer inputs are prefill.
     const size_t rank = in_shape.size();
     const bool decode = rank < 2 ? M == 1 : in_shape[rank - 2] == 1;
@@ -119,9 +115,7 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     // Sizes the graph did not show (or that changed since) are bound here, before any byte is read.
     const int64_t w_bytes = static_cast<int64_t>(inputs[1].get_byte_size());
     const int64_t p_bytes = static_cast<int64_t>(inputs[2].get_byte_size());
-    BoundOp rebound;
-    const BoundOp* op = &m_bound;
-    if (!m_bound.matches(K, w_bytes, p_bytes)) {
+    const BoundOp bound = m_binding.get(K, w_bytes, p_bytes, [&]() -> BoundOp {
         OpDesc d = describe();
         d.K = K;
         d.x_type = element(x.get_element_type());
@@ -130,24 +124,26 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
         d.weight_bytes = w_bytes;
         d.params_bytes = p_bytes;
         try {
-            rebound = bind_op(d);
+            return bind_op(d);
         } catch (const std::invalid_argument& e) {
             OPENVINO_THROW(e.what());
         }
-        op = &rebound;
-    }
+    });
+    ov::Shape out_shape = in_shape;
+    out_shape.back() = static_cast<size_t>(bound.N);
+    outputs[0].set_shape(out_shape);
     if (M == 0) return true;
     const void* params = inputs[2].data();
     std::call_once(m_pages, [&] { to_huge_pages(inputs[1].data(), inputs[1].get_byte_size()); });
-    const PackedWeight weight = op->weight(inputs[1].data(), params);
+    const PackedWeight weight = bound.weight(inputs[1].data(), params);
     Params p;
     p.mode = m_mode;
     p.threshold = m_threshold;
-    p.mask = decode || op->prune_prefill;
+    p.mask = decode || bound.prune_prefill;
     p.int8_activations = m_int8_activations;
     // bf16 x (bf16 exports): the core reads it and rounds y to bf16, as a Reorder around the op would
     const auto type = x.get_element_type() == ov::element::f32 ? Activations::F32 : Activations::BF16;
-    matmul(x.data(), type, M, weight, op->bias(params), p, outputs[0].data(), OpenVINOExecutor{});
+    matmul(x.data(), type, M, weight, bound.bias(params), p, outputs[0].data(), OpenVINOExecutor{});
     return true;
 }
 
