@@ -27,6 +27,11 @@ const char* element_name(Element e) {
   }
 }
 
+using wide = __int128;
+
+// A byte count for a message (an int128 has no operator<<).
+std::string said(wide n) { return n > std::numeric_limits<int64_t>::max() ? "more than 2^63" : std::to_string(int64_t(n)); }
+
 std::string format_names() {
   std::string s;
   for (int i = 0; i < kFormatCount; ++i)
@@ -78,18 +83,19 @@ BoundOp bind_op(const OpDesc& d) {
   b.compact = d.params_type == Element::U8;
   if (b.per_channel >= 0 && d.params_bytes >= 0) {
     const int64_t bias_n = b.has_bias ? b.N : 0;
-    const int64_t expect = b.compact ? 4 * bias_n + 3 * b.per_channel : 4 * (bias_n + 2 * b.per_channel);
+    // (K/G)·N and K·row bytes may pass 2^63 for absurd attributes: counted in 128 bits
+    const wide expect = b.compact ? 4 * wide(bias_n) + 3 * wide(b.per_channel) : 4 * (wide(bias_n) + 2 * wide(b.per_channel));
     if (d.params_bytes != expect)
-      fail("params has ", d.params_bytes, " bytes, expected ", expect, " for N=", b.N, ", has_bias=", int(b.has_bias),
+      fail("params has ", d.params_bytes, " bytes, expected ", said(expect), " for N=", b.N, ", has_bias=", int(b.has_bias),
            ", weight_format ", f->name, b.compact ? " (compact)" : "");
     b.params_bytes = d.params_bytes;
   }
   if (d.weight_type != Element::Unknown && d.weight_type != f->storage)
     fail("weight of weight_format ", f->name, " must be ", element_name(f->storage), ", got ", element_name(d.weight_type));
   if (known_k && d.weight_bytes >= 0) {
-    const int64_t expect = d.K * row_bytes(f->format, b.N);  // both below 2^31: no overflow
+    const wide expect = wide(d.K) * row_bytes(f->format, b.N);
     if (d.weight_bytes != expect)
-      fail("weight has ", d.weight_bytes, " bytes, expected ", expect, " for K=", d.K, ", N=", b.N, ", weight_format ",
+      fail("weight has ", d.weight_bytes, " bytes, expected ", said(expect), " for K=", d.K, ", N=", b.N, ", weight_format ",
            f->name);
     b.weight_bytes = d.weight_bytes;
   }
