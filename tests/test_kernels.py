@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from actsparse import ActSparseError
 from actsparse.runtime_ext import kernels as ks
 from conftest import skip_without_extension
 from reference import int8_groups, int8_live, make_weight, multiplies_in_bf16, quantises_activations, torch_bf16, weights_in_bf16
 
 try:
     KERNELS = ks.available_kernels()
-except (FileNotFoundError, OSError) as e:  # library not built
+except (ActSparseError, OSError) as e:  # library not built
     skip_without_extension(f"the kernel core library is not built ({e})")
 
 FORMATS = ["f32", "f16", "bf16", "u8", "u4", "u4c"]  # u4c: u4 with compact params (reference.make_weight)
@@ -61,6 +62,22 @@ def cases():
                  [(K, N, 0) for (K, N) in SHAPES]
         for (K, N, G), M in itertools.product(shapes, [1, 2, 5, 64]):
             yield pytest.param(fmt, K, N, G, M, id=f"{fmt}-K{K}-N{N}-G{G}-M{M}")
+
+
+def test_the_format_table_comes_from_the_core():
+    """kernels.formats() is the core's formats.inc: every format the packers know, with the ids the C API
+    takes, and row sizes that match what numpy packs (the bytes of a [K, N] weight are K rows)."""
+    table = ks.formats()
+    assert sorted(table) == sorted({"f32", "f16", "bf16", "u8", "u4"})
+    assert sorted(t["id"] for t in table.values()) == list(range(len(table)))
+    assert dict(ks.FORMATS) == {name: t["id"] for name, t in table.items()}
+    rng = np.random.default_rng(0)
+    for fmt in table:
+        for N in (1, 7, 130):
+            packed = make_weight(fmt, 64, N, 32, rng)
+            assert packed.data.nbytes == 64 * ks.row_bytes(fmt, N), (fmt, N)
+            assert packed.tile_cols == ks.TILE_COLS[fmt] == table[fmt]["tile_cols"]
+    assert [t["params"] for t in (table["f32"], table["u8"], table["u4"])] == ["none", "per_column", "per_group"]
 
 
 def test_tile_major_layout():

@@ -298,7 +298,7 @@ def test_bad_inputs_are_reported():
     with pytest.raises(Exception, match="weight has 512 bytes, expected 256"):  # x's K (32) disagrees with the weight
         sess.run(None, {"x": np.zeros((1, 1, 32), np.float32)})
     bad = make_model(ks.PackedWeight("u8", 64, 8, 64, packed.data, packed.scale[:4], packed.zero_point), None, 0, 0.5)
-    with pytest.raises(Exception, match="params has 12 values, expected 16"):
+    with pytest.raises(Exception, match="params has 48 bytes, expected 64"):
         session(bad, 1).run(None, {"x": np.zeros((1, 1, 64), np.float32)})
     bad = ks.PackedWeight("u8", 64, 8, 64, packed.data, packed.scale, packed.zero_point, tile_cols=100)
     with pytest.raises(Exception, match="tile_cols must be a power of two from 128 to 8192, got 100"):

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -14,7 +17,6 @@ import numpy as np
 
 from . import library_path
 
-FORMATS = {"f32": 0, "f16": 1, "u8": 2, "u4": 3, "bf16": 4}
 _LIB_NAME = "libactsparse_core_capi.so"
 _lib = None
 
@@ -29,11 +31,12 @@ def _load():
         path = library_path(_LIB_NAME, "kernel core", "build actsparse/runtime_ext/core or set ACTSPARSE_EXT_DIR")
         lib = ctypes.CDLL(str(path))
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        lib.actsparse_core_matmul.argtypes = [p, i64, ctypes.c_int, i64, i64, i64, p, p, p, p, f32, f32,
+        lib.actsparse_core_matmul.argtypes = [p, i64, ctypes.c_int, i64, i64, i64, p, i64, p, p, i64, p, f32, f32,
                                               ctypes.c_int, p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, i64,
                                               ctypes.c_int, ctypes.c_int]
         lib.actsparse_core_matmul.restype = ctypes.c_int
-        for name in ("actsparse_core_last_error", "actsparse_core_kernels", "actsparse_core_best_kernel"):
+        for name in ("actsparse_core_last_error", "actsparse_core_kernels", "actsparse_core_best_kernel",
+                     "actsparse_core_formats"):
             getattr(lib, name).argtypes = []
             getattr(lib, name).restype = ctypes.c_char_p
         lib.actsparse_core_get_tuning.argtypes = [p, p, p]
@@ -105,15 +108,46 @@ def to_huge_pages(a: np.ndarray) -> None:
     _load().actsparse_core_to_huge_pages(a.ctypes.data, a.nbytes)
 
 
+@functools.lru_cache(maxsize=None)
+def formats() -> dict[str, dict]:
+    """The core's weight formats by name (its formats.inc and traits): id, bits per weight, storage (the
+    element the weight travels as in a graph), params ("none", "per_column", "per_group"), compact_params
+    and tile_cols (the column tile width exports write)."""
+    return {f["name"]: f for f in json.loads(_load().actsparse_core_formats().decode())}
+
+
+class _FormatColumn(Mapping):
+    """One trait of every format, read from the library on first use (importing this module needs none)."""
+
+    def __init__(self, trait: str):
+        self._trait = trait
+
+    def _table(self) -> dict:
+        return {name: f[self._trait] for name, f in formats().items()}
+
+    def __getitem__(self, name):
+        return self._table()[name]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self):
+        return len(self._table())
+
+    def __repr__(self):
+        return repr(self._table())
+
+
+FORMATS = _FormatColumn("id")  # the C API's number of each format
 # Columns per stored tile by format (see PackedWeight in actsparse_core.hpp), written into each fused op as its
 # tile_cols attribute; an op without one was exported with LEGACY_TILE_COLS.
-TILE_COLS = {"f32": 2048, "f16": 2048, "bf16": 2048, "u8": 8192, "u4": 8192}
+TILE_COLS = _FormatColumn("tile_cols")
 LEGACY_TILE_COLS = 2048
 
 
 def row_bytes(fmt: str, n: int) -> int:
     """Bytes of n columns of one stored row (u4: two codes a byte)."""
-    return {"f32": 4 * n, "f16": 2 * n, "bf16": 2 * n, "u8": n, "u4": (n + 1) // 2}[fmt]
+    return (n * formats()[fmt]["bits"] + 7) // 8
 
 
 def to_tiles(data: np.ndarray, fmt: str, tile_cols: Optional[int] = None) -> np.ndarray:
@@ -273,17 +307,16 @@ def matmul(x, packed: PackedWeight, bias=None, mode=0.0, threshold=0.0, mask=Tru
         raise ValueError(f"x must be [M, {packed.K}], got {x.shape}")
     M = x.shape[0]
     b = None if bias is None else _f32(bias).reshape(packed.N)
-    data = np.ascontiguousarray(packed.data)
-    expect = (packed.K, packed.row_bytes if packed.format == "u4" else packed.N)
-    if data.shape != expect:
-        raise ValueError(f"{packed.format} data must have shape {expect}, got {data.shape}")
+    data = np.ascontiguousarray(packed.data)  # its size is checked by the core, as an op's weight input is
     compact = packed.compact
     sc, zp = ((np.ascontiguousarray(packed.scale), np.ascontiguousarray(packed.zero_point, np.uint8)) if compact else
               (None if packed.scale is None else _f32(packed.scale), None if packed.zero_point is None else _f32(packed.zero_point)))
+    if sc is not None and (zp is None or zp.size != sc.size):
+        raise ValueError("scale and zero_point must have the same size")
     y = np.empty((M, packed.N), x.dtype)
     rc = lib.actsparse_core_matmul(
-        _ptr(x), M, FORMATS[packed.format], packed.K, packed.N, packed.group_size, _ptr(data), _ptr(sc), _ptr(zp),
-        _ptr(b), float(mode), float(threshold), int(bool(mask)), _ptr(y), int(threads),
+        _ptr(x), M, FORMATS.get(packed.format, -1), packed.K, packed.N, packed.group_size, _ptr(data), data.nbytes,
+        _ptr(sc), _ptr(zp), 0 if sc is None else sc.size, _ptr(b), float(mode), float(threshold), int(bool(mask)), _ptr(y), int(threads),
         None if kernel is None else kernel.encode(), int(bf16), int(packed.tile_cols),
         int(bool(int8_activations)), int(compact))
     if rc != 0:

@@ -28,7 +28,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from ..._common import ActSparseError
 from ...calibration.plan import group_settings
 from ...runtime_ext import ONNX_DOMAIN, OP_TYPE
-from ...runtime_ext.kernels import TILE_COLS, to_tiles
+from ...runtime_ext.kernels import TILE_COLS, formats, to_tiles
 from ..pattern import KEEP_DENSE, TOKEN_AXIS, prefixes, refuse
 from .graph import LINEAR_OPS, Index, dequantized, gemm_bias, read_weight, weight_refusal, weight_tensors
 
@@ -326,13 +326,14 @@ class FuseActSparseMatMul(Rule):
         first = protos[0].name or linears[0].outputs[0].name
         prefix = self.names.get(first, f"actsparse.{first}")
         params = [np.concatenate([self._bias(p, f, n) for p, f, n in zip(protos, folds, widths)])]
-        if fmt == "u8":
+        quantised = formats()[fmt]["params"] != "none"
+        if quantised:
             params += [np.concatenate([w[i] for w in weights]) for i in (2, 3)]
         weight = _initializer(graph, to_tiles(np.concatenate([w[1] for w in weights], axis=1), fmt), f"{prefix}/weight")
         params = _initializer(graph, np.concatenate(params).astype(np.float32), f"{prefix}/params")
         op = ir.node(OP_TYPE, [mask.x, weight, params], domain=ONNX_DOMAIN, name=f"{prefix}/{OP_TYPE}",
                      attributes={"weight_format": fmt, "out_features": int(sum(widths)),
-                                 "group_size": int(weights[0][1].shape[0]) if fmt == "u8" else 0,
+                                 "group_size": int(weights[0][1].shape[0]) if quantised else 0,
                                  "mode": mask.mode, "threshold": mask.tau,
                                  "prefill": "dense" if mask.keep_dense is not None else "sparse", "has_bias": 1,
                                  "tile_cols": TILE_COLS[fmt]})

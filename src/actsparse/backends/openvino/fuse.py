@@ -25,7 +25,7 @@ import openvino as ov
 from openvino import opset13 as ops
 
 from ...runtime_ext import OP_TYPE, OPENVINO_OPSET
-from ...runtime_ext.kernels import TILE_COLS, compact_u4_params, pack_u4, to_bf16, to_tiles
+from ...runtime_ext.kernels import TILE_COLS, compact_u4_params, formats, pack_u4, to_bf16, to_tiles
 from ..pattern import prefixes
 from .export import save_ir
 from .passes import Mask, MaskRule, run_rules
@@ -219,11 +219,11 @@ class FuseActSparseMatMul(MaskRule):
         if any(f is not None for f in folds):
             params.append(np.concatenate([f.input_value(1).get_node().get_data().ravel() if f is not None
                                           else np.zeros(n, np.float32) for f, n in zip(folds, widths)]))
-        if fmt in ("u8", "u4"):
+        if formats()[fmt]["params"] != "none":
             scale, zero_point = (np.concatenate([w[i] for w in weights], axis=-1) for i in (2, 3))
             params += [scale, zero_point]
         data = pack_u4(data, scale, zero_point, group_size).data if fmt == "u4" else to_tiles(data, fmt)
-        compact = compact_u4_params(scale, zero_point) if fmt == "u4" else None
+        compact = compact_u4_params(scale, zero_point) if formats()[fmt]["compact_params"] else None
         if compact is not None:  # u4 as bytes [bias f32 | scale f16 | zero point u8]: 3 bytes a group and column, not 8
             params = np.concatenate([p.ravel().astype(np.float32).view(np.uint8) for p in params[:-2]] +
                                     [compact[0].ravel().view(np.uint8), compact[1].ravel()])

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..._common import ActSparseError
 from ...runtime_ext import OP_TYPE, register
+from ...runtime_ext.kernels import formats
 
 
 def extension_problem() -> str | None:
@@ -84,8 +85,9 @@ def quantises_activations(core, device: str = "CPU", config: dict | None = None)
 def int8_activations(model, on: bool) -> int:
     """Set the ``int8_activations`` attribute of every u8/u4-weight ActSparseMatMul of ``model``, in place;
     return how many: they then quantise their activations to int8 (decode and prompt), or compute in f32."""
-    ops = [op for op in model.get_ordered_ops()
-           if op.get_type_name() == OP_TYPE and op.get_attributes().get("weight_format") in ("u8", "u4")]
+    ops = [op for op in model.get_ordered_ops() if op.get_type_name() == OP_TYPE]
+    quantised = {name for name, f in formats().items() if f["params"] != "none"} if ops else set()
+    ops = [op for op in ops if op.get_attributes().get("weight_format") in quantised]
     for op in ops:
         op.set_attribute("int8_activations", bool(on))
     return len(ops)

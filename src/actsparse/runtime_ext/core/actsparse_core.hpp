@@ -1,34 +1,20 @@
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace actsparse {
 
-enum class WeightFormat : int { F32 = 0, F16 = 1, U8 = 2, U4 = 3, BF16 = 4 };
-
 // The helpers below are static (internal linkage): every translation unit, the AVX-512 ones
 // included, gets its own copy, so no copy compiled for one ISA can be picked by the linker for another.
-
-// Bytes of n consecutive columns of one stored row (u4: two codes a byte, even column in the low nibble).
-static constexpr int64_t row_bytes(WeightFormat f, int64_t n) {
-  return f == WeightFormat::F32 ? 4 * n : f == WeightFormat::F16 || f == WeightFormat::BF16 ? 2 * n
-       : f == WeightFormat::U8 ? n : (n + 1) / 2;
-}
-
-// A weight_format attribute ("f32", "f16", "bf16", "u8" or "u4") as a WeightFormat; false for any other name.
-static inline bool parse_weight_format(const std::string& name, WeightFormat& f) {
-  static const std::pair<const char*, WeightFormat> names[] = {{"f32", WeightFormat::F32}, {"f16", WeightFormat::F16},
-      {"bf16", WeightFormat::BF16}, {"u8", WeightFormat::U8}, {"u4", WeightFormat::U4}};
-  for (const auto& [n, v] : names)
-    if (name == n) return f = v, true;
-  return false;
-}
 
 // A bf16 value is the high half of an f32.
 static inline float bf16_bits_to_float(uint16_t b) {
@@ -65,14 +51,133 @@ static inline uint16_t float_to_bf16(float f) {
   return uint16_t((u & 0x7fffffff) > 0x7f800000 ? quiet : rounded);
 }
 
+enum class WeightFormat : int {
+#define ACTSPARSE_FORMAT(name, Enum, id) Enum = id,
+#include "formats.inc"
+#undef ACTSPARSE_FORMAT
+};
+
+// Where a format's scales and zero points live in params: nowhere, one per column, or one per K group and column.
+enum class ParamsLayout : int { None = 0, PerColumn = 1, PerGroup = 2 };
+
+// Element type of an op input as a graph stores it: Other is any type the contract refuses, Unknown one not known yet.
+enum class Element : int { Unknown = -1, F32 = 0, BF16 = 1, U8 = 2, Other = 3 };
+
+// Per format: bits per stored weight, the graph element the weight travels as (f16/bf16 as raw bytes, since a
+// plugin would widen such a constant to f32), the params layout, whether params may be the compact bytes
+// (PackedWeight::scale16), the column tile width exports choose (see PackedWeight), and raw(row, j), the stored
+// (not dequantised) value of column j. Defined in an unnamed namespace so no ISA's copy is shared (see below).
+namespace {
+template <WeightFormat F> struct FormatTraits;
+
+template <> struct FormatTraits<WeightFormat::F32> {
+  static constexpr int bits = 32;
+  static constexpr Element storage = Element::F32;
+  static constexpr ParamsLayout params = ParamsLayout::None;
+  static constexpr bool compact_params = false;
+  static constexpr int64_t tile_cols = 2048;
+  static float raw(const uint8_t* row, int64_t j) { float v; std::memcpy(&v, row + 4 * j, 4); return v; }
+};
+template <> struct FormatTraits<WeightFormat::F16> {
+  static constexpr int bits = 16;
+  static constexpr Element storage = Element::U8;
+  static constexpr ParamsLayout params = ParamsLayout::None;
+  static constexpr bool compact_params = false;
+  static constexpr int64_t tile_cols = 2048;
+  static float raw(const uint8_t* row, int64_t j);  // after half_to_float, below
+};
+template <> struct FormatTraits<WeightFormat::BF16> {
+  static constexpr int bits = 16;
+  static constexpr Element storage = Element::U8;
+  static constexpr ParamsLayout params = ParamsLayout::None;
+  static constexpr bool compact_params = false;
+  static constexpr int64_t tile_cols = 2048;
+  static float raw(const uint8_t* row, int64_t j);
+};
+// u8 and u4 use wider tiles: 2048-column slices (2 KB, 1 KB) are too short to stream well at sparsity 0.5.
+template <> struct FormatTraits<WeightFormat::U8> {
+  static constexpr int bits = 8;
+  static constexpr Element storage = Element::U8;
+  static constexpr ParamsLayout params = ParamsLayout::PerColumn;
+  static constexpr bool compact_params = false;
+  static constexpr int64_t tile_cols = 8192;
+  static float raw(const uint8_t* row, int64_t j) { return float(row[j]); }
+};
+// Two codes a byte, the even column in the low nibble.
+template <> struct FormatTraits<WeightFormat::U4> {
+  static constexpr int bits = 4;
+  static constexpr Element storage = Element::U8;
+  static constexpr ParamsLayout params = ParamsLayout::PerGroup;
+  static constexpr bool compact_params = true;
+  static constexpr int64_t tile_cols = 8192;
+  static float raw(const uint8_t* row, int64_t j) { return float((row[j >> 1] >> ((j & 1) * 4)) & 0xf); }
+};
+
+inline float FormatTraits<WeightFormat::F16>::raw(const uint8_t* row, int64_t j) {
+  uint16_t h;
+  std::memcpy(&h, row + 2 * j, 2);
+  return half_to_float(h);
+}
+inline float FormatTraits<WeightFormat::BF16>::raw(const uint8_t* row, int64_t j) { return bf16_to_float(row + 2 * j); }
+
+// fn(std::integral_constant<WeightFormat, F>{}) for the format f: one switch, generated from the list.
+template <class Fn>
+inline decltype(auto) with_format(WeightFormat f, Fn&& fn) {
+  switch (f) {
+#define ACTSPARSE_FORMAT(name, Enum, id) \
+    case WeightFormat::Enum: return fn(std::integral_constant<WeightFormat, WeightFormat::Enum>{});
+#include "formats.inc"
+#undef ACTSPARSE_FORMAT
+  }
+  return fn(std::integral_constant<WeightFormat, WeightFormat::F32>{});  // unreachable for a valid f
+}
+}  // namespace
+
+// The traits of every format as data, in the list's order (the C API hands this table to Python).
+struct FormatInfo {
+  const char* name;
+  WeightFormat format;
+  int bits;
+  Element storage;
+  ParamsLayout params;
+  bool compact_params;
+  int64_t tile_cols;
+};
+constexpr FormatInfo kFormats[] = {
+#define ACTSPARSE_FORMAT(name, Enum, id)                                                                        \
+  {#name, WeightFormat::Enum, FormatTraits<WeightFormat::Enum>::bits, FormatTraits<WeightFormat::Enum>::storage, \
+   FormatTraits<WeightFormat::Enum>::params, FormatTraits<WeightFormat::Enum>::compact_params,                   \
+   FormatTraits<WeightFormat::Enum>::tile_cols},
+#include "formats.inc"
+#undef ACTSPARSE_FORMAT
+};
+constexpr int kFormatCount = int(sizeof(kFormats) / sizeof(kFormats[0]));
+
+constexpr bool ids_in_order() {
+  for (int i = 0; i < kFormatCount; ++i)
+    if (int(kFormats[i].format) != i) return false;
+  return true;
+}
+static_assert(ids_in_order(), "formats.inc lists the formats by id, from 0: kFormats[id] is format id");
+
+// The entry of a format, or null for a number or name no format has.
+constexpr const FormatInfo* find_format(int id) { return id >= 0 && id < kFormatCount ? &kFormats[id] : nullptr; }
+inline const FormatInfo* find_format(const std::string& name) {
+  for (const auto& f : kFormats)
+    if (name == f.name) return &f;
+  return nullptr;
+}
+
+// Bytes of n consecutive columns of one stored row.
+static constexpr int64_t row_bytes(WeightFormat f, int64_t n) { return (n * kFormats[int(f)].bits + 7) / 8; }
+
 // Weights are stored input-channel-major in column tiles: the columns are cut into tiles of tile_cols
 // (the last one narrower), and tile t holds its K rows one after another, row stride
 // row_bytes(format, width of t). A decode step then streams each live row's slice of a tile from one
 // contiguous block (at sparsity 0 the whole tile is one sequential stream), not one slice every N columns.
 // tile_cols is a power of two from 128 to kMaxTileCols (tile_row then needs no division). Exports choose
-// it per format (kernels.TILE_COLS): 2048 columns (8 KB f32 or 4 KB f16/bf16 row slices), 8192 for u8/u4,
-// whose 2048-column slices (2 KB, 1 KB) were too short to stream well at sparsity 0.5. Models written
-// before the width was an attribute of the op use kLegacyTileCols for every format.
+// it per format (FormatTraits::tile_cols). Models written before the width was an attribute of the op use
+// kLegacyTileCols for every format.
 constexpr int64_t kLegacyTileCols = 2048, kMaxTileCols = 8192;
 static constexpr bool valid_tile_cols(int64_t t) { return t >= 128 && t <= kMaxTileCols && (t & (t - 1)) == 0; }
 
@@ -130,10 +235,8 @@ struct ThreadExecutor final : Executor {
 // Moves the 2 MB-aligned part of [p, p + bytes) onto 2 MB pages where it is: same address, same bytes (a
 // copy on fresh anonymous huge pages takes the old pages' place in one mremap, which unmaps them, so one
 // copy stays resident). Decode reads live rows at random, and on 4 KB pages nearly every row costs a TLB
-// miss: 4096x4096 u4 from DRAM on one thread, five alternating runs, s=0.9 0.070-0.072 -> 0.063-0.065 ms,
-// s=0.5 0.252-0.270 -> 0.248-0.256 ms. The ops call it once per weight tensor, on their first call, which
-// the copy slows (2-6 GB/s here). Does nothing off Linux, where nothing is 2 MB-aligned, or with
-// $ACTSPARSE_HUGE_PAGES=0.
+// miss. The ops call it once per weight tensor, on their first call, which the copy slows. Does nothing off
+// Linux, where nothing is 2 MB-aligned, or with $ACTSPARSE_HUGE_PAGES=0.
 void to_huge_pages(const void* p, size_t bytes);
 
 // int8_activations: U8/U4 may quantise the activations to int8, as OpenVINO's CPU plugin quantises those of its
@@ -142,6 +245,69 @@ void to_huge_pages(const void* p, size_t bytes);
 // within a group), a prefill one per 32 consecutive channels (U4: groups of a multiple of 128 only). It computes
 // as without it otherwise, and whenever an activation is NaN or Inf.
 struct Params { float mode = 0.f; float threshold = 0.f; bool mask = true; bool int8_activations = false; };
+
+// The op contract (docs/op.md): what a runtime knows of one ActSparseMatMul node. Unknown sizes (-1) and
+// types (Element::Unknown) are not checked: a runtime binds again once it knows them, at the latest on its
+// first call.
+struct OpDesc {
+  std::string weight_format, prefill = "dense";
+  int64_t out_features = 0, group_size = 0, tile_cols = kLegacyTileCols;
+  float mode = 0.f, threshold = 0.f;
+  bool has_bias = false;
+  int64_t K = -1;  // x's last dimension
+  Element x_type = Element::Unknown, weight_type = Element::Unknown, params_type = Element::Unknown;
+  int64_t weight_bytes = -1, params_bytes = -1;
+};
+
+// A node's contract once checked: the format, the sizes, and where bias, scales and zero points lie in params
+// ([bias f32 (N, if has_bias) | scale | zero point], f32, or for compact params f16 scales and u8 zero points).
+struct BoundOp {
+  WeightFormat format = WeightFormat::F32;
+  int64_t K = -1, N = 0, group_size = 0, tile_cols = kLegacyTileCols;
+  float mode = 0.f, threshold = 0.f;
+  bool prune_prefill = false, has_bias = false, compact = false;
+  int64_t per_channel = 0;                       // scales in params (and as many zero points)
+  int64_t weight_bytes = -1, params_bytes = -1;  // as checked; -1: unknown when bound
+  bool complete() const { return K > 0 && weight_bytes >= 0 && params_bytes >= 0; }
+  // Whether a call's sizes are the ones checked, so the call needs no other check.
+  bool matches(int64_t k, int64_t w_bytes, int64_t p_bytes) const {
+    return k == K && w_bytes == weight_bytes && p_bytes == params_bytes;
+  }
+  const float* bias(const void* params) const { return has_bias ? static_cast<const float*>(params) : nullptr; }
+  PackedWeight weight(const void* data, const void* params) const;  // a complete binding's view of the buffers
+};
+
+// A node's binding as its runtime keeps it: a call whose sizes match the first complete binding reuses it
+// (one atomic load and three compares); any other call is bound by bind() first. get is thread-safe; set
+// (a graph edit) must not run during a call.
+class OpBinding {
+ public:
+  void set(const BoundOp& b) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    op_ = b;
+    complete_.store(b.complete(), std::memory_order_release);
+  }
+  template <class Bind>
+  BoundOp get(int64_t K, int64_t weight_bytes, int64_t params_bytes, Bind bind) {
+    if (complete_.load(std::memory_order_acquire) && op_.matches(K, weight_bytes, params_bytes)) return op_;
+    const BoundOp b = bind();
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!complete_.load(std::memory_order_relaxed) && b.complete()) {
+      op_ = b;
+      complete_.store(true, std::memory_order_release);
+    }
+    return b;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::atomic<bool> complete_{false};
+  BoundOp op_;  // written only while complete_ is false
+};
+
+// Checks every known fact of desc against the contract and returns the binding. A fault throws
+// std::invalid_argument with one line, "ActSparseMatMul: <what>", the same in every runtime.
+BoundOp bind_op(const OpDesc& desc);
 
 // y = z'·W + bias; x [M,K], y [M,N] float row-major contiguous; bias may be null.
 // kernel: null = best for this CPU; else a name from available_kernels() (throws std::invalid_argument if unknown/unsupported).

@@ -29,19 +29,38 @@ std::string join(const std::vector<std::string>& v) {
 
 extern "C" {
 
+// weight_bytes: the bytes at data; scale_count: the values at scale (as many at zero_point). They are checked
+// with the op contract (bind_op), as the runtimes check a node's inputs.
 __attribute__((visibility("default"))) int actsparse_core_matmul(
     const void* x, int64_t M, int format, int64_t K, int64_t N, int64_t group_size, const void* data,
-    const void* scale, const void* zero_point, const float* bias, float mode, float threshold, int mask, void* y,
-    int threads, const char* kernel, int activations, int64_t tile_cols, int int8_activations, int compact_params) {
+    int64_t weight_bytes, const void* scale, const void* zero_point, int64_t scale_count, const float* bias, float mode,
+    float threshold, int mask, void* y, int threads, const char* kernel, int activations, int64_t tile_cols,
+    int int8_activations, int compact_params) {
   try {
-    if (format < 0 || format > 4) throw std::invalid_argument("actsparse: format must be 0..4");
-    // compact_params (U4): scale holds f16 values, zero_point u8 ones
-    actsparse::PackedWeight w{actsparse::WeightFormat(format), K, N, group_size, data,
-                              compact_params ? nullptr : static_cast<const float*>(scale),
-                              compact_params ? nullptr : static_cast<const float*>(zero_point), tile_cols};
+    const actsparse::FormatInfo* f = actsparse::find_format(format);
+    actsparse::OpDesc d;
+    d.weight_format = f ? f->name : std::to_string(format);
+    d.out_features = N;
+    d.group_size = group_size;
+    d.tile_cols = tile_cols;
+    d.mode = mode;
+    d.threshold = threshold;
+    d.has_bias = bias != nullptr;
+    d.K = K;
+    d.weight_type = f ? f->storage : actsparse::Element::Unknown;  // the caller passes bytes of any type
+    d.weight_bytes = weight_bytes;
+    d.params_type = compact_params ? actsparse::Element::U8 : actsparse::Element::F32;
+    const int64_t bias_n = bias ? N : 0;
+    d.params_bytes = compact_params ? 4 * bias_n + 3 * scale_count : 4 * (bias_n + 2 * scale_count);
+    const actsparse::BoundOp op = actsparse::bind_op(d);
+    // scale and zero point are separate buffers here, not one params tensor
+    actsparse::PackedWeight w{op.format, K, N, group_size, data, nullptr, nullptr, tile_cols};
     if (compact_params) {
       w.scale16 = static_cast<const uint16_t*>(scale);
       w.zp8 = static_cast<const uint8_t*>(zero_point);
+    } else if (op.per_channel) {
+      w.scale = static_cast<const float*>(scale);
+      w.zero_point = static_cast<const float*>(zero_point);
     }
     actsparse::Params p;
     p.mode = mode;
@@ -56,6 +75,21 @@ __attribute__((visibility("default"))) int actsparse_core_matmul(
     g_error = "actsparse: unknown error";
   }
   return 1;
+}
+
+// The format table (formats.inc and its traits) as JSON, so Python keeps no copy of it.
+__attribute__((visibility("default"))) const char* actsparse_core_formats(void) {
+  static const std::string s = [] {
+    static const char* const params[] = {"none", "per_column", "per_group"};
+    std::string j = "[";
+    for (const auto& f : actsparse::kFormats)
+      j += std::string(j.size() > 1 ? "," : "") + "{\"name\":\"" + f.name + "\",\"id\":" + std::to_string(int(f.format)) +
+           ",\"bits\":" + std::to_string(f.bits) + ",\"storage\":\"" + (f.storage == actsparse::Element::F32 ? "f32" : "u8") +
+           "\",\"params\":\"" + params[int(f.params)] + "\",\"compact_params\":" + (f.compact_params ? "true" : "false") +
+           ",\"tile_cols\":" + std::to_string(f.tile_cols) + "}";
+    return j + "]";
+  }();
+  return s.c_str();
 }
 
 __attribute__((visibility("default"))) const char* actsparse_core_last_error(void) { return g_error.c_str(); }

@@ -54,8 +54,7 @@ int64_t env_int(const char* name, int64_t dflt) {
 }
 
 // Where decode prefetches upcoming weight rows by default: into L1 one group ahead where L1D holds 48 KB
-// or more (a Zen 5: 20-45 % faster than L2 for f16/u8/u4), into L2 four groups ahead on smaller ones (a
-// Zen 4, 32 KB: L1 prefetches thrashed it, L2 ones streamed 1.3-1.7x faster).
+// or more, into L2 four groups ahead on smaller ones, whose L1 the prefetches thrash (docs/op.md).
 bool prefetch_l2_default() {
   const char* s = std::getenv("ACTSPARSE_PREFETCH");
   if (s && *s) return std::strcmp(s, "l2") == 0;
@@ -115,13 +114,13 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     int64_t L = 0;
     for (int64_t g = 0; g < ng; ++g) {
       r.gpos[g] = L;
-      if (ops.live) {  // AVX-512: a mask and a compress per 16 channels (K=4096 f32, none live: 5.1 -> 0.7 us)
+      if (ops.live) {  // AVX-512: a mask and a compress per 16 channels, far cheaper than the loop below
         const auto* xg = static_cast<const char*>(xv) + (i * K + g * gs) * (bf16 ? 2 : 4);
         L += ops.live(xg, bf16, gs, g * gs, p.mode, p.threshold, p.mask, r.idx + L, r.z + L, &nonfinite);
         continue;
       }
-      // Branch-free: at s = 0.5 a branch on keep mispredicts every other channel, which cost more than the
-      // call's weight rows on short ones (5632x2048 u8 at s=0.5: about 40 us of a 300 us call).
+      // Branch-free: at s = 0.5 a branch on keep mispredicts every other channel, which costs more than the
+      // call's weight rows on short ones.
       for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
         const float v = x_at(k) - p.mode, a = std::fabs(v);
         r.idx[L] = int32_t(k);
@@ -190,9 +189,7 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
 
   // One token: split-K (each task a slice of live rows over all N, then a reduce). Every thread then reads
   // whole stored row slices; split-N cut them at a column inside a tile, leaving one thread short pieces in
-  // two tiles. From DRAM on 2 threads split-K was 0-16 % faster (11 shapes x bf16/u8/u4 x s 0/0.5/0.9, no
-  // case slower beyond noise), and inside OpenVINO's graph SmolLM2's 576x3072 gate_up went from 135 to
-  // 114 us. Several tokens split N. Tuning::split forces a choice for measurement.
+  // two tiles (docs/op.md). Several tokens split N. Tuning::split forces a choice for measurement.
   const bool split_k = M == 1 && par && g_split.load(std::memory_order_relaxed) != 'n';
 
   auto finish_cols = [&](int64_t i, const float* acc, int64_t n0, int64_t n, float zsum) {
@@ -498,22 +495,21 @@ void validate(const void* x, int64_t M, const PackedWeight& w, const void* y) {
   if (M > 0 && (!x || !y || !w.data)) throw std::invalid_argument("actsparse: null x, y or weight data");
   if (!valid_tile_cols(w.tile_cols))
     throw std::invalid_argument("actsparse: tile_cols must be a power of two from 128 to " + std::to_string(kMaxTileCols));
-  switch (w.format) {
-    case WeightFormat::F32:
-    case WeightFormat::F16:
-    case WeightFormat::BF16: return;
-    case WeightFormat::U8:
-      if (!w.scale || !w.zero_point) throw std::invalid_argument("actsparse: U8 needs scale and zero_point");
-      if (w.group_size != 0 && w.group_size != w.K) throw std::invalid_argument("actsparse: U8 group_size must be K");
+  const FormatInfo* f = find_format(int(w.format));
+  if (!f) throw std::invalid_argument("actsparse: unknown weight format");
+  switch (f->params) {
+    case ParamsLayout::None: return;
+    case ParamsLayout::PerColumn:
+      if (!w.scale || !w.zero_point) throw std::invalid_argument(std::string("actsparse: ") + f->name + " needs scale and zero_point");
+      if (w.group_size != 0 && w.group_size != w.K) throw std::invalid_argument(std::string("actsparse: ") + f->name + " group_size must be K");
       return;
-    case WeightFormat::U4:
-      if (!(w.scale && w.zero_point) && !(w.scale16 && w.zp8))
-        throw std::invalid_argument("actsparse: U4 needs scale and zero_point (f32, or f16 and u8)");
+    case ParamsLayout::PerGroup:
+      if (!(w.scale && w.zero_point) && !(f->compact_params && w.scale16 && w.zp8))
+        throw std::invalid_argument(std::string("actsparse: ") + f->name + " needs scale and zero_point (f32, or f16 and u8)");
       if (w.group_size < 1 || w.K % w.group_size != 0)
-        throw std::invalid_argument("actsparse: U4 group_size must divide K");
+        throw std::invalid_argument(std::string("actsparse: ") + f->name + " group_size must divide K");
       return;
   }
-  throw std::invalid_argument("actsparse: unknown weight format");
 }
 
 }  // namespace
@@ -526,9 +522,8 @@ void matmul(const void* x, Activations type, int64_t M, const PackedWeight& w, c
   if (M == 0) return;
   const Ops& ops = *k->ops();
   const bool bf16 = type == Activations::BF16;
-  // u4 only in groups of 128 k: each group's scales and zero points cost a pass over the outputs, and smaller groups
-  // made the int8 prefill slower than bf16 pairs (256 tokens, 2 threads: 2048x11264 0.83x at group 32 and 1.19x at
-  // 64, but SmolLM2's int4 export, group 64, took 300 against 274 ms; 1.23x at 128)
+  // u4 only in groups of a multiple of 128 k: each group's scales and zero points cost a pass over the outputs,
+  // and smaller groups make the int8 prefill slower than bf16 pairs (docs/op.md)
   const bool q8 = p.int8_activations && ops.q8_gemm && ops.q8_quantise &&
                   (w.format == WeightFormat::U8 || (w.format == WeightFormat::U4 && w.group_size % 128 == 0));
   if (M <= 4) decode(ops, x, M, w, bias, p, y, bf16, ex);

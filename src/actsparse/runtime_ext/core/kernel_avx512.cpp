@@ -42,7 +42,7 @@ struct Avx512 {
 };
 
 // Ops::live, 16 channels per step: the mask and a compress of the kept lanes to the front, stored as a whole
-// vector (the register form: compress straight to memory is microcoded and slow on Zen 4).
+// vector (the register form: compress straight to memory is microcoded, and slow on some CPUs).
 int64_t live(const void* x, bool bf16, int64_t n, int64_t k0, float mode, float tau, bool mask, int32_t* idx, float* z,
              int* nonfinite) {
   const __m512 m = _mm512_set1_ps(mode), t = _mm512_set1_ps(tau), big = _mm512_set1_ps(3.40282347e38f);

@@ -367,8 +367,7 @@ inline void u4_apply_block(float* y, int64_t c, int64_t n, const __m512 fa[4], c
 // or a second pass over it (sparse groups, where those passes cost as much as the rows). Per 64 code bytes
 // (128 columns), each chunk's int32 sums of the even and the odd nibbles go into f32 accumulators scaled by
 // the chunk's one scale, still in dp4's lane order; they are put back in column order once, and
-// y += scale * (acc - zp * zsum). (Longer groups, all rows advancing together, streamed 15-30 % slower than
-// rows_q8_f at s=0: u4_group_q8 gives them to it.)
+// y += scale * (acc - zp * zsum). Longer groups go to rows_q8_f, which streams them faster.
 template <bool L2>
 void u4_group_q8_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
                    const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum, int64_t R_ahead) {

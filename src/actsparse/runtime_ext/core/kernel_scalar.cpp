@@ -10,14 +10,7 @@ namespace {
 
 // Raw (not dequantised) value of column j of a stored row.
 float raw(WeightFormat f, const uint8_t* row, int64_t j) {
-  switch (f) {
-    case WeightFormat::F32: { float v; std::memcpy(&v, row + 4 * j, 4); return v; }
-    case WeightFormat::F16: { uint16_t h; std::memcpy(&h, row + 2 * j, 2); return half_to_float(h); }
-    case WeightFormat::BF16: return bf16_to_float(row + 2 * j);
-    case WeightFormat::U8: return float(row[j]);
-    case WeightFormat::U4: return float((row[j >> 1] >> ((j & 1) * 4)) & 0xf);
-  }
-  return 0.f;
+  return with_format(f, [&](auto F) { return FormatTraits<decltype(F)::value>::raw(row, j); });
 }
 
 void rows(WeightFormat f, float* acc, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx,

@@ -24,7 +24,6 @@ namespace {
 constexpr const char* kDomain = "ai.actsparse";
 constexpr const char* kOpType = "ActSparseMatMul";
 
-[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument(std::string(kOpType) + ": " + what); }
 
 // Runs a C++ callable on ORT's intra-op pool, which hands it plain function pointers. The first
 // exception of any task is kept and rethrown on the calling thread: none may cross ORT's C frames.
@@ -89,42 +88,63 @@ struct OrtExecutor final : Executor {
   }
 };
 
-WeightFormat parse_format(const std::string& name) {
-  WeightFormat f;
-  if (!parse_weight_format(name, f)) fail("unknown weight_format '" + name + "' (f32, f16, bf16, u8 or u4)");
-  return f;
+Element element(ONNXTensorElementDataType t) {
+  return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? Element::F32 : t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ? Element::BF16
+       : t == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? Element::U8 : t == ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED ? Element::Unknown
+       : Element::Other;
 }
 
-size_t element_size(ONNXTensorElementDataType t) { return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 1; }
+size_t element_size(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32: return 4;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64: return 8;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return 2;
+    default: return 1;
+  }
+}
 
-// Attributes are parsed once, when ORT creates the kernel for a node.
+// What a type and shape say of one input: its element type, and its bytes (-1 where a dimension is unknown).
+template <class Info>
+void describe_input(const Info& info, Element& type, int64_t& bytes) {
+  type = element(info.GetElementType());
+  bytes = int64_t(element_size(info.GetElementType()));
+  for (const int64_t d : info.GetShape()) bytes = d < 0 ? -1 : bytes < 0 ? -1 : bytes * d;
+}
+
+// Attributes are bound when ORT creates the kernel for a node, with K and the initializers' sizes where
+// the graph declares them; a call whose sizes differ from those is bound again before it reads a byte.
 struct Kernel {
   bool int8_activations;  // the session's (see RegisterCustomOps)
-  WeightFormat format;
-  int64_t N, group_size, tile_cols = kLegacyTileCols;  // a model without tile_cols predates the attribute
-  float mode, threshold;
-  bool prune_prefill, has_bias;
+  OpDesc desc;
+  OpBinding binding;
   std::atomic<int> width{0};  // the pool's width, measured on the first call (0: not yet)
   std::once_flag pages;       // to_huge_pages on the weights, at the first call
 
   Kernel(const OrtKernelInfo* raw, bool int8) : int8_activations(int8) {
     Ort::ConstKernelInfo info(raw);
-    format = parse_format(info.GetAttribute<std::string>("weight_format"));
-    N = info.GetAttribute<int64_t>("out_features");
-    group_size = info.GetAttribute<int64_t>("group_size");
-    mode = info.GetAttribute<float>("mode");
-    threshold = info.GetAttribute<float>("threshold");
-    const std::string prefill = info.GetAttribute<std::string>("prefill");
-    has_bias = info.GetAttribute<int64_t>("has_bias") != 0;
+    desc.weight_format = info.GetAttribute<std::string>("weight_format");
+    desc.out_features = info.GetAttribute<int64_t>("out_features");
+    desc.group_size = info.GetAttribute<int64_t>("group_size");
+    desc.mode = info.GetAttribute<float>("mode");
+    desc.threshold = info.GetAttribute<float>("threshold");
+    desc.prefill = info.GetAttribute<std::string>("prefill");
+    desc.has_bias = info.GetAttribute<int64_t>("has_bias") != 0;
     try {
-      tile_cols = info.GetAttribute<int64_t>("tile_cols");
-    } catch (const Ort::Exception&) {  // absent: the legacy layout
+      desc.tile_cols = info.GetAttribute<int64_t>("tile_cols");
+    } catch (const Ort::Exception&) {  // absent: a model that predates the attribute
     }
-    if (prefill != "dense" && prefill != "sparse") fail("prefill must be dense or sparse, got '" + prefill + "'");
-    if (N < 1) fail("out_features must be >= 1");
-    if (!valid_tile_cols(tile_cols)) fail("tile_cols must be a power of two from 128 to 8192, got " + std::to_string(tile_cols));
-    if (format == WeightFormat::U4 && group_size < 1) fail("u4 needs group_size >= 1");
-    prune_prefill = prefill == "sparse";
+    OpDesc known = desc;
+    try {  // the declared types and shapes, where ORT knows them
+      const auto x = info.GetInputTypeInfo(0).GetTensorTypeAndShapeInfo();
+      const auto shape = x.GetShape();
+      known.K = shape.empty() || shape.back() < 0 ? -1 : shape.back();
+      describe_input(info.GetInputTypeInfo(1).GetTensorTypeAndShapeInfo(), known.weight_type, known.weight_bytes);
+      describe_input(info.GetInputTypeInfo(2).GetTensorTypeAndShapeInfo(), known.params_type, known.params_bytes);
+    } catch (const Ort::Exception&) {
+      known = desc;
+    }
+    binding.set(bind_op(known));
   }
 
   void compute(OrtKernelContext* raw) {
@@ -132,46 +152,33 @@ struct Kernel {
     const auto x = ctx.GetInput(0), weight = ctx.GetInput(1), params = ctx.GetInput(2);
     const auto x_info = x.GetTensorTypeAndShapeInfo();  // x and params: float32, as GetInputType declares
     std::vector<int64_t> shape = x_info.GetShape();
-    if (shape.empty()) fail("x needs rank >= 1");
-    const int64_t K = shape.back();
-    if (K < 1) fail("x has no input channels (last dim 0)");
-    const int64_t M = int64_t(x_info.GetElementCount()) / K;
+    const auto w_info = weight.GetTensorTypeAndShapeInfo(), p_info = params.GetTensorTypeAndShapeInfo();
+    const int64_t K = shape.empty() ? 0 : shape.back();
+    const int64_t w_bytes = int64_t(w_info.GetElementCount() * element_size(w_info.GetElementType()));
+    const int64_t p_bytes = int64_t(p_info.GetElementCount() * element_size(p_info.GetElementType()));
+    auto rebind = [&] {
+      OpDesc d = desc;
+      d.K = K;
+      describe_input(w_info, d.weight_type, d.weight_bytes);
+      describe_input(p_info, d.params_type, d.params_bytes);
+      return bind_op(d);
+    };
+    const BoundOp bound = binding.get(K, w_bytes, p_bytes, rebind);
+    const int64_t M = int64_t(x_info.GetElementCount()) / bound.K;
 
-    const auto w_info = weight.GetTensorTypeAndShapeInfo();
-    const auto w_type =
-        format == WeightFormat::F32 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-    if (w_info.GetElementType() != w_type)
-      fail(std::string("weight must be ") + (w_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? "float32" : "uint8") +
-           " for this weight_format");
-    const int64_t w_bytes = int64_t(w_info.GetElementCount() * element_size(w_type));
-    if (w_bytes != K * row_bytes(format, N))
-      fail("weight has " + std::to_string(w_bytes) + " bytes, expected " + std::to_string(K * row_bytes(format, N)) +
-           " for K=" + std::to_string(K) + ", N=" + std::to_string(N));
-
-    // params = [bias (N) | scale | zero_point], scale and zero point per output (u8) or per group (u4)
-    if (format == WeightFormat::U4 && K % group_size) fail("group_size must divide K=" + std::to_string(K));
-    const int64_t per_channel = format == WeightFormat::U8 ? N : format == WeightFormat::U4 ? K / group_size * N : 0;
-    const int64_t expect = (has_bias ? N : 0) + 2 * per_channel;
-    const auto p_info = params.GetTensorTypeAndShapeInfo();
-    if (int64_t(p_info.GetElementCount()) != expect)
-      fail("params has " + std::to_string(p_info.GetElementCount()) + " values, expected " + std::to_string(expect));
-
-    shape.back() = N;
+    shape.back() = bound.N;
     auto y = ctx.GetOutput(0, shape);
     if (M == 0) return;
-    const float* p = params.GetTensorData<float>();
-    const float* bias = has_bias ? p : nullptr;
-    const float* scale = per_channel ? p + (has_bias ? N : 0) : nullptr;
-    const float* zero_point = scale ? scale + per_channel : nullptr;
+    const void* p = params.GetTensorRawData();
     std::call_once(pages, [&] { to_huge_pages(weight.GetTensorRawData(), size_t(w_bytes)); });
-    const PackedWeight w{format, K, N, group_size, weight.GetTensorRawData(), scale, zero_point, tile_cols};
+    const PackedWeight w = bound.weight(weight.GetTensorRawData(), p);
 
     // One token per sequence is a decode step: always pruned. Longer inputs are prefill.
     const size_t rank = shape.size();
     Params prm;
-    prm.mode = mode;
-    prm.threshold = threshold;
-    prm.mask = (rank < 2 ? M == 1 : shape[rank - 2] == 1) || prune_prefill;
+    prm.mode = bound.mode;
+    prm.threshold = bound.threshold;
+    prm.mask = (rank < 2 ? M == 1 : shape[rank - 2] == 1) || bound.prune_prefill;
     prm.int8_activations = int8_activations;
 
     int conc = width.load();
@@ -182,7 +189,7 @@ struct Kernel {
       conc = std::max(conc, measured);
     }
 #endif
-    matmul(x.GetTensorData<float>(), M, w, bias, prm, y.GetTensorMutableData<float>(),
+    matmul(x.GetTensorData<float>(), M, w, bound.bias(p), prm, y.GetTensorMutableData<float>(),
            OrtExecutor(raw, std::max(conc, 1)));
   }
 
@@ -206,7 +213,7 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
       *kernel = new Kernel(info, int8_activations);
       return nullptr;
     } catch (const std::exception& e) {
-      return api.CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kOpType) + " attributes: " + e.what()).c_str());
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
     }
   }
   const char* GetName() const { return kOpType; }
@@ -237,7 +244,8 @@ struct Op : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
       Ort::ThrowOnError(api.ShapeInferContext_GetInputTypeShape(ctx, 0, &raw));
       Ort::ConstTensorTypeAndShapeInfo x(raw);
       auto dims = x.GetShape();
-      if (dims.empty()) return nullptr;  // rank unknown here; a scalar x fails at run time
+      // rank unknown here (a scalar x fails at run time), or out_features the kernel will refuse
+      if (dims.empty() || n < 1) return nullptr;
       std::vector<const char*> names(dims.size(), nullptr);
       x.GetSymbolicDimensions(names.data(), names.size());
       static std::atomic<int64_t> unknown{0};

@@ -3,6 +3,7 @@
 #include <openvino/core/parallel.hpp>
 
 #include <memory>
+#include <stdexcept>
 
 namespace actsparse {
 namespace {
@@ -16,10 +17,17 @@ struct OpenVINOExecutor final : Executor {
     }
 };
 
-WeightFormat parse_format(const std::string& name) {
-    WeightFormat f;
-    if (!parse_weight_format(name, f)) OPENVINO_THROW("ActSparseMatMul: unknown weight_format '", name, "'");
-    return f;
+Element element(const ov::element::Type& t) {
+    return t == ov::element::f32 ? Element::F32 : t == ov::element::bf16 ? Element::BF16
+         : t == ov::element::u8 ? Element::U8 : t.is_dynamic() ? Element::Unknown : Element::Other;
+}
+
+// An input's bytes where its shape is static, else -1.
+int64_t byte_size(const ov::Node& node, size_t i) {
+    const auto& shape = node.get_input_partial_shape(i);
+    const auto& type = node.get_input_element_type(i);
+    if (shape.is_dynamic() || type.is_dynamic()) return -1;
+    return static_cast<int64_t>(ov::shape_size(shape.to_shape()) * type.size());
 }
 
 }  // namespace
@@ -40,28 +48,40 @@ ActSparseMatMul::ActSparseMatMul(const ov::OutputVector& args, std::string weigh
     constructor_validate_and_infer_types();
 }
 
+OpDesc ActSparseMatMul::describe() const {
+    OpDesc d;
+    d.weight_format = m_weight_format;
+    d.prefill = m_prefill;
+    d.out_features = m_out_features;
+    d.group_size = m_group_size;
+    d.tile_cols = m_tile_cols;
+    d.mode = m_mode;
+    d.threshold = m_threshold;
+    d.has_bias = m_has_bias;
+    return d;
+}
+
+// Binds what the graph says: the attributes always; K and the constant inputs' sizes where static.
 void ActSparseMatMul::validate_and_infer_types() {
     NODE_VALIDATION_CHECK(this, get_input_size() == 3, "expects 3 inputs (x, weight, params), got ", get_input_size());
-    NODE_VALIDATION_CHECK(this, m_prefill == "dense" || m_prefill == "sparse", "prefill must be dense or sparse");
-    // bf16 x (bf16 exports): the op then returns bf16 too, and OpenVINO's bf16 graph needs no Reorder around it
-    const auto x_type = get_input_element_type(0);
-    NODE_VALIDATION_CHECK(this, x_type == ov::element::f32 || x_type == ov::element::bf16, "x must be f32 or bf16");
-    NODE_VALIDATION_CHECK(this, valid_tile_cols(m_tile_cols), "tile_cols must be a power of two from 128 to ",
-                          kMaxTileCols, ", got ", m_tile_cols);
-    m_format = parse_format(m_weight_format);
-    m_prune_prefill = m_prefill == "sparse";
-    const auto params_type = get_input_element_type(2);
-    NODE_VALIDATION_CHECK(this, params_type == ov::element::f32 || (params_type == ov::element::u8 && m_format == WeightFormat::U4),
-                          "params must be f32 (or u8 bytes, compact, for u4 weights), got ", params_type);
-    const auto format = m_format;
-    // f16/bf16 weights travel as raw bytes: a plugin would widen such a constant to f32
-    const auto weight_type = format == WeightFormat::F32 ? ov::element::f32 : ov::element::u8;
-    NODE_VALIDATION_CHECK(this, get_input_element_type(1) == weight_type, "weight of format ", m_weight_format,
-                          " must be ", weight_type, ", got ", get_input_element_type(1));
     auto shape = get_input_partial_shape(0);
     NODE_VALIDATION_CHECK(this, shape.rank().is_static() && shape.rank().get_length() >= 1, "x needs a static rank");
+    OpDesc d = describe();
+    const auto& k = shape[shape.rank().get_length() - 1];
+    d.K = k.is_static() ? k.get_length() : -1;
+    d.x_type = element(get_input_element_type(0));
+    d.weight_type = element(get_input_element_type(1));
+    d.params_type = element(get_input_element_type(2));
+    d.weight_bytes = byte_size(*this, 1);
+    d.params_bytes = byte_size(*this, 2);
+    try {
+        m_binding.set(bind_op(d));
+    } catch (const std::invalid_argument& e) {
+        NODE_VALIDATION_CHECK(this, false, e.what());
+    }
+    // bf16 x (bf16 exports): the op then returns bf16 too, and OpenVINO's bf16 graph needs no Reorder around it
     shape[shape.rank().get_length() - 1] = m_out_features;
-    set_output_type(0, x_type, shape);
+    set_output_type(0, get_input_element_type(0), shape);
 }
 
 std::shared_ptr<ov::Node> ActSparseMatMul::clone_with_new_inputs(const ov::OutputVector& new_args) const {
@@ -88,42 +108,42 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     const ov::Shape in_shape = x.get_shape();
     const int64_t K = static_cast<int64_t>(in_shape.back());
     const int64_t M = K ? static_cast<int64_t>(ov::shape_size(in_shape)) / K : 0;
-    ov::Shape out_shape = in_shape;
-    out_shape.back() = static_cast<size_t>(m_out_features);
-    outputs[0].set_shape(out_shape);
-
     // One token per sequence is a decode step: always pruned. Longer inputs are prefill.
     const size_t rank = in_shape.size();
     const bool decode = rank < 2 ? M == 1 : in_shape[rank - 2] == 1;
 
-    const auto format = m_format;
-    const int64_t N = m_out_features;
-    const int64_t per_channel = format == WeightFormat::U8 ? N : format == WeightFormat::U4 ? K / m_group_size * N : 0;
-    // params: f32 [bias | scale | zero point], or for u4 the compact bytes [bias f32 | scale f16 | zero point u8]
-    const bool compact = inputs[2].get_element_type() == ov::element::u8;
-    const int64_t bias_n = m_has_bias ? N : 0;
-    const size_t expect = compact ? size_t(4 * bias_n + 3 * per_channel) : size_t(bias_n + 2 * per_channel);
-    OPENVINO_ASSERT(inputs[2].get_size() == expect, "ActSparseMatMul: params has ", inputs[2].get_size(),
-                    compact ? " bytes" : " values", ", expected ", expect);
-    const auto* bytes = static_cast<const uint8_t*>(inputs[2].data());
-    const float* bias = m_has_bias ? reinterpret_cast<const float*>(bytes) : nullptr;
+    // Sizes the graph did not show (or that changed since) are bound here, before any byte is read.
+    const int64_t w_bytes = static_cast<int64_t>(inputs[1].get_byte_size());
+    const int64_t p_bytes = static_cast<int64_t>(inputs[2].get_byte_size());
+    const BoundOp bound = m_binding.get(K, w_bytes, p_bytes, [&]() -> BoundOp {
+        OpDesc d = describe();
+        d.K = K;
+        d.x_type = element(x.get_element_type());
+        d.weight_type = element(inputs[1].get_element_type());
+        d.params_type = element(inputs[2].get_element_type());
+        d.weight_bytes = w_bytes;
+        d.params_bytes = p_bytes;
+        try {
+            return bind_op(d);
+        } catch (const std::invalid_argument& e) {
+            OPENVINO_THROW(e.what());
+        }
+    });
+    ov::Shape out_shape = in_shape;
+    out_shape.back() = static_cast<size_t>(bound.N);
+    outputs[0].set_shape(out_shape);
+    if (M == 0) return true;
+    const void* params = inputs[2].data();
     std::call_once(m_pages, [&] { to_huge_pages(inputs[1].data(), inputs[1].get_byte_size()); });
-    PackedWeight weight{format, K, N, m_group_size, inputs[1].data(), nullptr, nullptr, m_tile_cols};
-    if (compact) {
-      weight.scale16 = reinterpret_cast<const uint16_t*>(bytes + 4 * bias_n);
-      weight.zp8 = bytes + 4 * bias_n + 2 * per_channel;
-    } else if (per_channel) {
-      weight.scale = reinterpret_cast<const float*>(bytes) + bias_n;
-      weight.zero_point = weight.scale + per_channel;
-    }
+    const PackedWeight weight = bound.weight(inputs[1].data(), params);
     Params p;
     p.mode = m_mode;
     p.threshold = m_threshold;
-    p.mask = decode || m_prune_prefill;
+    p.mask = decode || bound.prune_prefill;
     p.int8_activations = m_int8_activations;
     // bf16 x (bf16 exports): the core reads it and rounds y to bf16, as a Reorder around the op would
     const auto type = x.get_element_type() == ov::element::f32 ? Activations::F32 : Activations::BF16;
-    matmul(x.data(), type, M, weight, bias, p, outputs[0].data(), OpenVINOExecutor{});
+    matmul(x.data(), type, M, weight, bound.bias(params), p, outputs[0].data(), OpenVINOExecutor{});
     return true;
 }
 

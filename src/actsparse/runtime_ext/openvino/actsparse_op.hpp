@@ -10,16 +10,13 @@
 namespace actsparse {
 
 // y = z'·W + bias, z' = (x − m) where ¬(|x − m| ≤ τ) else 0; dense (z' = x − m) on a prefill
-// step (more than one token per sequence) when prefill is "dense".
-// Inputs: x [..., K] f32 or bf16 (the output has x's type); W packed [K, N] (f32, or u8 bytes for f16/u8/u4, see PackedWeight);
-// params f32 = [bias (N, when has_bias) | scale | zero_point] (scale and zero point: N each for
-// u8, (K/G)·N each for u4, none for f32/f16), or for u4 the compact u8 bytes [bias f32 | scale f16 |
-// zero point u8] (PackedWeight::scale16), which read 3 bytes per group and column instead of 8. m, τ and the policy are attributes: the CPU plugin
-// re-runs generic shape inference on every call of a custom op, at a cost per input. tile_cols: W's
-// stored column tiles (PackedWeight); an IR without it was written with kLegacyTileCols.
-// int8_activations (u8/u4 weights; false when absent): the op quantises its activations to int8
-// (Params::int8_activations), as the CPU plugin's dynamic quantisation does for its own u8/u4 FullyConnected;
-// backends.openvino.compile_model sets it from the plugin's DYNAMIC_QUANTIZATION_GROUP_SIZE.
+// step (more than one token per sequence) when prefill is "dense". Inputs x [..., K] (f32 or bf16, the
+// output's type), the packed weight and params; inputs, attributes and their checks are in docs/op.md
+// (bind_op). m, τ and the policy are attributes: the CPU plugin re-runs generic shape inference on every
+// call of a custom op, at a cost per input. int8_activations (u8/u4 weights; false when absent): the op
+// quantises its activations to int8 (Params::int8_activations), as the CPU plugin's dynamic quantisation
+// does for its own u8/u4 FullyConnected; backends.openvino.compile_model sets it from the plugin's
+// DYNAMIC_QUANTIZATION_GROUP_SIZE.
 class ActSparseMatMul : public ov::op::Op {
 public:
     OPENVINO_OP("ActSparseMatMul", "actsparse");
@@ -36,6 +33,7 @@ public:
     bool has_evaluate() const override { return true; }
 
 private:
+    OpDesc describe() const;  // the attributes, for bind_op
     std::string m_weight_format = "f32";
     int64_t m_out_features = 0;
     int64_t m_group_size = 0;
@@ -45,9 +43,8 @@ private:
     bool m_has_bias = false;
     int64_t m_tile_cols = kLegacyTileCols;
     bool m_int8_activations = false;
-    // Derived from the attributes in validate_and_infer_types, so evaluate compares no strings.
-    WeightFormat m_format = WeightFormat::F32;
-    bool m_prune_prefill = false;
+    // The contract as bound in validate_and_infer_types (or on the first call), so evaluate only compares sizes.
+    mutable OpBinding m_binding;
     mutable std::once_flag m_pages;  // to_huge_pages on the weights, at the first evaluate
 };
 
