@@ -12,17 +12,21 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from actsparse import ActSparseError, runtime_ext
 from actsparse.runtime_ext import kernels as ks
 from conftest import skip_without_extension
 from reference import make_weight
 
-LIB_DIR = ks.library_path().parent
-ORT_LIB, OV_LIB = LIB_DIR / "libactsparse_onnxruntime.so", LIB_DIR / "libactsparse_openvino.so"
-skip_without_extension(None if ORT_LIB.exists() and OV_LIB.exists() else f"{ORT_LIB} or {OV_LIB} was not built")
+try:
+    LIB_DIR = Path(runtime_ext.openvino_extension()).parent
+    assert Path(runtime_ext.onnxruntime_library()).parent == LIB_DIR  # the worker takes one folder
+except ActSparseError as err:
+    skip_without_extension(str(err))
 
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
