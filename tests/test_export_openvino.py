@@ -224,3 +224,45 @@ def test_bench_times_both_exports_and_counts_the_skipped_weight_bytes(tiny_llama
         assert result[name]["peak_rss_mb"] > 0 and result[name]["inference_precision"] in ("f32", "bf16")
     assert result["decode_speedup"] == pytest.approx(
         result["dense"]["decode_ms_per_token"] / result["sparse"]["decode_ms_per_token"])
+
+
+def _tokenizer_irs_match(folder, text: str, ids: np.ndarray) -> None:
+    """The export's tokenizer IRs encode ``text`` and decode each row of ``ids`` as the HF tokenizer does."""
+    import openvino_tokenizers  # noqa: F401  (registers the tokenizer ops with OpenVINO)
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(folder)
+    core = ov.Core()
+    tokenize = core.compile_model(folder / "openvino_tokenizer.xml", "CPU")
+    detokenize = core.compile_model(folder / "openvino_detokenizer.xml", "CPU")
+    assert list(tokenize([text])["input_ids"][0]) == hf(text)["input_ids"]
+    decoded = detokenize(ids)["string_output"]
+    assert list(decoded) == [hf.decode(row, skip_special_tokens=True) for row in ids]
+
+
+def test_decoder_export_writes_tokenizer_irs_that_match_hf(tiny_llama, texts, tmp_path):
+    out = actsparse.export(str(tiny_llama), tmp_path / "out")
+    ids = np.random.default_rng(0).integers(0, 400, (16, 12))
+    _tokenizer_irs_match(out, texts["evaluation"].read_text()[:500], ids)
+
+
+def test_plain_byte_level_decoder_only_where_the_extra_steps_change_nothing(tiny_llama):
+    from tokenizers import decoders
+    from transformers import AutoTokenizer
+
+    from actsparse.backends.openvino.export import plain_byte_level_decoder
+
+    def with_decoder(decoder, extra_tokens=()):
+        tok = AutoTokenizer.from_pretrained(tiny_llama)
+        tok.add_tokens(list(extra_tokens))
+        tok.backend_tokenizer.decoder = decoder
+        return tok
+
+    noop_steps = [decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("▁", " "), decoders.ByteLevel()]
+    tok = with_decoder(decoders.Sequence(noop_steps))
+    assert plain_byte_level_decoder(tok) and type(tok.backend_tokenizer.decoder).__name__ == "ByteLevel"
+    assert not plain_byte_level_decoder(with_decoder(decoders.Sequence(noop_steps), ["<0x41>"]))  # byte tokens
+    assert not plain_byte_level_decoder(with_decoder(decoders.Sequence(noop_steps), ["▁city"]))
+    other = [decoders.Replace("a", "b"), decoders.ByteLevel()]
+    assert not plain_byte_level_decoder(with_decoder(decoders.Sequence(other)))
+    assert not plain_byte_level_decoder(with_decoder(decoders.ByteLevel()))  # nothing to do

@@ -71,3 +71,14 @@ def test_load_and_generate(exports):
     out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     text = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in text
+
+
+def test_tokenizer_irs_match_hf(exports):
+    """SmolLM2's decoder wraps ByteLevel in steps openvino-tokenizers cannot convert; the export's IRs still
+    encode and decode as the HF tokenizer does."""
+    from test_export_openvino import _tokenizer_irs_match
+
+    from actsparse.calibration.text import WIKI, read_documents
+
+    ids = np.random.default_rng(0).integers(0, 49152, (32, 24))
+    _tokenizer_irs_match(exports["sparse"], read_documents(WIKI, "evaluation")[0][:2000], ids)

@@ -17,6 +17,8 @@ from ...exports.models import is_decoder
 from .. import FORMATS
 
 IR_NAME = FORMATS["openvino"].model_file
+TOKENIZER_IRS = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")
+log = logging.getLogger("actsparse")
 
 
 def int4_group_size(hf_dir: Path) -> int:
@@ -106,6 +108,8 @@ def export_openvino(hf_dir: Path, output: Path, weight_format: str = "fp32") -> 
             main_export(str(hf_dir), output, task=task, ov_config=OVConfig(dtype="fp32"), convert_tokenizer=False)
             if weight_format not in ("fp32", "bf16"):
                 compress_weights(output / IR_NAME, weight_format, int4_group_size(hf_dir))
+        if task.startswith("text-generation"):
+            write_tokenizers(output)
     except ActSparseError:
         raise
     except Exception as err:  # optimum and transformers raise many kinds for a bad model folder
@@ -114,3 +118,45 @@ def export_openvino(hf_dir: Path, output: Path, weight_format: str = "fp32") -> 
     if not ir.is_file():
         raise ActSparseError(f"optimum wrote no {IR_NAME} for {hf_dir}")
     return ir
+
+
+def write_tokenizers(folder: Path) -> None:
+    """The tokenizer and detokenizer IRs (openvino-tokenizers) of the tokenizer in ``folder``, written beside it
+    as ``optimum-cli export openvino`` writes them: openvino_genai pipelines read them. A tokenizer the converter
+    cannot take is left out with a warning, as optimum-cli does."""
+    from openvino_tokenizers import convert_tokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    plain_byte_level_decoder(tokenizer)
+    try:
+        irs = convert_tokenizer(tokenizer, with_detokenizer=True)
+    except Exception as err:  # the converter raises many kinds for tokenizers it does not support
+        log.warning("no tokenizer IRs written (openvino_genai will not load this folder): %s",
+                    (str(err).strip().splitlines() or [type(err).__name__])[0])
+        return
+    for model, name in zip(irs, TOKENIZER_IRS):
+        ov.save_model(model, folder / name)
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def plain_byte_level_decoder(tokenizer) -> bool:
+    """Decode with ByteLevel alone where the decoder wraps it in ByteFallback, Fuse and Replace("▁", " ") steps that
+    change nothing for this vocabulary (no byte tokens, no "▁"), as SmolLM2's does; return whether it did.
+    openvino-tokenizers 2026.4 cannot convert that sequence (its FuzeRagged gets too few inputs)."""
+    from tokenizers import decoders
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = (json.loads(backend.to_str()).get("decoder") or {}) if backend is not None else {}
+    steps = spec.get("decoders", []) if spec.get("type") == "Sequence" else []
+    identity = {("ByteFallback", None), ("Fuse", None), ("Replace", ("▁", " "))}
+    kinds = [(step["type"], (step["pattern"].get("String"), step["content"]) if step["type"] == "Replace" else None)
+             for step in steps if step["type"] != "ByteLevel"]
+    if len(kinds) != len(steps) - 1 or not set(kinds) <= identity:
+        return False
+    if any("▁" in token or _BYTE_TOKEN.fullmatch(token) for token in backend.get_vocab()):
+        return False
+    backend.decoder = decoders.ByteLevel()
+    return True
