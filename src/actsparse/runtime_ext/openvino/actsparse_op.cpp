@@ -48,8 +48,15 @@ ActSparseMatMul::ActSparseMatMul(const ov::OutputVector& args, std::string weigh
     constructor_validate_and_infer_types();
 }
 
-OpDesc ActSparseMatMul::describe() const {
+OpDesc ActSparseMatMul::describe(int64_t K, const ov::element::Type& x, const ov::element::Type& weight,
+                                 const ov::element::Type& params, int64_t weight_bytes, int64_t params_bytes) const {
     OpDesc d;
+    d.K = K;
+    d.x_type = element(x);
+    d.weight_type = element(weight);
+    d.params_type = element(params);
+    d.weight_bytes = weight_bytes;
+    d.params_bytes = params_bytes;
     d.weight_format = m_weight_format;
     d.prefill = m_prefill;
     d.out_features = m_out_features;
@@ -66,14 +73,9 @@ void ActSparseMatMul::validate_and_infer_types() {
     NODE_VALIDATION_CHECK(this, get_input_size() == 3, "expects 3 inputs (x, weight, params), got ", get_input_size());
     auto shape = get_input_partial_shape(0);
     NODE_VALIDATION_CHECK(this, shape.rank().is_static() && shape.rank().get_length() >= 1, "x needs a static rank");
-    OpDesc d = describe();
     const auto& k = shape[shape.rank().get_length() - 1];
-    d.K = k.is_static() ? k.get_length() : -1;
-    d.x_type = element(get_input_element_type(0));
-    d.weight_type = element(get_input_element_type(1));
-    d.params_type = element(get_input_element_type(2));
-    d.weight_bytes = byte_size(*this, 1);
-    d.params_bytes = byte_size(*this, 2);
+    const OpDesc d = describe(k.is_static() ? k.get_length() : -1, get_input_element_type(0), get_input_element_type(1),
+                              get_input_element_type(2), byte_size(*this, 1), byte_size(*this, 2));
     try {
         m_binding.set(bind_op(d));
     } catch (const std::invalid_argument& e) {
@@ -116,15 +118,9 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     const int64_t w_bytes = static_cast<int64_t>(inputs[1].get_byte_size());
     const int64_t p_bytes = static_cast<int64_t>(inputs[2].get_byte_size());
     const BoundOp bound = m_binding.get(K, w_bytes, p_bytes, [&]() -> BoundOp {
-        OpDesc d = describe();
-        d.K = K;
-        d.x_type = element(x.get_element_type());
-        d.weight_type = element(inputs[1].get_element_type());
-        d.params_type = element(inputs[2].get_element_type());
-        d.weight_bytes = w_bytes;
-        d.params_bytes = p_bytes;
         try {
-            return bind_op(d);
+            return bind_op(describe(K, x.get_element_type(), inputs[1].get_element_type(), inputs[2].get_element_type(),
+                                    w_bytes, p_bytes));
         } catch (const std::invalid_argument& e) {
             OPENVINO_THROW(e.what());
         }

@@ -33,7 +33,9 @@ public:
     bool has_evaluate() const override { return true; }
 
 private:
-    OpDesc describe() const;  // the attributes, for bind_op
+    // The attributes plus what is known of the inputs (-1: unknown), for bind_op.
+    OpDesc describe(int64_t K, const ov::element::Type& x, const ov::element::Type& weight,
+                    const ov::element::Type& params, int64_t weight_bytes, int64_t params_bytes) const;
     std::string m_weight_format = "f32";
     int64_t m_out_features = 0;
     int64_t m_group_size = 0;
