@@ -18,15 +18,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from actsparse import ActSparseError
 from actsparse.runtime_ext import kernels as ks
 
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (2048, 5632)]  # K x N: Llama-7B MLP and attention, TinyLlama MLP
 SPARSITIES = [0.0, 0.3, 0.5, 0.7, 0.9]
 ISA_FLAGS = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
              "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"]
-CACHE_NAMES = {("1", "Data"): "L1d", ("1", "Instruction"): "L1i", ("2", "Unified"): "L2", ("3", "Unified"): "L3"}
-
-
 # Timing
 
 def median_ms(seconds: Sequence[float]) -> float:
@@ -155,18 +153,6 @@ def _cpuinfo() -> dict[str, str]:
     return {}
 
 
-def _caches_kb() -> dict[str, int]:
-    """Cache sizes in KiB that the first CPU sees (L3: the whole cache it shares), from sysfs."""
-    out = {}
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        with contextlib.suppress(OSError, ValueError):
-            name = CACHE_NAMES.get(((index / "level").read_text().strip(), (index / "type").read_text().strip()))
-            size = (index / "size").read_text().strip()  # e.g. "32768K"
-            if name:
-                out[name] = int(size.rstrip("KM")) * (1024 if size.endswith("M") else 1)
-    return out
-
-
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -182,7 +168,7 @@ def machine() -> dict:
             "cpu": info.get("model name") or platform.processor() or platform.machine(),
             "logical_cpus": os.cpu_count(), "physical_cores": int(info["cores"]) if "cores" in info else None,
             "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "caches_kb": _caches_kb(), "isa": {flag: flag in flags for flag in ISA_FLAGS},
+            "caches_kb": {name: size >> 10 for name, size in ks.cache_sizes().items()}, "isa": {flag: flag in flags for flag in ISA_FLAGS},
             "os": platform.platform(),
             "versions": {name: _version(name) for name in ("openvino", "onnxruntime", "onnx", "nncf", "numpy")}
                         | {"python": platform.python_version()}}
@@ -195,7 +181,7 @@ def core_settings() -> dict:
         return {"kernel": ks.best_kernel(), "kernels": ks.available_kernels(), "tuning": ks.get_tuning(),
                 "tile_cols": ks.TILE_COLS,
                 "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ACTSPARSE_")}}
-    except (OSError, ks.KernelError) as err:
+    except (OSError, ks.KernelError, ActSparseError) as err:
         return {"unavailable": str(err)}
 
 

@@ -49,15 +49,26 @@ def _load():
     return _lib
 
 
+_CACHE_NAMES = {("1", "Data"): "L1d", ("1", "Instruction"): "L1i", ("2", "Unified"): "L2", ("3", "Unified"): "L3"}
+
+
+def cache_sizes() -> dict[str, int]:
+    """Bytes of each cache level the first CPU sees (L1d, L1i, L2, L3: the whole cache it shares), from Linux sysfs;
+    the levels it cannot read are left out."""
+    sizes = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            name = _CACHE_NAMES.get(((index / "level").read_text().strip(), (index / "type").read_text().strip()))
+            text = (index / "size").read_text().strip()  # e.g. "32768K"
+            if name:
+                sizes[name] = int(text.rstrip("KM")) * {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+    return sizes
+
+
 def last_level_cache_mb() -> float:
-    """This CPU's last-level cache in MB (Linux sysfs; 32 MiB where it cannot be read). Benchmarks that must
-    read their weights from DRAM, as a model's decode step does, hold at least three times this much."""
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip()  # e.g. "32768K"
-        with contextlib.suppress(ValueError, IndexError):
-            sizes.append(int(text.rstrip("KM")) * {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1))
-    return max(sizes, default=32 << 20) / 1e6
+    """This CPU's last-level cache in MB (32 MiB where it cannot be read). Benchmarks that must read their weights
+    from DRAM, as a model's decode step does, hold at least three times this much."""
+    return max(cache_sizes().values(), default=32 << 20) / 1e6
 
 
 def available_kernels() -> list[str]:
