@@ -11,7 +11,7 @@ from actsparse import ActSparseError
 from actsparse.backends import FORMATS, WEIGHT_FORMATS, Backend, get_backend
 
 ROOT = Path(actsparse.__file__).parent
-RUNTIMES = {"openvino", "onnx", "onnxruntime", "onnx_ir", "optimum", "nncf"}
+RUNTIMES = {"openvino", "openvino_genai", "onnx", "onnxruntime", "onnx_ir", "optimum", "nncf"}
 NEUTRAL = ["actsparse", "actsparse.backends", "actsparse.benchmark", "actsparse.calibration.error",
            "actsparse.calibration.plan", "actsparse.calibration.stats", "actsparse.calibration.targets",
            "actsparse.calibration.text", "actsparse.cli", "actsparse.demo", "actsparse.evaluation",
@@ -55,7 +55,8 @@ def test_neutral_modules_never_import_a_runtime():
 
 
 def test_each_runtime_is_imported_by_its_backend_only():
-    owner = {"openvino": "actsparse.backends.openvino", "onnx": "actsparse.backends.onnx",
+    owner = {"openvino": "actsparse.backends.openvino", "openvino_genai": "actsparse.backends.openvino",
+             "onnx": "actsparse.backends.onnx",
              "onnxruntime": "actsparse.backends.onnx"}
     for name, path in _modules().items():
         imported = {m.split(".")[0] for m in _imports(name, path, False) | _imports(name, path, True)}

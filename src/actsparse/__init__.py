@@ -10,7 +10,7 @@ from .evaluation import evaluate
 from .pipeline import export
 
 __version__ = "0.1.0"
-__all__ = ["ActSparseError", "evaluate", "export", "load"]
+__all__ = ["ActSparseError", "evaluate", "export", "genai_batching_pipeline", "genai_pipeline", "load"]
 
 
 def load(output: str | os.PathLike, device: str = "CPU", **kwargs):
@@ -27,3 +27,20 @@ def load(output: str | os.PathLike, device: str = "CPU", **kwargs):
     """
     plan, _ = read_plan(output, with_statistics=False)
     return get_backend(output).load(output, plan, device, **kwargs)
+
+
+def genai_pipeline(output: str | os.PathLike, device: str = "CPU", **config):
+    """An ``openvino_genai.LLMPipeline`` for an OpenVINO output folder, with the ActSparseMatMul library loaded
+    (genai's ``extensions`` property) where the model is fused. ``config``: device properties and genai options,
+    as ``LLMPipeline`` takes them; ``backends.openvino.genai`` says how the op meets genai's PagedAttention.
+    """
+    plan, _ = read_plan(output, with_statistics=False)
+    return get_backend(output).genai_pipeline(output, plan, device, batching=False, **config)
+
+
+def genai_batching_pipeline(output: str | os.PathLike, device: str = "CPU", scheduler_config=None, **config):
+    """An ``openvino_genai.ContinuousBatchingPipeline`` (the engine of OpenVINO Model Server) for an OpenVINO
+    output folder, as :func:`genai_pipeline`; ``scheduler_config``: an ``openvino_genai.SchedulerConfig``."""
+    plan, _ = read_plan(output, with_statistics=False)
+    return get_backend(output).genai_pipeline(output, plan, device, batching=True, scheduler_config=scheduler_config,
+                                              **config)

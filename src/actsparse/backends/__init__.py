@@ -152,6 +152,11 @@ class Backend(abc.ABC):
     def load(self, folder: Path, plan: dict, device: str, **kwargs) -> Any:
         """The output ``folder`` as an Optimum model, the op registered where the model is fused."""
 
+    def genai_pipeline(self, folder: Path, plan: dict, device: str, batching: bool, **config) -> Any:
+        """An openvino-genai ``LLMPipeline`` (or, with ``batching``, a ``ContinuousBatchingPipeline``) for
+        ``folder``, the op's library loaded where the model is fused."""
+        raise ActSparseError(f"openvino-genai runs OpenVINO exports; {folder} is a {self.format.name} export")
+
 
 def get_backend(format_or_folder: str | os.PathLike) -> Backend:
     """The backend of a format name (``"openvino"``, ``"onnx"``) or of an output folder, by the model it holds."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import openvino as ov
 
 from .. import FORMATS, Backend, Capabilities
-from . import calibration, export, fuse, passes
+from . import calibration, export, fuse, genai, passes
 from .evaluation import evaluate_model
 from .graph import matmul_weight_bytes
 from .runtime import (bf16_activations, compile_model, cpu_runs_bf16, extension_problem, int8_activations, load,
@@ -70,6 +70,11 @@ class OpenVINOBackend(Backend):
 
     def load(self, folder, plan, device, **kwargs):
         return load(folder, plan, device, **kwargs)
+
+    def genai_pipeline(self, folder, plan, device, batching, **config):
+        if batching:
+            return genai.batching_pipeline(Path(folder), plan, device, **config)
+        return genai.llm_pipeline(Path(folder), plan, device, **config)
 
 
 BACKEND = OpenVINOBackend()

@@ -81,8 +81,13 @@ void ActSparseMatMul::validate_and_infer_types() {
     } catch (const std::invalid_argument& e) {
         NODE_VALIDATION_CHECK(this, false, e.what());
     }
+    // PagedAttention (openvino-genai's default) flattens the tokens of every sequence of a step into the batch
+    // axis: x is [tokens, 1, K] with the 1 static in the graph. A row is then a token, not a sequence, and a
+    // prompt's rows cannot be told from other sequences' decode steps, so only a single row is a decode step.
+    const int64_t rank = shape.rank().get_length();
+    m_rows_are_tokens = rank >= 2 && shape[rank - 2].is_static() && shape[rank - 2].get_length() == 1;
     // bf16 x (bf16 exports): the op then returns bf16 too, and OpenVINO's bf16 graph needs no Reorder around it
-    shape[shape.rank().get_length() - 1] = m_out_features;
+    shape[rank - 1] = m_out_features;
     set_output_type(0, get_input_element_type(0), shape);
 }
 
@@ -112,7 +117,7 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     const int64_t M = K ? static_cast<int64_t>(ov::shape_size(in_shape)) / K : 0;
     // One token per sequence is a decode step: always pruned. Longer inputs are prefill.
     const size_t rank = in_shape.size();
-    const bool decode = rank < 2 ? M == 1 : in_shape[rank - 2] == 1;
+    const bool decode = M == 1 || (rank >= 2 && !m_rows_are_tokens && in_shape[rank - 2] == 1);
 
     // Sizes the graph did not show (or that changed since) are bound here, before any byte is read.
     const int64_t w_bytes = static_cast<int64_t>(inputs[1].get_byte_size());

@@ -45,6 +45,7 @@ private:
     bool m_has_bias = false;
     int64_t m_tile_cols = kLegacyTileCols;
     bool m_int8_activations = false;
+    bool m_rows_are_tokens = false;  // x's token axis is a static 1 (PagedAttention): see validate_and_infer_types
     // The contract as bound in validate_and_infer_types (or on the first call), so evaluate only compares sizes.
     mutable OpBinding m_binding;
     mutable std::once_flag m_pages;  // to_huge_pages on the weights, at the first evaluate

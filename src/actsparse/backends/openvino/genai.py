@@ -1,0 +1,60 @@
+"""openvino-genai pipelines over an OpenVINO export, with the op's library loaded into genai's Core.
+
+genai reads the IR itself, so the model runs as written: ActSparseMatMul in f32 with f32 activations for u8/u4
+weights, which is what :func:`actsparse.load` runs under ``EXACT_CONFIG``. Where the plugin's default runs the
+graph in bf16 or quantises its own int8/int4 activations, ``actsparse.load`` also adapts the ops to that
+(``runtime.compile_model``); genai cannot, and the README gives the difference it makes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import openvino_genai
+
+from ..._common import ActSparseError
+from ...runtime_ext import openvino_extension
+
+
+def _properties(folder: Path, plan: dict, config: dict) -> dict:
+    props = dict(config)
+    if plan.get("passes", {}).get("fused"):
+        props.setdefault("extensions", [openvino_extension()])
+    return props
+
+
+def llm_pipeline(folder: Path, plan: dict, device: str = "CPU", **config) -> openvino_genai.LLMPipeline:
+    """``openvino_genai.LLMPipeline`` for ``folder``; ``config`` holds device properties and genai options
+    (``ATTENTION_BACKEND``, ``scheduler_config``, ...), as ``LLMPipeline`` takes them."""
+    _check_tokenizer(folder)
+    try:
+        return openvino_genai.LLMPipeline(str(folder), device, **_properties(folder, plan, config))
+    except RuntimeError as err:
+        raise ActSparseError(f"openvino-genai cannot load {folder} on {device}: {_first_line(err)}") from None
+
+
+def batching_pipeline(folder: Path, plan: dict, device: str = "CPU",
+                      scheduler_config: openvino_genai.SchedulerConfig | None = None,
+                      **config) -> openvino_genai.ContinuousBatchingPipeline:
+    """``openvino_genai.ContinuousBatchingPipeline`` for ``folder``, the engine of OpenVINO Model Server.
+
+    Under PagedAttention the tokens of every sequence of a step reach the op as rows of one ``[tokens, 1, K]``
+    input, so the op cannot tell a prompt from several sequences' decode steps: a step of one row is a decode
+    step (pruned), a step of more rows is computed as the export's ``prefill`` says (dense by default)."""
+    _check_tokenizer(folder)
+    try:
+        return openvino_genai.ContinuousBatchingPipeline(str(folder), scheduler_config or openvino_genai.SchedulerConfig(),
+                                                         device, _properties(folder, plan, config))
+    except RuntimeError as err:
+        raise ActSparseError(f"openvino-genai cannot load {folder} on {device}: {_first_line(err)}") from None
+
+
+def _check_tokenizer(folder: Path) -> None:
+    if not (Path(folder) / "openvino_tokenizer.xml").is_file():
+        raise ActSparseError(f"{folder} has no openvino_tokenizer.xml, which openvino-genai needs: export it "
+                             "again with this version of actsparse")
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    # OpenVINO's messages start with "Exception from src/...:NNN:" lines; the reason is the last line
+    return lines[-1] if lines else type(err).__name__
