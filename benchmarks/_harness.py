@@ -69,7 +69,7 @@ class _Listed(argparse.Action):
             parser.error(f"{option_string}: {err}")
 
 
-class _Ints(_Listed):
+class Ints(_Listed):
     convert = int
 
 
@@ -91,7 +91,7 @@ def parser(doc: str, output: bool = True) -> argparse.ArgumentParser:
 
 def add_threads(p: argparse.ArgumentParser, default) -> None:
     if isinstance(default, list):
-        p.add_argument("--threads", nargs="+", action=_Ints, default=default, help="thread counts, e.g. 1 2 or 1,2")
+        p.add_argument("--threads", nargs="+", action=Ints, default=default, help="thread counts, e.g. 1 2 or 1,2")
     else:
         p.add_argument("--threads", type=int, default=default,
                        help=f"inference threads (default: {default or 'as the runtime chooses'})")

@@ -173,6 +173,21 @@ def test_dense_prefill_and_decode_and_every_channel_pruned():
     np.testing.assert_allclose(_run(model, prompt), pruned_input(prompt, -0.2, 0.5) @ dequant.T, rtol=1e-4, atol=1e-3)
 
 
+def test_paged_attention_layout_prunes_only_single_row_steps():
+    """openvino-genai's PagedAttention flattens every sequence's tokens into rows of [tokens, 1, K] (a static 1):
+    a prompt there must stay dense, as it does in the stateful graph, and only a one-row step is pruned. In the
+    stateful graph, one token per sequence is a decode step at any batch size."""
+    model, plan, dequant = _one_matmul("f32", 40, 64, -0.2, 0.5, "dense")
+    fuse(model, plan)
+    rows = RNG.normal(size=(5, 1, 64)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, rows), pruned_input(rows, -0.2, 0.5) @ dequant.T, rtol=1e-4, atol=1e-3)
+    model.reshape({"x": [-1, 1, 64]})
+    np.testing.assert_allclose(_run(model, rows), rows @ dequant.T, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(_run(model, rows[:1]), pruned_input(rows[:1], -0.2, 0.5) @ dequant.T, rtol=1e-4, atol=1e-3)
+    assert set_prefill_sparse(model) == 1
+    np.testing.assert_allclose(_run(model, rows), pruned_input(rows, -0.2, 0.5) @ dequant.T, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_ir_without_tile_cols_reads_2048_column_tiles(legacy):
     """The op's tile_cols says how W is stored (exports write it; u8 uses 8192-column tiles); an IR

@@ -20,8 +20,15 @@ from .backends import get_backend
 from .calibration.plan import read_plan
 
 
+RUNTIMES = ("openvino", "genai")
+
+
 def bench(output: str | os.PathLike, baseline: str | os.PathLike, *, prompt_tokens: int = 256,
-          decode_tokens: int = 32, runs: int = 3, threads: int | None = None) -> dict:
+          decode_tokens: int = 32, runs: int = 3, threads: int | None = None, runtime: str = "openvino") -> dict:
+    """``runtime``: "openvino" (the model compiled as ``actsparse.load`` does) or "genai" (openvino-genai's
+    ``LLMPipeline``: TTFT as prefill, TPOT as decode, from its ``PerfMetrics``)."""
+    if runtime not in RUNTIMES:
+        raise ActSparseError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
     output, baseline = Path(output), Path(baseline)
     plan, _ = read_plan(output, with_statistics=False)
     base_plan, _ = read_plan(baseline, with_statistics=False)
@@ -33,8 +40,8 @@ def bench(output: str | os.PathLike, baseline: str | os.PathLike, *, prompt_toke
     samples: dict[str, list[dict]] = {"sparse": [], "dense": []}
     for _ in range(runs):
         for name, folder in (("sparse", output), ("dense", baseline)):
-            samples[name].append(_measure_in_subprocess(folder, prompt_tokens, decode_tokens, threads))
-    result = {"model": str(output), "baseline": str(baseline), "prompt_tokens": prompt_tokens,
+            samples[name].append(_measure_in_subprocess(folder, prompt_tokens, decode_tokens, threads, runtime))
+    result = {"model": str(output), "baseline": str(baseline), "runtime": runtime, "prompt_tokens": prompt_tokens,
               "decode_tokens": decode_tokens, "runs": runs, "threads": threads}
     for name, rows in samples.items():
         result[name] = {key: rows[0][key] if isinstance(rows[0][key], str) else float(np.median([r[key] for r in rows]))
@@ -63,17 +70,24 @@ def sparsified_share(plan: dict, baseline: Path) -> float:
     return skipped / sum(per_matmul.values())
 
 
-def measure(folder: str | os.PathLike, prompt_tokens: int, decode_tokens: int, threads: int | None = None) -> dict:
+def measure(folder: str | os.PathLike, prompt_tokens: int, decode_tokens: int, threads: int | None = None,
+            runtime: str = "openvino") -> dict:
     """One measurement of the output ``folder`` in this process: prefill ms, decode ms/token (medians), the
     inference precision the runtime chose, and this process's peak RSS."""
     folder = Path(folder)
-    result = get_backend(folder).time_decode(folder, prompt_tokens, decode_tokens, threads)
+    backend = get_backend(folder)
+    if runtime == "genai":
+        plan, _ = read_plan(folder, with_statistics=False)
+        result = backend.time_genai(folder, plan, prompt_tokens, decode_tokens, threads)
+    else:
+        result = backend.time_decode(folder, prompt_tokens, decode_tokens, threads)
     return {**result, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _measure_in_subprocess(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int | None) -> dict:
+def _measure_in_subprocess(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int | None,
+                           runtime: str) -> dict:
     cmd = [sys.executable, "-m", "actsparse.benchmark", str(folder), str(prompt_tokens), str(decode_tokens),
-           str(threads or 0)]
+           str(threads or 0), runtime]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise ActSparseError(f"benchmark of {folder} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -81,8 +95,8 @@ def _measure_in_subprocess(folder: Path, prompt_tokens: int, decode_tokens: int,
 
 
 if __name__ == "__main__":
-    folder, prompt, decode, threads = sys.argv[1:5]
+    folder, prompt, decode, threads, runtime = sys.argv[1:6]
     try:
-        print(json.dumps(measure(folder, int(prompt), int(decode), int(threads) or None)))
+        print(json.dumps(measure(folder, int(prompt), int(decode), int(threads) or None, runtime)))
     except ActSparseError as err:  # one line for the parent to relay, not a traceback
         sys.exit(str(err))

@@ -9,7 +9,7 @@ import sys
 
 from ._common import ActSparseError
 from .backends import FORMATS, WEIGHT_FORMATS
-from .benchmark import bench
+from .benchmark import RUNTIMES, bench
 from .calibration.plan import ALLOCATIONS, CENTERING, METHODS
 from .demo import demo
 from .evaluation import evaluate
@@ -101,13 +101,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     result = bench(args.output, args.baseline, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                   runs=args.runs, threads=args.threads)
+                   runs=args.runs, threads=args.threads, runtime=args.runtime)
     if args.json:
         print(json.dumps(result))
     else:
         for name in ("dense", "sparse"):
             r = result[name]
-            print(f"{name:6s} decode {r['decode_ms_per_token']:7.2f} ms/token   prefill({args.prompt_tokens}) "
+            decode, prefill = ("TPOT", "TTFT") if args.runtime == "genai" else ("decode", "prefill")
+            print(f"{name:6s} {decode} {r['decode_ms_per_token']:7.2f} ms/token   {prefill}({args.prompt_tokens}) "
                   f"{r['prefill_ms']:8.1f} ms   peak RSS {r['peak_rss_mb']:7.0f} MB   {r['inference_precision']}")
         print(f"decode speed-up {result['decode_speedup']:.3f}x (Amdahl limit {result['amdahl_limit']:.3f}x), "
               f"prefill {result['prefill_ratio']:.3f}x dense, memory {result['memory_ratio']:.3f}x dense")
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=_positive, default=32)
     p.add_argument("--runs", type=_positive, default=3, help="processes per model, alternating")
     p.add_argument("--threads", type=_positive, default=None, help="INFERENCE_NUM_THREADS")
+    p.add_argument("--runtime", choices=RUNTIMES, default="openvino",
+                   help="openvino: compiled as actsparse.load does; genai: openvino-genai's LLMPipeline (TTFT, TPOT)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_bench)
     p = sub.add_parser("demo", help="export, evaluate and run the embedded default model end to end")

@@ -157,6 +157,11 @@ class Backend(abc.ABC):
         ``folder``, the op's library loaded where the model is fused."""
         raise ActSparseError(f"openvino-genai runs OpenVINO exports; {folder} is a {self.format.name} export")
 
+    def time_genai(self, folder: Path, plan: dict, prompt_tokens: int, decode_tokens: int, threads: int | None) -> dict:
+        """As :meth:`time_decode`, through openvino-genai's ``LLMPipeline``: TTFT as ``prefill_ms``, TPOT as
+        ``decode_ms_per_token``, from genai's own metrics."""
+        raise ActSparseError(f"openvino-genai runs OpenVINO exports; {folder} is a {self.format.name} export")
+
 
 def get_backend(format_or_folder: str | os.PathLike) -> Backend:
     """The backend of a format name (``"openvino"``, ``"onnx"``) or of an output folder, by the model it holds."""

@@ -71,6 +71,9 @@ class OpenVINOBackend(Backend):
     def load(self, folder, plan, device, **kwargs):
         return load(folder, plan, device, **kwargs)
 
+    def time_genai(self, folder, plan, prompt_tokens, decode_tokens, threads):
+        return genai.time_generate(Path(folder), plan, prompt_tokens, decode_tokens, threads)
+
     def genai_pipeline(self, folder, plan, device, batching, **config):
         if batching:
             return genai.batching_pipeline(Path(folder), plan, device, **config)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import openvino as ov
 import openvino_genai
 
 from ..._common import ActSparseError
@@ -58,3 +60,21 @@ def _first_line(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     # OpenVINO's messages start with "Exception from src/...:NNN:" lines; the reason is the last line
     return lines[-1] if lines else type(err).__name__
+
+
+def time_generate(folder: Path, plan: dict, prompt_tokens: int, decode_tokens: int, threads: int | None) -> dict:
+    """Median TTFT (``prefill_ms``) and TPOT (``decode_ms_per_token``) from genai's own ``PerfMetrics``, over two
+    greedy generations from a ``prompt_tokens`` prompt of random ids after a warm-up, under genai's defaults."""
+    pipe = llm_pipeline(folder, plan, "CPU", **({"INFERENCE_NUM_THREADS": threads} if threads else {}))
+    config = openvino_genai.GenerationConfig()
+    config.max_new_tokens = config.min_new_tokens = decode_tokens
+    vocab = len(pipe.get_tokenizer().get_vocab())
+    ids = ov.Tensor(np.random.default_rng(0).integers(0, vocab, (1, prompt_tokens)).astype(np.int64))
+    ttft, tpot = [], []
+    for rep in range(3):  # the first repetition warms up
+        metrics = pipe.generate(ids, config).perf_metrics
+        if rep:
+            ttft.append(metrics.get_ttft().mean)
+            tpot.append(metrics.get_tpot().mean)
+    return {"prefill_ms": float(np.median(ttft)), "decode_ms_per_token": float(np.median(tpot)),
+            "inference_precision": "genai default", "runtime": "openvino-genai"}

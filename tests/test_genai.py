@@ -1,0 +1,100 @@
+"""openvino-genai pipelines over exports: the same greedy tokens as actsparse.load, batching, clear errors."""
+import numpy as np
+import openvino_genai
+import pytest
+
+import actsparse
+from actsparse import ActSparseError
+from actsparse.backends.openvino.graph import EXACT_CONFIG
+from actsparse.backends.openvino.runtime import extension_problem
+from conftest import skip_without_extension
+
+skip_without_extension(extension_problem())
+PROMPTS = ["the cat sat on", "a river runs", "one two three four five six"]
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_llama, texts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("genai")
+    common = dict(calibration=str(texts["calibration"]), calibration_samples=8, calibration_seq_len=64)
+    dense = actsparse.export(str(tiny_llama), root / "dense", **common)
+    sparse = actsparse.export(str(tiny_llama), root / "fp32", sparsity={"up": 0.5, "down": 0.5}, **common)
+    int8 = actsparse.export(str(tiny_llama), root / "int8", weight_format="int8", plan=sparse / "actsparse.json", **common)
+    return {"dense": dense, "fp32": sparse, "int8": int8}
+
+
+def greedy(tokens: int) -> openvino_genai.GenerationConfig:
+    config = openvino_genai.GenerationConfig()
+    config.max_new_tokens = config.min_new_tokens = tokens  # a random model may emit its EOS early
+    config.apply_chat_template = False
+    return config
+
+
+def genai_tokens(pipe, prompt: str, tokens: int) -> tuple[np.ndarray, list[int]]:
+    """The prompt's ids (from the export's tokenizer IR) and the greedy tokens ``pipe`` generates after them."""
+    inputs = pipe.get_tokenizer().encode(prompt)
+    return np.array(inputs.input_ids.data), list(pipe.generate(inputs, greedy(tokens)).tokens[0])
+
+
+def load_tokens(model, ids: np.ndarray, tokens: int) -> list[int]:
+    import torch
+
+    out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(ids.shape, dtype=torch.int64),
+                         max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+@pytest.mark.parametrize("attention", ["PA", "SDPA"])
+def test_llm_pipeline_gives_the_tokens_of_load(exports, fmt, attention):
+    """PagedAttention (genai's default) hands the op a prompt as rows of [tokens, 1, K]; it must stay dense there
+    as in actsparse.load's stateful graph, or the tokens part after a few steps."""
+    pipe = actsparse.genai_pipeline(exports[fmt], ATTENTION_BACKEND=attention, **EXACT_CONFIG)
+    model = actsparse.load(exports[fmt], ov_config=dict(EXACT_CONFIG))
+    for prompt in PROMPTS:
+        ids, got = genai_tokens(pipe, prompt, 16)
+        assert len(got) == 16 and ids.shape[1] > 1
+        assert got == load_tokens(model, ids, 16), prompt
+
+
+def test_sparse_decode_is_pruned_through_genai(exports):
+    """The op runs inside genai (not a dense fallback): the sparse export's tokens differ from the dense one's."""
+    dense = actsparse.genai_pipeline(exports["dense"], **EXACT_CONFIG)
+    sparse = actsparse.genai_pipeline(exports["fp32"], **EXACT_CONFIG)
+    differ = [genai_tokens(dense, p, 16)[1] != genai_tokens(sparse, p, 16)[1] for p in PROMPTS]
+    assert any(differ)
+
+
+def test_continuous_batching_concurrent_requests(exports):
+    """Several requests in one ContinuousBatchingPipeline. Under PagedAttention a step of several rows cannot be
+    told from a prompt, so the op computes it dense: alone, each request gets the sparse export's answer; together,
+    the dense model's (which is what a dense export gives concurrently too)."""
+    concurrent = {}
+    for name in ("dense", "fp32"):
+        pipe = actsparse.genai_batching_pipeline(exports[name], **EXACT_CONFIG)
+        results = pipe.generate(PROMPTS, [greedy(12)] * len(PROMPTS))
+        concurrent[name] = [r.m_generation_ids[0] for r in results]
+        alone = [pipe.generate([p], [greedy(12)])[0].m_generation_ids[0] for p in PROMPTS]
+        if name == "dense":
+            assert concurrent[name] == alone
+        else:
+            single = actsparse.genai_pipeline(exports[name], **EXACT_CONFIG)
+            assert alone == [str(single.generate(p, greedy(12))) for p in PROMPTS]
+    assert concurrent["fp32"] == concurrent["dense"]
+
+
+def test_refusals_are_one_line(exports, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("openvino_model.xml", "openvino_model.bin", "actsparse.json", "config.json"):
+        (bare / name).write_bytes((exports["fp32"] / name).read_bytes())
+    with pytest.raises(ActSparseError, match="no openvino_tokenizer.xml"):
+        actsparse.genai_pipeline(bare)
+    with pytest.raises(ActSparseError, match="cannot load .* on NOSUCH"):
+        actsparse.genai_pipeline(exports["fp32"], "NOSUCH")
+
+
+def test_tokenizer_ir_round_trip(exports):
+    tok = openvino_genai.Tokenizer(str(exports["fp32"]))
+    ids = tok.encode(PROMPTS[0]).input_ids.data
+    assert tok.decode(np.asarray(ids)[0].tolist()) == PROMPTS[0]
