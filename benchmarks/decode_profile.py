@@ -16,7 +16,7 @@ import re
 import numpy as np
 import openvino as ov
 
-from actsparse.backends.openvino.runtime import compile_model, feed, greedy_steps, read_model
+from actsparse.backends.openvino.runtime import feed, greedy_steps, read_model
 
 from _harness import add_threads, emit, median_ms, parser
 
@@ -36,8 +36,8 @@ def totals(request) -> dict[tuple[str, str], list[float]]:
 
 def profile(folder: str, prompt: int, steps: int, threads: int) -> dict:
     core = ov.Core()
-    compiled = compile_model(core, read_model(core, f"{folder}/openvino_model.xml"), "CPU",
-                             {"INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True})
+    compiled = core.compile_model(read_model(core, f"{folder}/openvino_model.xml"), "CPU",
+                                  {"INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True})
     request = compiled.create_infer_request()
     names = [i.get_any_name() for i in compiled.inputs]
     vocab = compiled.output("logits").get_partial_shape()[-1].get_length()

@@ -259,36 +259,44 @@ def _fused(fmt, n, k, mode, tau):
     return model, dequant, core
 
 
-def test_bf16_graphs_give_the_op_bf16_activations():
-    """Where OpenVINO runs a graph in bf16, backends.openvino.compile_model puts each f32 op between Converts (so
-    the plugin needs no Reorders around it) and the op's prefill then multiplies in bf16, as the plugin's
-    own FullyConnected does; an f32 compilation is left exact."""
-    from actsparse.backends.openvino.runtime import bf16_activations, compile_model
-
+def test_bf16_graphs_give_the_op_a_bf16_prefill():
+    """Where OpenVINO runs a graph in bf16, it widens x to f32 for the op (a custom op keeps its declared types):
+    the op sees that x holds bf16 values and multiplies a prompt in bf16, as the plugin's own FullyConnected does,
+    with nothing done to the graph. A decode step, and x with other values, stay exact."""
     k, n, mode, tau = 64, 40, 0.1, 0.6
     model, dequant, core = _fused("u8", n, k, mode, tau)
-    x = RNG.normal(size=(1, 6, k)).astype(np.float32)
-    f32, bf16 = materialize(model, core), materialize(model, core)
-    y32 = compile_model(core, f32, "CPU", EXACT_CONFIG)({"x": x})[0]
-    assert "Convert" not in [o.get_type_name() for o in f32.get_ordered_ops()]
-    np.testing.assert_allclose(y32, pruned_input(x, mode, tau) @ dequant.T, rtol=1e-4, atol=1e-4 * np.abs(x).sum())
-    y16 = compile_model(core, bf16, "CPU", {**EXACT_CONFIG, "INFERENCE_PRECISION_HINT": "bf16"})({"x": x})[0]
-    op = next(o for o in bf16.get_ordered_ops() if o.get_type_name() == OP_TYPE)
-    assert op.get_input_element_type(0).to_string() == "bf16" and bf16_activations(bf16) == 0
-    z, w = pruned_input(_ov_bf16(x), mode, tau) - np.float32(mode), dequant.T
-    if multiplies_in_bf16("u8", 6, bf16_io=True):
-        z, w = torch_bf16(z), torch_bf16(w)
-    expected = torch_bf16(z @ w + mode * dequant.sum(1))
-    np.testing.assert_allclose(y16, expected, rtol=2 ** -7, atol=1e-4 * np.abs(x).sum())
+    x = model.get_parameters()[0]
+    mul = next(iter(x.output(0).get_target_inputs())).get_node()
+    # as in an LLM: a FullyConnected and a norm's Multiply, which the plugin runs in bf16, feed the op
+    mul.input(0).replace_source_output(ops.matmul(x, RNG.normal(size=(k, k)).astype(np.float32) / 8, False, False).output(0))
+    mul.input(1).replace_source_output(ops.constant(RNG.uniform(0.5, 2, k).astype(np.float32)).output(0))
+    # the op's input, read out through an identity FullyConnected (a Result straight after the Multiply would keep
+    # it in f32: the plugin leaves a graph's tail in f32)
+    seen = ops.matmul(mul, np.eye(k, dtype=np.float32), False, False)
+    model = ov.Model([model.get_results()[0].input_value(0), seen.output(0)], [x])
+    config = {**EXACT_CONFIG, "INFERENCE_PRECISION_HINT": "bf16"}
+    for tokens in (6, 1):
+        inputs = RNG.normal(size=(1, tokens, k)).astype(np.float32)
+        result = core.compile_model(materialize(model, core), "CPU", config)({"x": inputs})
+        y, h = result[0], result[1]
+        assert not (h.view(np.uint32) & 0xFFFF).any()  # the op's input: bf16 values
+        z, w = pruned_input(h, mode, tau) - np.float32(mode), dequant.T
+        if multiplies_in_bf16("u8", tokens, bf16_io=True):
+            z, w = torch_bf16(z), torch_bf16(w)
+        np.testing.assert_allclose(y, z @ w + mode * dequant.sum(1), rtol=1e-5, atol=1e-5 * np.abs(h).sum())
+    assert "Convert" not in [o.get_type_name() for o in model.get_ordered_ops()]
+    x = RNG.normal(size=(1, 6, k)).astype(np.float32)  # f32 values: exact even under the bf16 hint
+    fused, dequant, _ = _fused("u8", n, k, mode, tau)
+    y = core.compile_model(materialize(fused, core), "CPU", config)({"x": x})[0]
+    np.testing.assert_allclose(y, pruned_input(x, mode, tau) @ dequant.T, rtol=1e-4, atol=1e-4 * np.abs(x).sum())
 
 
 @pytest.mark.parametrize("fmt", ["u8", "u4"])
-def test_int8_activations_follow_the_plugins_dynamic_quantisation(fmt):
-    """backends.openvino.compile_model gives u8/u4 ops int8 activations exactly where the plugin quantises those of
-    its own int8/int4 FullyConnected (DYNAMIC_QUANTIZATION_GROUP_SIZE, non-zero by default), for a decode
-    step (runs of 8 live channels) and a prompt (u8: groups of 32 channels); the attribute is absent from
-    exported IRs, which then compute as before under a plain core.compile_model."""
-    from actsparse.backends.openvino.runtime import compile_model
+def test_int8_activations_on_request(fmt):
+    """Exports leave int8_activations off, so the op computes in f32 whatever the plugin's dynamic quantisation;
+    backends.openvino.int8_activations turns it on (before compiling) for a decode step (runs of 8 live channels)
+    and a prompt (u8: groups of 32 channels)."""
+    from actsparse.backends.openvino.runtime import int8_activations
 
     k, n, mode, tau = 256, 96, 0.1, 0.6
     model, dequant, core = _fused(fmt, n, k, mode, tau)
@@ -297,17 +305,18 @@ def test_int8_activations_follow_the_plugins_dynamic_quantisation(fmt):
         x = RNG.normal(size=(1, tokens, k)).astype(np.float32)
         z = (pruned_input(x, mode, tau) - np.float32(mode)).reshape(tokens, k)
         results = {}
-        for name, config in [("plain", EXACT_CONFIG), ("exact", EXACT_CONFIG),
-                             ("quantised", {**EXACT_CONFIG, "DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"})]:
+        for name, config in [("exact", EXACT_CONFIG), ("default", {**EXACT_CONFIG, "DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"}),
+                             ("quantised", EXACT_CONFIG)]:
             fused = materialize(model, core)
             op = next(o for o in fused.get_ordered_ops() if o.get_type_name() == OP_TYPE)
-            compiled = (core.compile_model if name == "plain" else lambda *a: compile_model(core, *a))(fused, "CPU", config)
-            assert op.get_attributes()["int8_activations"] is (name == "quantised")
-            results[name] = compiled({"x": x})[0].reshape(tokens, n)
+            assert op.get_attributes()["int8_activations"] is False
+            if name == "quantised":
+                assert int8_activations(fused, True) == 1 and op.get_attributes()["int8_activations"] is True
+            results[name] = core.compile_model(fused, "CPU", config)({"x": x})[0].reshape(tokens, n)
         atol = 1e-5 * (np.abs(z) @ np.abs(dequant.T)).max()
         plain = torch_bf16(z) if multiplies_in_bf16(fmt, tokens) else z  # u4 decode multiplies bf16 values on such CPUs
-        np.testing.assert_allclose(results["plain"], plain @ dequant.T + bias, rtol=1e-5, atol=atol)
-        np.testing.assert_array_equal(results["exact"], results["plain"])
+        np.testing.assert_allclose(results["exact"], plain @ dequant.T + bias, rtol=1e-5, atol=atol)
+        np.testing.assert_array_equal(results["default"], results["exact"])
         quantised = plain
         if quantises_activations(fmt, tokens, group_size=32):  # _one_matmul's u4 groups are 32 channels (no int8 prefill)
             quantised = int8_live(z, 32 if fmt == "u4" else 0) if tokens == 1 else int8_groups(z)

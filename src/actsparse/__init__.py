@@ -17,11 +17,9 @@ def load(output: str | os.PathLike, device: str = "CPU", **kwargs):
     """Load an actsparse output folder as an optimum-intel ``OVModelForCausalLM`` (or, for an ONNX
     output, an optimum ``ORTModelForCausalLM`` on the CPU; ``device`` is then ignored).
 
-    A fused model needs the ActSparseMatMul extension: it is registered with the Cores that
-    optimum-intel reads and compiles models with, or with the ONNX Runtime session. Where OpenVINO
-    will run the model in bf16, its ops take and return bf16 (``backends.openvino.bf16_activations``); where it
-    quantises the activations of its own int8/int4 FullyConnected (its default), so do the ops with such weights
-    (``backends.openvino.int8_activations``). For an ONNX output, ``session_options`` may be your own
+    A fused model needs the ActSparseMatMul extension: it is registered with the Cores that optimum-intel reads
+    and compiles models with, or with the ONNX Runtime session; the model is otherwise compiled as written, as
+    ``core.compile_model`` and openvino-genai compile it. For an ONNX output, ``session_options`` may be your own
     ``onnxruntime.SessionOptions``: the library is registered after the config entries you set there, which
     then reach the ops (``session.qdq_matmulnbits_accuracy_level``, see ``runtime_ext.register_library``).
     """

@@ -1,9 +1,6 @@
 """openvino-genai pipelines over an OpenVINO export, with the op's library loaded into genai's Core.
 
-genai reads the IR itself, so the model runs as written: ActSparseMatMul in f32 with f32 activations for u8/u4
-weights, which is what :func:`actsparse.load` runs under ``EXACT_CONFIG``. Where the plugin's default runs the
-graph in bf16 or quantises its own int8/int4 activations, ``actsparse.load`` also adapts the ops to that
-(``runtime.compile_model``); genai cannot, and the README gives the difference it makes.
+genai reads and compiles the IR itself; the op needs nothing else, so it computes as under ``actsparse.load``.
 """
 from __future__ import annotations
 

@@ -47,10 +47,8 @@ def runs_in_bf16(core, device: str = "CPU", config: dict | None = None) -> bool:
 
 def bf16_io(op):
     """Put one f32 ActSparseMatMul between Convert(bf16) and Convert(f32); return the f32 output that now
-    feeds its consumers. In a graph the device runs in bf16, the values there are bf16 anyway: the
-    Converts change nothing but let the plugin drop the bf16<->f32 Reorders it would put around the op,
-    and the op's prefill then multiplies in bf16 like the plugin's own FullyConnected. Under f32
-    inference they round x and y (bf16 exports accept that: their weights are bf16 already)."""
+    feeds its consumers. A bf16 export's ops take and return bf16 this way (fuse.py): their weights are bf16
+    already, and the op's prefill then multiplies in bf16 wherever the graph runs."""
     consumers = list(op.output(0).get_target_inputs())
     op.input(0).replace_source_output(ops.convert(op.input_value(0), "bf16").output(0))
     op.validate_and_infer_types()
@@ -60,47 +58,17 @@ def bf16_io(op):
     return back
 
 
-def bf16_activations(model) -> int:
-    """:func:`bf16_io` for every ActSparseMatMul of ``model`` that takes f32, in place; return how many.
-    Only for a device that runs the graph in bf16 (see compile_model)."""
-    wrapped = [bf16_io(op) for op in model.get_ordered_ops()
-               if op.get_type_name() == OP_TYPE and op.get_input_element_type(0).to_string() == "f32"]
-    if wrapped:
-        model.validate_nodes_and_infer_types()
-    return len(wrapped)
-
-
-def quantises_activations(core, device: str = "CPU", config: dict | None = None) -> bool:
-    """Whether ``device`` quantises the activations of its own int8/int4-weight FullyConnected to int8 for a
-    graph compiled with ``config``: a non-zero DYNAMIC_QUANTIZATION_GROUP_SIZE (the CPU plugin's default)."""
-    config = config or {}
-    try:
-        size = config.get("DYNAMIC_QUANTIZATION_GROUP_SIZE", None)
-        size = core.get_property(device, "DYNAMIC_QUANTIZATION_GROUP_SIZE") if size is None else size
-        return int(size) != 0
-    except (RuntimeError, TypeError, ValueError):  # a device without the property: no quantisation
-        return False
-
-
 def int8_activations(model, on: bool) -> int:
     """Set the ``int8_activations`` attribute of every u8/u4-weight ActSparseMatMul of ``model``, in place;
-    return how many: they then quantise their activations to int8 (decode and prompt), or compute in f32."""
+    return how many. Opt-in, before compiling: the ops then quantise their activations to int8 (decode and
+    prompt), as the CPU plugin's dynamic quantisation does for its own int8/int4 FullyConnected. Exports leave it
+    off, so that every route (core.compile_model, actsparse.load, openvino-genai) computes alike."""
     ops = [op for op in model.get_ordered_ops() if op.get_type_name() == OP_TYPE]
     quantised = {name for name, f in formats().items() if f["params"] != "none"} if ops else set()
     ops = [op for op in ops if op.get_attributes().get("weight_format") in quantised]
     for op in ops:
         op.set_attribute("int8_activations", bool(on))
     return len(ops)
-
-
-def compile_model(core, model, device: str = "CPU", config: dict | None = None):
-    """``core.compile_model``, after :func:`bf16_activations` where the device runs the graph in bf16, and
-    with int8 activations for u8/u4 weights exactly where the device quantises its own (see
-    :func:`quantises_activations`): the op then computes what the plugin's FullyConnected would."""
-    if runs_in_bf16(core, device, config):
-        bf16_activations(model)
-    int8_activations(model, quantises_activations(core, device, config))
-    return core.compile_model(model, device, config or {})
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,7 +118,7 @@ def time_decode(xml: Path, prompt_tokens: int, decode_tokens: int, threads: int 
     """Median prefill ms of a ``prompt_tokens`` prompt and decode ms/token after it, and the inference
     precision, under the plugin's default CPU configuration (``INFERENCE_NUM_THREADS`` = ``threads`` if given)."""
     core = ov.Core()
-    compiled = compile_model(core, read_model(core, xml), "CPU", {"INFERENCE_NUM_THREADS": threads} if threads else {})
+    compiled = core.compile_model(read_model(core, xml), "CPU", {"INFERENCE_NUM_THREADS": threads} if threads else {})
     request = compiled.create_infer_request()
     names = [i.get_any_name() for i in compiled.inputs]
     vocab = compiled.output("logits").get_partial_shape()[-1].get_length()
@@ -174,17 +142,7 @@ def load(folder: Path, plan: dict, device: str = "CPU", **kwargs):
     from optimum.intel import OVModelForCausalLM
     from optimum.intel.openvino import modeling_base, modeling_decoder
 
-    if not plan.get("passes", {}).get("fused"):
-        return OVModelForCausalLM.from_pretrained(folder, device=device, **kwargs)
-    for core in {id(m.core): m.core for m in (modeling_base, modeling_decoder)}.values():
-        register(core)
-    if kwargs.get("compile_only"):
-        return OVModelForCausalLM.from_pretrained(folder, device=device, **kwargs)
-    compile_now = kwargs.pop("compile", True)
-    model = OVModelForCausalLM.from_pretrained(folder, device=device, compile=False, **kwargs)
-    if runs_in_bf16(modeling_base.core, model._device, model.ov_config):
-        bf16_activations(model.model)
-    int8_activations(model.model, quantises_activations(modeling_base.core, model._device, model.ov_config))
-    if compile_now:
-        model.compile()
-    return model
+    if plan.get("passes", {}).get("fused"):
+        for core in {id(m.core): m.core for m in (modeling_base, modeling_decoder)}.values():
+            register(core)
+    return OVModelForCausalLM.from_pretrained(folder, device=device, **kwargs)

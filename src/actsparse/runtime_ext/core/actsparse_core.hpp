@@ -244,7 +244,18 @@ void to_huge_pages(const void* p, size_t bytes);
 // kernel has int8 dot products (Ops::rows_q8, Ops::q8_gemm): a decode one scale per 8 live activations (U4:
 // within a group), a prefill one per 32 consecutive channels (U4: groups of a multiple of 128 only). It computes
 // as without it otherwise, and whenever an activation is NaN or Inf.
-struct Params { float mode = 0.f; float threshold = 0.f; bool mask = true; bool int8_activations = false; };
+// bf16_products: f32 x that holds bf16 values (a graph the runtime computes in bf16, widened for the op): a
+// prefill multiplies bf16 pairs, as it does for bf16 x.
+struct Params {
+  float mode = 0.f;
+  float threshold = 0.f;
+  bool mask = true;
+  bool int8_activations = false;
+  bool bf16_products = false;
+};
+
+// Whether every one of the n floats is a bf16 value (its low 16 bits are zero).
+bool holds_bf16(const float* x, int64_t n);
 
 // The op contract (docs/op.md): what a runtime knows of one ActSparseMatMul node. Unknown sizes (-1) and
 // types (Element::Unknown) are not checked: a runtime binds again once it knows them, at the latest on its

@@ -362,7 +362,7 @@ void prefill_units(int64_t M, int64_t N, int64_t mr, int64_t NR, const float* bi
 void prefill(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
              void* yv, bool bf16, const Executor& ex) {
   const int64_t K = w.K, N = w.N, MR = ops.gemm_mr, NR = ops.gemm_nr;
-  const bool pairs = (w.format == WeightFormat::BF16 || bf16) && ops.pair_gemm;
+  const bool pairs = (w.format == WeightFormat::BF16 || bf16 || p.bf16_products) && ops.pair_gemm;
   const int64_t U = pairs ? 2 : 1, KU = ceil_div(K, U);  // panel rows: K values, or ceil(K/2) pairs
   const int conc = std::max(1, ex.concurrency());
   const int64_t nmp = ceil_div(M, MR);
@@ -513,6 +513,16 @@ void validate(const void* x, int64_t M, const PackedWeight& w, const void* y) {
 }
 
 }  // namespace
+
+bool holds_bf16(const float* x, int64_t n) {
+  uint32_t low = 0;
+  for (int64_t i = 0; i < n; ++i) {  // no early exit: the compiler vectorises the OR
+    uint32_t bits;
+    std::memcpy(&bits, x + i, 4);
+    low |= bits & 0xFFFFu;
+  }
+  return low == 0;
+}
 
 void matmul(const void* x, Activations type, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
             void* y, const Executor& ex, const char* kernel) {

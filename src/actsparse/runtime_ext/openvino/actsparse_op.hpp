@@ -15,8 +15,8 @@ namespace actsparse {
 // (bind_op). m, τ and the policy are attributes: the CPU plugin re-runs generic shape inference on every
 // call of a custom op, at a cost per input. int8_activations (u8/u4 weights; false when absent): the op
 // quantises its activations to int8 (Params::int8_activations), as the CPU plugin's dynamic quantisation
-// does for its own u8/u4 FullyConnected; backends.openvino.compile_model sets it from the plugin's
-// DYNAMIC_QUANTIZATION_GROUP_SIZE.
+// does for its own u8/u4 FullyConnected (opt-in: backends.openvino.int8_activations). The op needs no other
+// preparation: f32 x that holds bf16 values (the plugin runs the graph in bf16) gets a bf16 prefill.
 class ActSparseMatMul : public ov::op::Op {
 public:
     OPENVINO_OP("ActSparseMatMul", "actsparse");
