@@ -98,3 +98,39 @@ def test_tokenizer_ir_round_trip(exports):
     tok = openvino_genai.Tokenizer(str(exports["fp32"]))
     ids = tok.encode(PROMPTS[0]).input_ids.data
     assert tok.decode(np.asarray(ids)[0].tolist()) == PROMPTS[0]
+
+
+def test_ir_text_edit_matches_the_model_edit(exports):
+    """genai reads the IR file itself, so the bf16 Converts that actsparse.load puts around each op where the
+    device runs bf16 are put into a copy of the IR text instead: the same graph, the same logits."""
+    import openvino as ov
+
+    from actsparse.backends.openvino.runtime import bf16_activations, bf16_activations_ir, feed, read_model
+    from actsparse.runtime_ext import register
+
+    folder = exports["int8"]
+    core = ov.Core()
+    register(core)
+    reference = read_model(core, folder / "openvino_model.xml")
+    assert bf16_activations(reference) == 4
+    edited = core.read_model(bf16_activations_ir((folder / "openvino_model.xml").read_text()),
+                             ov.Tensor(np.fromfile(folder / "openvino_model.bin", np.uint8)))
+    for model in (edited, reference):
+        op_inputs = [op.input_value(0).get_node() for op in model.get_ordered_ops() if op.get_type_name() == "ActSparseMatMul"]
+        assert [(n.get_type_name(), n.get_output_element_type(0).to_string()) for n in op_inputs] == [("Convert", "bf16")] * 4
+    ids = np.arange(3, 23, dtype=np.int64)[None]
+    logits = []
+    for model in (edited, reference):
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+        logits.append(compiled.create_infer_request().infer(feed([i.get_any_name() for i in compiled.inputs], ids))["logits"])
+    np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def test_default_config_gives_the_tokens_of_load(exports):
+    """Under the plugin's defaults (bf16 on CPUs with AVX512-BF16 or AMX), genai and actsparse.load compile the
+    same graph: with genai's stateful path, the same tokens."""
+    pipe = actsparse.genai_pipeline(exports["int8"], ATTENTION_BACKEND="SDPA")
+    model = actsparse.load(exports["int8"])
+    for prompt in PROMPTS:
+        ids, got = genai_tokens(pipe, prompt, 16)
+        assert got == load_tokens(model, ids, 16), prompt

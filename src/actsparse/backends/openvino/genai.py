@@ -1,10 +1,15 @@
 """openvino-genai pipelines over an OpenVINO export, with the op's library loaded into genai's Core.
 
-genai reads and compiles the IR itself; the op needs nothing else, so it computes as under ``actsparse.load``.
+genai reads the IR itself. Where the device runs the graph in bf16, the pipeline reads a copy of the IR text
+whose ops sit between bf16 Converts, as ``actsparse.load`` puts them (``runtime.bf16_activations``): the op
+computes the same without them, but the plugin then puts a Reorder on each side of every op call.
 """
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import openvino as ov
@@ -12,6 +17,7 @@ import openvino_genai
 
 from ..._common import ActSparseError
 from ...runtime_ext import openvino_extension
+from .runtime import bf16_activations_ir, runs_in_bf16
 
 
 def _properties(folder: Path, plan: dict, config: dict) -> dict:
@@ -21,12 +27,29 @@ def _properties(folder: Path, plan: dict, config: dict) -> dict:
     return props
 
 
+@contextlib.contextmanager
+def _as_compiled(folder: Path, plan: dict, device: str, config: dict) -> Iterator[Path]:
+    """``folder``, or where the device runs the graph in bf16, a temporary folder of links to its files but
+    for an IR with the ops between bf16 Converts. genai reads it while the pipeline is built."""
+    _check_tokenizer(folder)
+    if not (plan.get("passes", {}).get("fused") and runs_in_bf16(ov.Core(), device, config)):
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="actsparse-genai-") as tmp:
+        for path in Path(folder).iterdir():
+            if path.name != "openvino_model.xml":
+                (Path(tmp) / path.name).symlink_to(path.resolve())
+        (Path(tmp) / "openvino_model.xml").write_text(
+            bf16_activations_ir((Path(folder) / "openvino_model.xml").read_text()))
+        yield Path(tmp)
+
+
 def llm_pipeline(folder: Path, plan: dict, device: str = "CPU", **config) -> openvino_genai.LLMPipeline:
     """``openvino_genai.LLMPipeline`` for ``folder``; ``config`` holds device properties and genai options
     (``ATTENTION_BACKEND``, ``scheduler_config``, ...), as ``LLMPipeline`` takes them."""
-    _check_tokenizer(folder)
     try:
-        return openvino_genai.LLMPipeline(str(folder), device, **_properties(folder, plan, config))
+        with _as_compiled(folder, plan, device, config) as path:
+            return openvino_genai.LLMPipeline(str(path), device, **_properties(folder, plan, config))
     except RuntimeError as err:
         raise ActSparseError(f"openvino-genai cannot load {folder} on {device}: {_first_line(err)}") from None
 
@@ -39,10 +62,10 @@ def batching_pipeline(folder: Path, plan: dict, device: str = "CPU",
     Under PagedAttention the tokens of every sequence of a step reach the op as rows of one ``[tokens, 1, K]``
     input, so the op cannot tell a prompt from several sequences' decode steps: a step of one row is a decode
     step (pruned), a step of more rows is computed as the export's ``prefill`` says (dense by default)."""
-    _check_tokenizer(folder)
     try:
-        return openvino_genai.ContinuousBatchingPipeline(str(folder), scheduler_config or openvino_genai.SchedulerConfig(),
-                                                         device, _properties(folder, plan, config))
+        with _as_compiled(folder, plan, device, config) as path:
+            return openvino_genai.ContinuousBatchingPipeline(str(path), scheduler_config or openvino_genai.SchedulerConfig(),
+                                                             device, _properties(folder, plan, config))
     except RuntimeError as err:
         raise ActSparseError(f"openvino-genai cannot load {folder} on {device}: {_first_line(err)}") from None
 
