@@ -144,12 +144,26 @@ class Completions:
             gone.set()
 
 
-def _ray_serve():
+def _import_ray():
     try:
+        import ray
         from ray import serve
     except ImportError as err:
         raise ActSparseError(f"actsparse serve needs Ray Serve ({err}): pip install 'actsparse[serve]'") from None
-    return serve
+    return ray, serve
+
+
+def check_export(output: str | os.PathLike) -> Path:
+    """``output`` as an absolute path, once it is known to be an OpenVINO export openvino-genai can read: this
+    fails here, in one line, rather than in every replica."""
+    folder = Path(output).resolve()
+    if get_backend(folder).format.name != "openvino":
+        raise ActSparseError(f"actsparse serve runs OpenVINO exports; {folder} is not one")
+    read_plan(folder, with_statistics=False)
+    if not (folder / "openvino_tokenizer.xml").is_file():
+        raise ActSparseError(f"{folder} has no openvino_tokenizer.xml, which openvino-genai needs: export it "
+                             "again with this version of actsparse")
+    return folder
 
 
 def build_app(output: str | os.PathLike, replicas: int = 1, device: str = "CPU", max_tokens_limit: int = 1024,
@@ -157,14 +171,8 @@ def build_app(output: str | os.PathLike, replicas: int = 1, device: str = "CPU",
     """The Ray Serve application for an OpenVINO export (``serve.run(build_app(...))``): ``replicas`` replicas,
     each an ``actsparse.genai_pipeline(output, device, **config)``; ``model``: the name clients send (default:
     the folder's name). ``output`` must be readable at the same path on every node that runs a replica."""
-    serve = _ray_serve()
-    folder = Path(output).resolve()
-    if get_backend(folder).format.name != "openvino":
-        raise ActSparseError(f"actsparse serve runs OpenVINO exports; {folder} is not one")
-    read_plan(folder, with_statistics=False)  # fails here, in one line, rather than in every replica
-    if not (folder / "openvino_tokenizer.xml").is_file():
-        raise ActSparseError(f"{folder} has no openvino_tokenizer.xml, which openvino-genai needs: export it "
-                             "again with this version of actsparse")
+    folder = check_export(output)
+    _, serve = _import_ray()
     deployment = serve.deployment(Completions, name="actsparse", num_replicas=replicas,
                                   max_ongoing_requests=1,  # the router sends a replica one generation at a time
                                   ray_actor_options={"num_cpus": cpus_per_replica})
@@ -172,36 +180,35 @@ def build_app(output: str | os.PathLike, replicas: int = 1, device: str = "CPU",
 
 
 def init_ray(address: str | None = None, **kwargs):
-    """Connect to the Ray cluster at ``address`` or, without one, start a local instance on loopback only."""
+    """Connect to the Ray cluster at ``address`` or, without one, start a local instance on loopback only
+    (call it before anything imports ray)."""
     if address is None and "ray" not in sys.modules:
-        # Ray gives its servers the machine's address unless it thinks it runs one machine (as on macOS)
+        # on Linux Ray gives its servers the machine's address unless it takes itself for a one-machine (macOS) install
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
+    ray, _ = _import_ray()
     if address is None and ray._private.ray_constants.ENABLE_RAY_CLUSTER:
-        raise ActSparseError("ray was imported before actsparse.serve.init_ray, so it cannot be kept on loopback: "
+        raise ActSparseError("ray was imported before actsparse.serve.init_ray, so it would not stay on loopback: "
                              "set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray")
     return ray.init(address=address, include_dashboard=False, **kwargs)
 
 
 def run(output: str | os.PathLike, replicas: int = 1, host: str = "127.0.0.1", port: int = 8000,
         address: str | None = None, **app_options) -> None:
-    """Serve ``output`` over HTTP on ``host:port`` until Ctrl-C (or SIGTERM), then shut Serve and Ray down."""
-    app = build_app(output, replicas, **app_options)  # checks the folder before Ray starts
+    """Serve ``output`` over HTTP on ``host:port`` until Ctrl-C (or SIGTERM), then shut Serve and Ray down;
+    ``address``: a Ray cluster to join (``"auto"``), else a local Ray instance on loopback."""
+    folder = check_export(output)  # before Ray starts
     init_ray(address)
-    import ray
-
-    serve = _ray_serve()
-
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM shuts down as Ctrl-C does
+    ray, serve = _import_ray()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also where a shell started us with SIGINT ignored
+        signal.signal(sig, signal.default_int_handler)
     try:
         serve.start(http_options={"host": host, "port": port})
         try:
-            serve.run(app, name="actsparse", route_prefix="/")
+            serve.run(build_app(folder, replicas, **app_options), name="actsparse", route_prefix="/")
         except RuntimeError as err:
             raise ActSparseError(f"the replicas did not start: {str(err).strip().splitlines()[-1]}") from None
-        print(f"actsparse serve: {replicas} replica(s) of {Path(output).resolve()} on http://{host}:{port}/v1 "
-              "(Ctrl-C stops)", file=sys.stderr)
+        print(f"actsparse serve: {replicas} replica(s) of {folder} on http://{host}:{port}/v1 (Ctrl-C stops)",
+              file=sys.stderr)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
