@@ -179,6 +179,18 @@ def build_app(output: str | os.PathLike, replicas: int = 1, device: str = "CPU",
     return deployment.bind(str(folder), model or folder.name, device, max_tokens_limit, dict(config or {}))
 
 
+def app_builder(args: dict):
+    """``build_app`` for ``serve run actsparse.serve:app_builder output=OUT replicas=N ...``, whose values
+    arrive as strings (``config`` as JSON)."""
+    try:
+        return build_app(args["output"], replicas=int(args.get("replicas", 1)), device=args.get("device", "CPU"),
+                         max_tokens_limit=int(args.get("max_tokens_limit", 1024)), model=args.get("model"),
+                         cpus_per_replica=float(args.get("cpus_per_replica", 1)),
+                         config=json.loads(args.get("config", "{}")))
+    except (KeyError, ValueError) as err:
+        raise ActSparseError(f"serve run actsparse.serve:app_builder output=OUT [replicas=N ...]: {err!r}") from None
+
+
 def init_ray(address: str | None = None, **kwargs):
     """Connect to the Ray cluster at ``address`` or, without one, start a local instance on loopback only
     (call it before anything imports ray)."""
