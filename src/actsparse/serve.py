@@ -70,7 +70,7 @@ class Completions:
         # genai's GenerationConfig, reached through the pipeline so that this module imports no runtime
         self.config_type = type(self.pipe.get_generation_config())
         self.model, self.max_tokens_limit = model, max_tokens_limit
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # max_ongoing_requests=1 already serialises; this holds if that changes
 
     def generate(self, prompt: str, max_tokens: int, on_text=None) -> tuple[str, str, dict]:
         """Greedy completion of ``prompt``: (text, finish_reason, usage); ``on_text`` gets the text as it grows
@@ -201,7 +201,10 @@ def init_ray(address: str | None = None, **kwargs):
     if address is None and ray._private.ray_constants.ENABLE_RAY_CLUSTER:
         raise ActSparseError("ray was imported before actsparse.serve.init_ray, so it would not stay on loopback: "
                              "set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray")
-    return ray.init(address=address, include_dashboard=False, **kwargs)
+    try:
+        return ray.init(address=address, include_dashboard=False, **kwargs)
+    except ConnectionError as err:
+        raise ActSparseError(f"cannot join the Ray cluster at {address}: {err}") from None
 
 
 def run(output: str | os.PathLike, replicas: int = 1, host: str = "127.0.0.1", port: int = 8000,
