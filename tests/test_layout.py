@@ -15,7 +15,7 @@ RUNTIMES = {"openvino", "openvino_genai", "onnx", "onnxruntime", "onnx_ir", "opt
 NEUTRAL = ["actsparse", "actsparse.backends", "actsparse.benchmark", "actsparse.calibration.error",
            "actsparse.calibration.plan", "actsparse.calibration.stats", "actsparse.calibration.targets",
            "actsparse.calibration.text", "actsparse.cli", "actsparse.demo", "actsparse.evaluation",
-           "actsparse.exports.models", "actsparse.pipeline", "actsparse.runtime_ext"]
+           "actsparse.exports.models", "actsparse.pipeline", "actsparse.runtime_ext", "actsparse.serve"]
 
 
 def _modules() -> dict[str, Path]:

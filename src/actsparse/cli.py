@@ -14,6 +14,7 @@ from .calibration.plan import ALLOCATIONS, CENTERING, METHODS
 from .demo import demo
 from .evaluation import evaluate
 from .pipeline import PREFILL, export
+from .serve import run as serve
 
 PROG = "actsparse"
 
@@ -120,6 +121,19 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        config = json.loads(args.config) if args.config else {}
+    except json.JSONDecodeError as err:
+        raise ActSparseError(f"--config is not JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ActSparseError("--config must be a JSON object of device properties")
+    serve(args.output, args.replicas, host=args.host, port=args.port, address=args.address, device=args.device,
+          max_tokens_limit=args.max_new_tokens_limit, model=args.model_name, cpus_per_replica=args.cpus_per_replica,
+          config=config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Activation sparsity (SCAP) for OpenVINO LLM decoding.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
@@ -150,6 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="keep the two exports here (default: a temporary folder)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=run_demo)
+    p = sub.add_parser("serve", help="serve an OpenVINO export over HTTP (OpenAI-style /v1/completions) with "
+                                     "Ray Serve replicas of openvino-genai; needs actsparse[serve]")
+    p.add_argument("output", help="folder written by actsparse export (the same path on every Ray node)")
+    p.add_argument("--replicas", type=_positive, default=1, help="pipelines, each serving one request at a time")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default: loopback only)")
+    p.add_argument("--port", type=_positive, default=8000)
+    p.add_argument("--device", default="CPU")
+    p.add_argument("--max-new-tokens-limit", type=_positive, default=1024, help="largest max_tokens a request may ask")
+    p.add_argument("--model-name", default=None, help="the model's name in requests (default: the folder's name)")
+    p.add_argument("--cpus-per-replica", type=float, default=1, help="CPUs Ray reserves for each replica")
+    p.add_argument("--config", default=None, help='device properties as JSON, e.g. \'{"INFERENCE_NUM_THREADS": 4}\'')
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto': the one started with ray start); default: a local instance")
+    p.set_defaults(func=run_serve)
     return parser
 
 
