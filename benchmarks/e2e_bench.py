@@ -10,7 +10,8 @@ once into --work and reused.
                                    [--up 0.5 --down 0.5] [--threads 2] [--runs 3] [--export-only] [--output FILE]
 
 ``--runtimes openvino onnx`` puts OpenVINO and ONNX Runtime side by side on the same model,
-weights and sparsity (each against its own dense export in the same runtime).
+weights and sparsity (each against its own dense export in the same runtime); ``genai`` times the OpenVINO
+exports through openvino-genai.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def main() -> None:
     p = parser(__doc__)
     add_work(p, "e2e-work", reuse=True)
     p.add_argument("--models", nargs="+", default=["smollm2-135m", "tinyllama-8l"])
-    p.add_argument("--runtimes", nargs="+", default=["openvino"], choices=["openvino", "onnx"])
+    p.add_argument("--runtimes", nargs="+", default=["openvino"], choices=["openvino", "genai", "onnx"],
+                   help="genai: the OpenVINO exports through openvino-genai's LLMPipeline (TTFT as prefill, TPOT as decode)")
     p.add_argument("--formats", nargs="+", default=["fp32", "int8"], help="export --weight-format values")
     p.add_argument("--up", type=float, default=0.5, help="--sparsity-up of the sparse export")
     p.add_argument("--down", type=float, default=0.5, help="--sparsity-down of the sparse export")
@@ -57,16 +59,17 @@ def main() -> None:
     for name in args.models:
         model = str(tinyllama(work / "tinyllama-8l-hf")) if name == "tinyllama-8l" else name
         for runtime, fmt in itertools.product(args.runtimes, args.formats):
-            stem = f"{name}-{runtime}-{fmt}"
+            export_format = "openvino" if runtime == "genai" else runtime
+            stem = f"{name}-{export_format}-{fmt}"
             dense, sparse = work / f"{stem}-dense", work / f"{stem}-up{args.up}-down{args.down}"
             if not dense.exists():
-                run_cli("export", model, dense, "--format", runtime, "--weight-format", fmt, "--sparsity", 0)
+                run_cli("export", model, dense, "--format", export_format, "--weight-format", fmt, "--sparsity", 0)
             if not sparse.exists():
-                run_cli("export", model, sparse, "--format", runtime, "--weight-format", fmt, "--sparsity-up", args.up,
-                        "--sparsity-down", args.down, "--calibration-samples", 16)
+                run_cli("export", model, sparse, "--format", export_format, "--weight-format", fmt, "--sparsity-up",
+                        args.up, "--sparsity-down", args.down, "--calibration-samples", 16)
             if args.export_only:
                 continue
-            extra = ["--threads", args.threads] if args.threads else []
+            extra = (["--threads", args.threads] if args.threads else []) + (["--runtime", "genai"] if runtime == "genai" else [])
             result = json.loads(run_cli("bench", sparse, "--baseline", dense, "--json", "--runs", args.runs, *extra)[0])
             result.update(model_name=name, runtime=runtime, weight_format=fmt, up=args.up, down=args.down)
             results.append(result)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNTIMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime"}
+RUNTIMES = {"openvino": "OpenVINO", "genai": "openvino-genai", "onnx": "ONNX Runtime"}
 SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.9)
 
 
@@ -165,6 +165,21 @@ def quality_section(data: dict) -> list[str]:
     return out
 
 
+# openvino-genai: batched decode (genai_batch.py) and the three ways to run one export (op_routes.py).
+
+def batch_section(data: dict) -> list[str]:
+    return table(["sequences", "dense tokens/s", "sparse tokens/s", "sparse ÷ dense"],
+                 [[str(r["sequences"]), f"{r['dense_tokens_per_s']:.1f}", f"{r['sparse_tokens_per_s']:.1f}",
+                   x(r["speedup"])] for r in data["table"]])
+
+
+def routes_section(data: dict) -> list[str]:
+    out = [f"Export `{data['export']}`, inference precision {data['inference_precision']}, "
+           f"{data['converts_inserted']} ops put between bf16 Converts by actsparse.load and genai.", ""]
+    return out + table(["route", "decode ms/token (TPOT)", "prefill ms (TTFT)"],
+                       [[name, f"{r['decode_ms_per_token']:.2f}", f"{r['prefill_ms']:.1f}"] for name, r in data["routes"].items()])
+
+
 def section(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_text())
@@ -181,6 +196,10 @@ def section(path: Path) -> list[str]:
     try:
         if "models" in data:
             return out + quality_section(data)
+        if data.get("benchmark") == "genai_batch":
+            return out + batch_section(data)
+        if data.get("benchmark") == "op_routes":
+            return out + routes_section(data)
         if rows and "sparse" in rows[0] and "dense_ms" in rows[0]:
             return out + kernel_section(data)
         if rows and "decode_speedup" in rows[0]:
