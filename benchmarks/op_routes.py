@@ -42,11 +42,11 @@ def main() -> None:
     load = core.compile_model(model, "CPU")
     pipe = actsparse.genai_pipeline(args.export)
     vocab = plain.output("logits").get_partial_shape()[-1].get_length()
-    ids = np.random.default_rng(0).integers(0, vocab, (1, args.prompt_tokens))
+    rng = np.random.default_rng(0)
     gen = openvino_genai.GenerationConfig()
     gen.max_new_tokens = gen.min_new_tokens = args.decode_tokens
 
-    def run_compiled(compiled):
+    def run_compiled(compiled, ids):
         request = compiled.create_infer_request()
         names = [i.get_any_name() for i in compiled.inputs]
         start = time.perf_counter()
@@ -55,16 +55,18 @@ def main() -> None:
         steps = greedy_steps(compiled, request, ids, args.decode_tokens)
         return 1e3 * prefill, 1e3 * statistics.median(steps)
 
-    def run_genai():
+    def run_genai(ids):
         metrics = pipe.generate(ov.Tensor(ids.astype(np.int64)), gen).perf_metrics
         return metrics.get_ttft().mean, metrics.get_tpot().mean
 
-    routes = {"core.compile_model": lambda: run_compiled(plain), "actsparse.load": lambda: run_compiled(load),
+    routes = {"core.compile_model": lambda ids: run_compiled(plain, ids), "actsparse.load": lambda ids: run_compiled(load, ids),
               "openvino-genai": run_genai}
     samples = {name: [] for name in routes}
     for rnd in range(args.rounds + 1):  # the first round warms up
+        # a new prompt each round (genai's prefix cache would skip a repeated one), the same for every route
+        ids = rng.integers(0, vocab, (1, args.prompt_tokens))
         for name, run in routes.items():
-            result = run()
+            result = run(ids)
             if rnd:
                 samples[name].append(result)
     table = {name: {"prefill_ms": statistics.median(r[0] for r in rs), "decode_ms_per_token": statistics.median(r[1] for r in rs),

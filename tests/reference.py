@@ -11,30 +11,33 @@ def torch_bf16(a) -> np.ndarray:
     return torch.from_numpy(np.asarray(a, np.float32)).to(torch.bfloat16).double().numpy()
 
 
+DECODE_ROWS = 16  # kDecodeMaxRows in actsparse_core.hpp: longer calls are a prefill (a GEMM)
+
+
 def multiplies_in_bf16(fmt: str, rows: int, kernel: str | None = None, bf16_io: bool = False) -> bool:
     """Whether the kernel core rounds the activations to bf16: the avx512bf16 kernel (``kernel``, or the
-    one chosen for this CPU) in a prefill call (more than 4 rows; up to 4 is decode) with bf16 weights
+    one chosen for this CPU) in a prefill call (more than DECODE_ROWS rows) with bf16 weights
     or bf16 activations (``bf16_io``), or in a decode call with u4 weights."""
     from actsparse.runtime_ext import kernels as ks
 
-    return (kernel or ks.best_kernel()) == "avx512bf16" and ((fmt == "bf16" or bf16_io) and rows > 4 or
-                                                            fmt.startswith("u4") and rows <= 4)
+    return (kernel or ks.best_kernel()) == "avx512bf16" and ((fmt == "bf16" or bf16_io) and rows > DECODE_ROWS or
+                                                            fmt.startswith("u4") and rows <= DECODE_ROWS)
 
 
 def weights_in_bf16(fmt: str, rows: int, kernel: str | None = None, bf16_io: bool = False) -> bool:
     """Whether it also rounds the dequantised weights to bf16: such a prefill with bf16 activations and
     weights of another format."""
-    return bf16_io and fmt != "bf16" and rows > 4 and multiplies_in_bf16(fmt, rows, kernel, bf16_io)
+    return bf16_io and fmt != "bf16" and rows > DECODE_ROWS and multiplies_in_bf16(fmt, rows, kernel, bf16_io)
 
 
 def quantises_activations(fmt: str, rows: int, kernel: str | None = None, group_size: int = 0) -> bool:
     """Whether a call with int8_activations quantises them: a u8 or u4 call on the avx512bf16 kernel
-    (``kernel``, or the one chosen for this CPU), which has int8 dot products; a u4 prefill (more than 4
-    rows) only where 128 divides its ``group_size``."""
+    (``kernel``, or the one chosen for this CPU), which has int8 dot products; a u4 prefill (more than
+    DECODE_ROWS rows) only where 128 divides its ``group_size``."""
     from actsparse.runtime_ext import kernels as ks
 
     return ((kernel or ks.best_kernel()) == "avx512bf16" and fmt in ("u8", "u4", "u4c") and
-            (rows <= 4 or fmt == "u8" or group_size % 128 == 0))
+            (rows <= DECODE_ROWS or fmt == "u8" or group_size % 128 == 0))
 
 
 def _int8(v: np.ndarray, m) -> np.ndarray:

@@ -16,7 +16,7 @@ from actsparse.backends.openvino.passes import apply_plan, set_prefill_sparse
 from actsparse.backends.openvino.runtime import extension_problem, read_model
 from actsparse.runtime_ext import OP_TYPE, register
 from conftest import plan_of, run_cli, skip_without_extension
-from reference import (int8_groups, int8_live, multiplies_in_bf16, ov_logits, pruned_input, quantises_activations, torch_bf16,
+from reference import (DECODE_ROWS, int8_groups, int8_live, multiplies_in_bf16, ov_logits, pruned_input, quantises_activations, torch_bf16,
                        weights_in_bf16)
 
 skip_without_extension(extension_problem())
@@ -275,7 +275,7 @@ def test_bf16_graphs_give_the_op_a_bf16_prefill():
     seen = ops.matmul(mul, np.eye(k, dtype=np.float32), False, False)
     model = ov.Model([model.get_results()[0].input_value(0), seen.output(0)], [x])
     config = {**EXACT_CONFIG, "INFERENCE_PRECISION_HINT": "bf16"}
-    for tokens in (6, 1):
+    for tokens in (DECODE_ROWS + 4, 1):
         inputs = RNG.normal(size=(1, tokens, k)).astype(np.float32)
         result = core.compile_model(materialize(model, core), "CPU", config)({"x": inputs})
         y, h = result[0], result[1]
@@ -301,7 +301,7 @@ def test_int8_activations_on_request(fmt):
     k, n, mode, tau = 256, 96, 0.1, 0.6
     model, dequant, core = _fused(fmt, n, k, mode, tau)
     bias = mode * dequant.sum(1)
-    for tokens in (1, 7):
+    for tokens in (1, DECODE_ROWS + 3):
         x = RNG.normal(size=(1, tokens, k)).astype(np.float32)
         z = (pruned_input(x, mode, tau) - np.float32(mode)).reshape(tokens, k)
         results = {}

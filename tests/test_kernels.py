@@ -10,7 +10,8 @@ import pytest
 from actsparse import ActSparseError
 from actsparse.runtime_ext import kernels as ks
 from conftest import skip_without_extension
-from reference import int8_groups, int8_live, make_weight, multiplies_in_bf16, quantises_activations, torch_bf16, weights_in_bf16
+from reference import (DECODE_ROWS, int8_groups, int8_live, make_weight, multiplies_in_bf16, quantises_activations, torch_bf16,
+                       weights_in_bf16)
 
 try:
     KERNELS = ks.available_kernels()
@@ -60,7 +61,7 @@ def cases():
     for fmt in FORMATS:
         shapes = [(K, N, G) for (K, N) in U4_SHAPES for G in GROUPS if K % G == 0] if fmt.startswith("u4") else \
                  [(K, N, 0) for (K, N) in SHAPES]
-        for (K, N, G), M in itertools.product(shapes, [1, 2, 5, 64]):
+        for (K, N, G), M in itertools.product(shapes, [1, 2, DECODE_ROWS, 64]):
             yield pytest.param(fmt, K, N, G, M, id=f"{fmt}-K{K}-N{N}-G{G}-M{M}")
 
 
@@ -180,12 +181,12 @@ def int8_cases():
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("M", [1, 2, 4, 5, 37])
+@pytest.mark.parametrize("M", [1, 2, DECODE_ROWS, DECODE_ROWS + 1, 37])
 @pytest.mark.parametrize("fmt,K,N,G", list(int8_cases()))
 def test_int8_activations(kernel, M, fmt, K, N, G):
     """u8/u4 with int8_activations: on a kernel with int8 dot products, exactly the product of the
     quantised activations with the dequantised weights, which differs from the f32 product. A decode
-    (M <= 4) quantises runs of 8 live activations (reference.int8_live), a prefill groups of 32
+    (M <= DECODE_ROWS) quantises runs of 8 live activations (reference.int8_live), a prefill groups of 32
     channels (reference.int8_groups; u4 where 128 divides the group size), pruned (mask) or dense (no
     mask). On the other kernels, what the call computes without it. Split-N and split-K; NaN still
     propagates, and the other rows of such a call are computed as without int8 activations."""
@@ -193,7 +194,7 @@ def test_int8_activations(kernel, M, fmt, K, N, G):
     packed = make_weight(fmt, K, N, G, rng)
     bias = rng.standard_normal(N).astype(np.float32)
     quantised = quantises_activations(fmt, M, kernel, G)
-    for sparsity, split, mask in [(0.0, "n", True), (0.5, "k", True), (0.9, "", True), (0.5, "n", M > 4)]:
+    for sparsity, split, mask in [(0.0, "n", True), (0.5, "k", True), (0.9, "", True), (0.5, "n", M > DECODE_ROWS)]:
         x, tau = make_x(M, K, 0.2, sparsity, rng)
         with ks.tuning(par_bytes=0, split=split):
             y = ks.matmul(x, packed, bias, 0.2, tau, mask, 2, kernel, int8_activations=True)
@@ -204,7 +205,7 @@ def test_int8_activations(kernel, M, fmt, K, N, G):
             continue
         z = (x - np.float32(0.2)).astype(np.float32)
         z = np.where(np.abs(z) <= tau, np.float32(0), z) if mask else z
-        z = int8_live(z, G) if M <= 4 else int8_groups(z)
+        z = int8_live(z, G) if M <= DECODE_ROWS else int8_groups(z)
         ref = z.astype(np.float64) @ ks.dequantize(packed).astype(np.float64) + bias
         check(y, ref, scale, what)
         if K >= 64:  # the quantisation is real: the product without it falls outside check's tolerance
@@ -288,7 +289,7 @@ def test_bf16_activations_in_and_out(kernel, fmt, M, K):
     xw = (xb.astype(np.uint32) << 16).view(np.float32)
     y = ks.matmul(xb, packed, bias, 0.2, tau, True, 2, kernel)
     assert y.dtype == np.uint16 and y.shape == (M, N)
-    if M <= 4 or fmt == "bf16" or not multiplies_in_bf16(fmt, M, kernel, True):  # the f32 call computes the same
+    if M <= DECODE_ROWS or fmt == "bf16" or not multiplies_in_bf16(fmt, M, kernel, True):  # the f32 call computes the same
         yf = ks.matmul(xw, packed, bias, 0.2, tau, True, 2, kernel)
         np.testing.assert_array_equal(y[:M - 1], bf16_bits(yf[:M - 1]))
     widened = (y.astype(np.uint32) << 16).view(np.float32)

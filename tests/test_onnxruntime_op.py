@@ -12,7 +12,7 @@ from actsparse.backends.onnx.runtime import EXACT_CONFIG, onnxruntime_problem, s
 from actsparse.runtime_ext import ONNXRUNTIME_LIBRARY
 from actsparse.runtime_ext import kernels as ks
 from conftest import skip_without_extension
-from reference import (int8_groups, int8_live, make_weight, multiplies_in_bf16, quantises_activations, torch_bf16,
+from reference import (DECODE_ROWS, int8_groups, int8_live, make_weight, multiplies_in_bf16, quantises_activations, torch_bf16,
                        weights_in_bf16)
 
 skip_without_extension(onnxruntime_problem())
@@ -255,7 +255,7 @@ def test_tile_cols_attribute_and_files_without_it(tmp_path, fmt, legacy, runtime
 def test_int8_activations_follow_the_sessions_accuracy_level(fmt, G):
     """ORT quantises the activations of its own int8/int4 MatMuls (DequantizeLinear → MatMul fused into
     MatMulNBits) at session.qdq_matmulnbits_accuracy_level 4, its default: then so do u8/u4 ops, as the kernel
-    core's int8_activations (decode: runs of 8 live channels; prompt: groups of 32, u4 where 128 divides the
+    core's int8_activations (up to DECODE_ROWS rows: runs of 8 live channels; more: groups of 32, u4 where 128 divides the
     group size), on a kernel with int8 dot products. Other levels keep them f32. Sessions of both kinds live in
     one process and keep their own behaviour."""
     rng = np.random.default_rng(9)
@@ -266,15 +266,15 @@ def test_int8_activations_follow_the_sessions_accuracy_level(fmt, G):
     sessions = {level: session(model, 2, {} if level is None else {"session.qdq_matmulnbits_accuracy_level": level})
                 for level in (None, "4", "1", "0")}
     w = ks.dequantize(packed).astype(np.float64)
-    for shape in [(1, 1, K), (3, 1, K), (1, 7, K)]:
+    for shape in [(1, 1, K), (3, 1, K), (1, 7, K), (1, DECODE_ROWS + 3, K)]:
         x = make_x(shape, mode, 0.5, rng, tau)
         rows = int(np.prod(shape[:-1]))
         plain, scale = reference(x, packed, bias, mode, tau, True)
         z = (x - np.float32(mode)).reshape(rows, K)
         z = np.where(np.abs(z) <= tau, np.float32(0), z)
-        quantised = quantises_activations(fmt, rows if shape[1] > 1 else 1, group_size=G)
+        quantised = quantises_activations(fmt, rows, group_size=G)
         if quantised:
-            q = int8_live(z, G if fmt == "u4" else 0) if shape[1] == 1 else int8_groups(z)
+            q = int8_live(z, G if fmt == "u4" else 0) if rows <= DECODE_ROWS else int8_groups(z)
             expected = (q.astype(np.float64) @ w + bias).reshape(plain.shape)
             assert np.abs(expected - plain).max() > 1e-4 * scale.max(), "the quantisation must change the product"
         for level, sess in sessions.items():

@@ -89,9 +89,11 @@ def time_generate(folder: Path, plan: dict, prompt_tokens: int, decode_tokens: i
     config = openvino_genai.GenerationConfig()
     config.max_new_tokens = config.min_new_tokens = decode_tokens
     vocab = len(pipe.get_tokenizer().get_vocab())
-    ids = ov.Tensor(np.random.default_rng(0).integers(0, vocab, (1, prompt_tokens)).astype(np.int64))
+    rng = np.random.default_rng(0)
     ttft, tpot = [], []
     for rep in range(3):  # the first repetition warms up
+        # a new prompt each time: genai's prefix cache would otherwise skip a repeated prompt's prefill
+        ids = ov.Tensor(rng.integers(0, vocab, (1, prompt_tokens)).astype(np.int64))
         metrics = pipe.generate(ids, config).perf_metrics
         if rep:
             ttft.append(metrics.get_ttft().mean)

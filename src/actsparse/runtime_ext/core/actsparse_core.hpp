@@ -254,6 +254,11 @@ struct Params {
   bool bf16_products = false;
 };
 
+// Calls of up to this many rows stream the live weight rows once per row (decode); longer ones pack the
+// weights for a GEMM (prefill), whose packing costs about as much as 20 dense rows: 4096x11008 u8 on 2 Zen 5
+// threads, 0.65 ms a dense row against 13.3 ms for a GEMM of 5 rows. Continuous batching sends such calls.
+constexpr int64_t kDecodeMaxRows = 16;
+
 // Whether every one of the n floats is a bf16 value (its low 16 bits are zero).
 bool holds_bf16(const float* x, int64_t n);
 

@@ -98,7 +98,7 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
   auto z_buf = scratch<float>(M * K + detail::kLiveSlack);
   auto gpos_buf = scratch<int64_t>(M * (ng + 1));
   auto gsum_buf = scratch<float>(M * ng);
-  LiveRow rows[4];
+  std::vector<LiveRow> rows(static_cast<size_t>(M));
   int64_t live_total = 0;
   int nonfinite = 0;
   for (int64_t i = 0; i < M; ++i) {
@@ -290,7 +290,7 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prefill (M > 4): masked rows are packed into [K][MR] panels, weights dequantised per [KC x NC] block
+// Prefill (M > kDecodeMaxRows): masked rows are packed into [K][MR] panels, weights dequantised per [KC x NC] block
 // into a per-task buffer, then an MR x NR register-blocked micro-kernel. On a kernel with pair_gemm, BF16
 // weights or bf16 activations (a graph OpenVINO runs in bf16; the weights are then rounded too, as its own
 // FullyConnected does) multiply in bf16: panels hold pairs of bf16 values along K, one 32-bit word per pair.
@@ -536,7 +536,7 @@ void matmul(const void* x, Activations type, int64_t M, const PackedWeight& w, c
   // and smaller groups make the int8 prefill slower than bf16 pairs (docs/op.md)
   const bool q8 = p.int8_activations && ops.q8_gemm && ops.q8_quantise &&
                   (w.format == WeightFormat::U8 || (w.format == WeightFormat::U4 && w.group_size % 128 == 0));
-  if (M <= 4) decode(ops, x, M, w, bias, p, y, bf16, ex);
+  if (M <= kDecodeMaxRows) decode(ops, x, M, w, bias, p, y, bf16, ex);
   else if (!(q8 && prefill_q8(ops, x, M, w, bias, p, y, bf16, ex))) prefill(ops, x, M, w, bias, p, y, bf16, ex);
 }
 
