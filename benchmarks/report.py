@@ -194,12 +194,12 @@ def section(path: Path) -> list[str]:
     out.append("")
     rows = data.get("results")
     try:
-        if "models" in data:
-            return out + quality_section(data)
         if data.get("benchmark") == "genai_batch":
             return out + batch_section(data)
         if data.get("benchmark") == "op_routes":
             return out + routes_section(data)
+        if "models" in data:
+            return out + quality_section(data)
         if rows and "sparse" in rows[0] and "dense_ms" in rows[0]:
             return out + kernel_section(data)
         if rows and "decode_speedup" in rows[0]:
