@@ -134,3 +134,36 @@ def test_default_config_gives_the_tokens_of_load(exports):
     for prompt in PROMPTS:
         ids, got = genai_tokens(pipe, prompt, 16)
         assert got == load_tokens(model, ids, 16), prompt
+
+
+def test_bench_through_genai(exports):
+    """actsparse bench --runtime genai: TTFT and TPOT of both exports from genai's PerfMetrics, the ratio of the two."""
+    import json
+
+    from conftest import run_cli
+
+    proc = run_cli("bench", exports["fp32"], "--baseline", exports["dense"], "--runtime", "genai", "--runs", "1",
+                   "--prompt-tokens", "8", "--decode-tokens", "4", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["runtime"] == "genai"
+    for name in ("sparse", "dense"):
+        assert result[name]["decode_ms_per_token"] > 0 and result[name]["prefill_ms"] > 0
+        assert result[name]["runtime"] == "openvino-genai"
+    assert result["decode_speedup"] == pytest.approx(
+        result["dense"]["decode_ms_per_token"] / result["sparse"]["decode_ms_per_token"])
+
+
+def run_chat_sample(folder, turns: list[str], tokens: int):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "samples" / "genai_chat.py"
+    return subprocess.run([sys.executable, str(sample), str(folder), "--max-new-tokens", str(tokens)],
+                          input="\n".join(turns) + "\n\n", capture_output=True, text=True, timeout=300)
+
+
+def test_chat_sample_needs_a_chat_template(exports):
+    proc = run_chat_sample(exports["fp32"], ["hello"], 4)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].endswith("this model was not made for chat")

@@ -100,3 +100,23 @@ def test_genai_gives_the_greedy_tokens_of_load(exports, name):
         for prompt in ("The capital of France is", "Photosynthesis is the process by which"):
             ids, got = genai_tokens(pipe, prompt, 24)
             assert got[:exact] == load_tokens(model, ids, 24)[:exact], (attention, prompt)
+
+
+def test_chat_sample_streams_the_answers(exports):
+    """samples/genai_chat.py on SmolLM2 (it has a chat template): each streamed turn is the pipeline's answer to
+    the conversation so far."""
+    import openvino_genai
+    from test_genai import run_chat_sample
+
+    turns = ["What is the capital of France?", "And of Italy?"]
+    proc = run_chat_sample(exports["sparse"], turns, 12)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pipe = actsparse.genai_pipeline(exports["sparse"])
+    config = pipe.get_generation_config()
+    config.max_new_tokens = 12
+    history, expected = openvino_genai.ChatHistory(), []
+    for turn in turns:
+        history.append({"role": "user", "content": turn})
+        expected.append(str(pipe.generate(history, config)))
+        history.append({"role": "assistant", "content": expected[-1]})
+    assert [part.strip() for part in proc.stdout.split("> ")[1:3]] == [text.strip() for text in expected]
