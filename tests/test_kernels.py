@@ -218,6 +218,31 @@ def test_int8_activations(kernel, M, fmt, K, N, G):
     check(y[:M - 1], ref, scale, "the other rows of a call with a NaN")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M", [2, 5, DECODE_ROWS])
+def test_tokens_of_one_call_are_computed_as_alone(kernel, fmt, M):
+    """Several tokens in one decode call, as continuous batching sends them: dense rows (a prompt under
+    PagedAttention's layout), where a call reads each weight row once for all its tokens, and pruned ones, where
+    each token keeps its own live rows. Each token gets numpy's product and what it gets alone; a NaN in one
+    token reaches only that token's outputs."""
+    rng = np.random.default_rng(M * 7 + len(fmt))
+    K, N = 322, 2100  # rows past a group of four, columns past a vector and a stored tile
+    packed = make_weight(fmt, K, N, 46 if fmt.startswith("u4") else 0, rng)
+    bias = rng.standard_normal(N).astype(np.float32)
+    for mask, sparsity in ((False, 0.5), (True, 0.0), (True, 0.5)):
+        x, tau = make_x(M, K, 0.2, sparsity, rng)
+        x[1, 7] = np.nan
+        y = ks.matmul(x, packed, bias, 0.2, tau, mask, 2, kernel)
+        assert np.isnan(y[1]).all() and np.isfinite(np.delete(y, 1, axis=0)).all()
+        keep = np.arange(M) != 1
+        ref, scale = reference(x[keep], packed, bias, 0.2, tau, mask, kernel, M)
+        check(y[keep], ref, scale, f"{kernel} {fmt} M={M} mask={mask} s={sparsity}")
+        alone = np.concatenate([ks.matmul(x[i:i + 1], packed, bias, 0.2, tau, True, 2, kernel) if mask else
+                                ks.matmul(x[i:i + 1], packed, bias, 0.2, tau, False, 2, kernel) for i in range(M)])
+        check(y[keep], alone[keep], scale, f"{kernel} {fmt} M={M} mask={mask}: as alone")
+
+
 def test_errors_are_reported():
     packed = make_weight("u4", 64, 8, 32, np.random.default_rng(0))
     packed.group_size = 48  # does not divide K

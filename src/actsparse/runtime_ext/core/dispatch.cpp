@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <vector>
 #include <stdexcept>
 
 #include <unistd.h>
@@ -182,6 +183,39 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     r.zsum = float(total);
   }
 
+  // Several tokens: one list of the rows live in any of them, each token's z 0 where it pruned the row, so that
+  // a call reads and converts each row once per four tokens instead of once per token (continuous batching sends
+  // such calls). That multiplies every token by the whole union, so it pays only while the union is dense next to
+  // the tokens' own lists: 4096x11008 u8 on 2 Zen 5 threads, dense rows ran 1.5-2.3x faster at 2-16 tokens,
+  // rows at sparsity 0.5 (a union of 75-100 % of the rows) from 1.3x faster to 1.3x slower. U4 (an ISA-private accumulator per group) and int8
+  // activations keep a list per token.
+  bool multi = M > 1 && !q8 && f != WeightFormat::U4 && ops.rows_multi;
+  std::vector<int32_t> uidx;
+  std::vector<float> uz;
+  if (multi) {
+    std::vector<uint8_t> any(static_cast<size_t>(K), 0);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t l = 0; l < rows[i].L; ++l) any[size_t(rows[i].idx[l])] = 1;
+    int64_t union_rows = 0;
+    for (int64_t k = 0; k < K; ++k) union_rows += any[size_t(k)];
+    multi = 4 * union_rows * M <= 5 * live_total;  // the tokens' lists are within 1.25x of the union
+  }
+  if (multi) {
+    std::vector<float> full(static_cast<size_t>(M * K), 0.f);
+    std::vector<uint8_t> any(static_cast<size_t>(K), 0);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t l = 0; l < rows[i].L; ++l) {
+        full[size_t(i * K + rows[i].idx[l])] = rows[i].z[l];
+        any[size_t(rows[i].idx[l])] = 1;
+      }
+    for (int64_t k = 0; k < K; ++k)
+      if (any[size_t(k)]) uidx.push_back(int32_t(k));
+    const int64_t U = int64_t(uidx.size());
+    uz.resize(size_t(M * U));
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < U; ++j) uz[size_t(i * U + j)] = full[size_t(i * K + uidx[size_t(j)])];
+  }
+
   const int conc = std::max(1, ex.concurrency());
   // Below ~128 KiB of weights a thread hand-off costs more than it saves.
   const bool par = conc > 1 && live_total * rb >= g_par_bytes.load(std::memory_order_relaxed);
@@ -240,9 +274,19 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     const int64_t chunk = round_up(ceil_div(N, ntasks), 128);
     ex.parallel(ceil_div(N, chunk), [&](int64_t t) {
       alignas(64) float acc[kMaxTileCols], out[kMaxTileCols];
+      auto outs = scratch<float>(multi ? M * kMaxTileCols : 0);
       const int64_t c1 = std::min(N, (t + 1) * chunk), tc = w.tile_cols;
       for (int64_t n0 = t * chunk, n; n0 < c1; n0 += n) {
         n = std::min(c1, (n0 & -tc) + tc) - n0;  // up to the end of the chunk or stored tile
+        if (multi) {
+          std::memset(outs.get(), 0, sizeof(float) * size_t(M * n));
+          int64_t col;
+          const uint8_t* base = tile_row(w, 0, n0, col) + row_bytes(f, col);
+          const int64_t U = int64_t(uidx.size());
+          ops.rows_multi(f, outs.get(), n, M, n, base, tile_row_bytes(w, n0), uidx.data(), uz.data(), U, U);
+          for (int64_t i = 0; i < M; ++i) finish_cols(i, outs.get() + i * n, n0, n, rows[i].zsum);
+          continue;
+        }
         for (int64_t i = 0; i < M; ++i) {
           std::memset(out, 0, sizeof(float) * size_t(n));
           tile(rows[i], 0, rows[i].L, n0, n, out, acc);

@@ -52,7 +52,11 @@ namespace detail {
 
 const Ops* ops_avx2() {
   using G = Gemm<Avx2, 6, 2>;  // 12 accumulators + 2 weight vectors + broadcast fit the 16 ymm registers
-  static const Ops ops{6, G::NR, rows<Avx2>, u4_apply<Avx2>, G::pack, G::gemm};
+  static const Ops ops = [] {
+    Ops o{6, G::NR, rows<Avx2>, u4_apply<Avx2>, G::pack, G::gemm};
+    o.rows_multi = rows_multi<Avx2>;
+    return o;
+  }();
   return &ops;
 }
 

@@ -80,6 +80,7 @@ const Ops* ops_avx512() {
   static const Ops ops = [] {
     Ops o{6, G::NR, rows<Avx512>, u4_apply<Avx512>, G::pack, G::gemm};
     o.live = live;
+    o.rows_multi = rows_multi<Avx512>;
     return o;
   }();
   return &ops;

@@ -69,6 +69,10 @@ struct Ops {
   // chunk starting at c, q = z / qs[c] rounded to nearest even, and z becomes qs[c] * q; returns the sum of
   // the new z.
   double (*q8_live)(float* z, int64_t n, int8_t* q, float* qs) = nullptr;
+  // Optional decode of several tokens over one row list, any format but U4 (null: the driver calls rows() per
+  // token): acc[t*lda + 0..n) += sum_r z[t*ldz + r] * Q[idx[r]][0..n) for t < M, each row read once per 4 tokens.
+  void (*rows_multi)(WeightFormat f, float* acc, int64_t lda, int64_t M, int64_t n, const uint8_t* base, int64_t rb,
+                     const int32_t* idx, const float* z, int64_t ldz, int64_t R) = nullptr;
 };
 
 #define ACTSPARSE_KERNEL(name, check, automatic) const Ops* ops_##name();
