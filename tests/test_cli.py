@@ -129,3 +129,15 @@ def test_optimum_cli_export_actsparse(tiny_llama, texts, tmp_path):
     bad = subprocess.run([cli, "export", "actsparse", "-m", "nope-model", str(tmp_path / "bad")], capture_output=True,
                          text=True)
     _fails(bad, "unknown built-in model")
+
+
+def test_demo_says_whether_the_sparse_model_gains():
+    """The demo's verdict line compares the speed-up with the spread of the dense runs."""
+    from actsparse.demo import verdict
+
+    def speed(ratio, dense_runs):
+        return {"decode_speedup": ratio, "amdahl_limit": 1.4, "dense": {"decode_ms_per_token_runs": dense_runs}}
+
+    assert verdict(speed(1.2, [10.0, 10.2, 10.1])).startswith("the sparse model decodes faster here: 1.20x, 50 %")
+    assert "no faster than dense here (1.03x, within the 10 %" in verdict(speed(1.03, [10.0, 11.0, 10.5]))
+    assert "slower than dense here (0.80x)" in verdict(speed(0.8, [10.0, 10.1, 10.0]))
