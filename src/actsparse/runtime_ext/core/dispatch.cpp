@@ -185,35 +185,28 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
 
   // Several tokens: one list of the rows live in any of them, each token's z 0 where it pruned the row, so that
   // a call reads and converts each row once per four tokens instead of once per token (continuous batching sends
-  // such calls). That multiplies every token by the whole union, so it pays only while the union is dense next to
-  // the tokens' own lists: 4096x11008 u8 on 2 Zen 5 threads, dense rows ran 1.5-2.3x faster at 2-16 tokens,
-  // rows at sparsity 0.5 (a union of 75-100 % of the rows) from 1.3x faster to 1.3x slower. U4 (an ISA-private accumulator per group) and int8
-  // activations keep a list per token.
+  // such calls). That multiplies every token by the whole union, so it pays only while the union is dense next
+  // to the tokens' own lists (docs/op.md). U4 (an ISA-private accumulator per group) and int8 activations keep a
+  // list per token.
   bool multi = M > 1 && !q8 && f != WeightFormat::U4 && ops.rows_multi;
-  std::vector<int32_t> uidx;
-  std::vector<float> uz;
+  std::vector<int32_t> uidx, upos;  // the union's rows, and each row's position in it (-1: in none)
+  std::vector<float> uz;            // [M][union]
   if (multi) {
-    std::vector<uint8_t> any(static_cast<size_t>(K), 0);
+    upos.assign(static_cast<size_t>(K), -1);
     for (int64_t i = 0; i < M; ++i)
-      for (int64_t l = 0; l < rows[i].L; ++l) any[size_t(rows[i].idx[l])] = 1;
-    int64_t union_rows = 0;
-    for (int64_t k = 0; k < K; ++k) union_rows += any[size_t(k)];
-    multi = 4 * union_rows * M <= 5 * live_total;  // the tokens' lists are within 1.25x of the union
-  }
-  if (multi) {
-    std::vector<float> full(static_cast<size_t>(M * K), 0.f);
-    std::vector<uint8_t> any(static_cast<size_t>(K), 0);
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t l = 0; l < rows[i].L; ++l) {
-        full[size_t(i * K + rows[i].idx[l])] = rows[i].z[l];
-        any[size_t(rows[i].idx[l])] = 1;
-      }
+      for (int64_t l = 0; l < rows[i].L; ++l) upos[size_t(rows[i].idx[l])] = 0;
     for (int64_t k = 0; k < K; ++k)
-      if (any[size_t(k)]) uidx.push_back(int32_t(k));
+      if (upos[size_t(k)] == 0) {
+        upos[size_t(k)] = int32_t(uidx.size());
+        uidx.push_back(int32_t(k));
+      }
     const int64_t U = int64_t(uidx.size());
-    uz.resize(size_t(M * U));
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < U; ++j) uz[size_t(i * U + j)] = full[size_t(i * K + uidx[size_t(j)])];
+    multi = 4 * U * M <= 5 * live_total;  // the tokens' lists are within 1.25x of the union
+    if (multi) {
+      uz.assign(size_t(M * U), 0.f);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t l = 0; l < rows[i].L; ++l) uz[size_t(i * U + upos[size_t(rows[i].idx[l])])] = rows[i].z[l];
+    }
   }
 
   const int conc = std::max(1, ex.concurrency());
