@@ -29,8 +29,7 @@ def main() -> None:
     import openvino_genai
 
     import actsparse
-    from actsparse.backends.openvino.runtime import (bf16_activations, feed, greedy_steps, read_model,
-                                                     runs_in_bf16)
+    from actsparse.backends.openvino.runtime import feed, greedy_steps, prepare, read_model
     from actsparse.runtime_ext import register
 
     core = ov.Core()
@@ -38,7 +37,7 @@ def main() -> None:
     xml = f"{args.export}/openvino_model.xml"
     plain = core.compile_model(read_model(core, xml), "CPU")
     model = read_model(core, xml)
-    converts = bf16_activations(model) if runs_in_bf16(core) else 0
+    converts = prepare(core, model)
     load = core.compile_model(model, "CPU")
     pipe = actsparse.genai_pipeline(args.export)
     vocab = plain.output("logits").get_partial_shape()[-1].get_length()

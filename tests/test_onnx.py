@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import actsparse
+from actsparse import ActSparseError
 from actsparse.backends.onnx.calibration import find_groups, module_of
 from actsparse.backends.onnx.graph import Index, dequantized, read_weight, weight_refusal
 from actsparse.backends.onnx.runtime import feed, session
@@ -307,6 +308,14 @@ def test_bench_reports_ratios_against_the_dense_baseline(exports):
     assert 0 < share < 1 and result["amdahl_limit"] == pytest.approx(1 / (1 - share))
     assert result["of_limit"] == pytest.approx(result["decode_speedup"] * (1 - share))
     assert result["prefill_ratio"] == pytest.approx(result["sparse"]["prefill_ms"] / result["dense"]["prefill_ms"])
+
+
+def test_genai_refuses_an_onnx_export_in_one_line(exports):
+    with pytest.raises(ActSparseError, match=r"^openvino-genai runs OpenVINO exports, and .* is a --format onnx export$"):
+        actsparse.genai_pipeline(exports["sparse"])
+    proc = run_cli("bench", exports["sparse"], "--baseline", exports["dense"], "--runs", "1", "--runtime", "genai")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("is a --format onnx export")
 
 
 def test_bench_refuses_a_sparse_baseline_in_one_line(exports):

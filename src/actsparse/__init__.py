@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from ._common import ActSparseError
-from .backends import get_backend
+from .backends import genai_export, get_backend
 from .calibration.plan import read_plan
 from .evaluation import evaluate
 from .pipeline import export
@@ -32,13 +32,12 @@ def genai_pipeline(output: str | os.PathLike, device: str = "CPU", **config):
     (genai's ``extensions`` property) where the model is fused. ``config``: device properties and genai options,
     as ``LLMPipeline`` takes them; ``backends.openvino.genai`` says how the op meets genai's PagedAttention.
     """
-    plan, _ = read_plan(output, with_statistics=False)
-    return get_backend(output).genai_pipeline(output, plan, device, batching=False, **config)
+    backend, plan = genai_export(output)
+    return backend.genai_pipeline(output, plan, device, batching=False, **config)
 
 
 def genai_batching_pipeline(output: str | os.PathLike, device: str = "CPU", scheduler_config=None, **config):
     """An ``openvino_genai.ContinuousBatchingPipeline`` (the engine of OpenVINO Model Server) for an OpenVINO
     output folder, as :func:`genai_pipeline`; ``scheduler_config``: an ``openvino_genai.SchedulerConfig``."""
-    plan, _ = read_plan(output, with_statistics=False)
-    return get_backend(output).genai_pipeline(output, plan, device, batching=True, scheduler_config=scheduler_config,
-                                              **config)
+    backend, plan = genai_export(output)
+    return backend.genai_pipeline(output, plan, device, batching=True, scheduler_config=scheduler_config, **config)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ._common import ActSparseError
-from .backends import get_backend
+from .backends import genai_export, get_backend
 from .calibration.plan import read_plan
 
 
@@ -75,12 +75,11 @@ def measure(folder: str | os.PathLike, prompt_tokens: int, decode_tokens: int, t
     """One measurement of the output ``folder`` in this process: prefill ms, decode ms/token (medians), the
     inference precision the runtime chose, and this process's peak RSS."""
     folder = Path(folder)
-    backend = get_backend(folder)
     if runtime == "genai":
-        plan, _ = read_plan(folder, with_statistics=False)
+        backend, plan = genai_export(folder)
         result = backend.time_genai(folder, plan, prompt_tokens, decode_tokens, threads)
     else:
-        result = backend.time_decode(folder, prompt_tokens, decode_tokens, threads)
+        result = get_backend(folder).time_decode(folder, prompt_tokens, decode_tokens, threads)
     return {**result, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from . import genai_pipeline
 from ._common import ActSparseError
-from .backends import get_backend
-from .calibration.plan import read_plan
+from .backends import genai_export
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 FIELDS = {"prompt", "max_tokens", "stream", "temperature", "model", "n", "user"}
@@ -157,12 +156,7 @@ def check_export(output: str | os.PathLike) -> Path:
     """``output`` as an absolute path, once it is known to be an OpenVINO export openvino-genai can read: this
     fails here, in one line, rather than in every replica."""
     folder = Path(output).resolve()
-    if get_backend(folder).format.name != "openvino":
-        raise ActSparseError(f"actsparse serve runs OpenVINO exports; {folder} is not one")
-    read_plan(folder, with_statistics=False)
-    if not (folder / "openvino_tokenizer.xml").is_file():
-        raise ActSparseError(f"{folder} has no openvino_tokenizer.xml, which openvino-genai needs: export it "
-                             "again with this version of actsparse")
+    genai_export(folder)
     return folder
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .._common import ActSparseError
+from ..calibration.plan import read_plan
 from ..calibration.stats import StreamingHistogram
 from ..calibration.targets import Group, Target
 
@@ -154,13 +155,13 @@ class Backend(abc.ABC):
 
     def genai_pipeline(self, folder: Path, plan: dict, device: str, batching: bool, **config) -> Any:
         """An openvino-genai ``LLMPipeline`` (or, with ``batching``, a ``ContinuousBatchingPipeline``) for
-        ``folder``, the op's library loaded where the model is fused."""
-        raise ActSparseError(f"openvino-genai runs OpenVINO exports; {folder} is a {self.format.name} export")
+        ``folder``, the op's library loaded where the model is fused. Only for what :func:`genai_export` accepts."""
+        raise NotImplementedError
 
     def time_genai(self, folder: Path, plan: dict, prompt_tokens: int, decode_tokens: int, threads: int | None) -> dict:
         """As :meth:`time_decode`, through openvino-genai's ``LLMPipeline``: TTFT as ``prefill_ms``, TPOT as
-        ``decode_ms_per_token``, from genai's own metrics."""
-        raise ActSparseError(f"openvino-genai runs OpenVINO exports; {folder} is a {self.format.name} export")
+        ``decode_ms_per_token``, from genai's own metrics. Only for what :func:`genai_export` accepts."""
+        raise NotImplementedError
 
 
 def get_backend(format_or_folder: str | os.PathLike) -> Backend:
@@ -177,3 +178,17 @@ def get_backend(format_or_folder: str | os.PathLike) -> Backend:
         if (folder / fmt.model_file).is_file():
             return get_backend(fmt.name)
     raise ActSparseError(f"{folder} holds no model ({' or '.join(f.model_file for f in FORMATS.values())})")
+
+
+def genai_export(folder: str | os.PathLike) -> tuple[Backend, dict]:
+    """The backend and plan of ``folder`` once it is an export openvino-genai can run (OpenVINO IR with the
+    tokenizer IR); otherwise :class:`ActSparseError` in one line."""
+    backend = get_backend(folder)
+    if backend.format.name != "openvino":
+        raise ActSparseError(f"openvino-genai runs OpenVINO exports, and {folder} is a --format "
+                             f"{backend.format.name} export")
+    if not (Path(folder) / "openvino_tokenizer.xml").is_file():
+        raise ActSparseError(f"{folder} has no openvino_tokenizer.xml, which openvino-genai needs: export it "
+                             "again with this version of actsparse")
+    plan, _ = read_plan(folder, with_statistics=False)
+    return backend, plan

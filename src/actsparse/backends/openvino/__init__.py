@@ -1,8 +1,8 @@
 """The OpenVINO backend: IR export through optimum-intel, probes and rewrites on ``ov.Model``, the CPU plugin.
 
 Apps that run a fused IR themselves add ``runtime_ext.openvino_extension()`` to their Core (or to openvino-genai's
-``extensions``) and compile it as any IR; :func:`bf16_activations` first saves two Reorders per op call where the
-device runs bf16 (:func:`runs_in_bf16`).
+``extensions``) and compile it as any IR; :func:`prepare` first saves two Reorders per op call where the device
+runs bf16.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from .. import FORMATS, Backend, Capabilities
 from . import calibration, export, fuse, genai, passes
 from .evaluation import evaluate_model
 from .graph import matmul_weight_bytes
-from .runtime import (bf16_activations, cpu_runs_bf16, extension_problem, int8_activations, load, read_model,
+from .runtime import (bf16_activations, cpu_runs_bf16, extension_problem, int8_activations, load, prepare, read_model,
                       runs_in_bf16, time_decode)
 
-__all__ = ["BACKEND", "OpenVINOBackend", "bf16_activations", "evaluate_model", "int8_activations", "read_model",
-           "runs_in_bf16"]
+__all__ = ["BACKEND", "OpenVINOBackend", "bf16_activations", "evaluate_model", "int8_activations", "prepare",
+           "read_model", "runs_in_bf16"]
 
 
 class OpenVINOBackend(Backend):

@@ -71,6 +71,12 @@ def bf16_activations(model) -> int:
     return len(wrapped)
 
 
+def prepare(core, model, device: str = "CPU", config: dict | None = None) -> int:
+    """Ready ``model`` for ``core.compile_model(model, device, config)``, in place: :func:`bf16_activations` where
+    the device runs the graph in bf16, nothing elsewhere; return how many ops were put between Converts."""
+    return bf16_activations(model) if runs_in_bf16(core, device, config) else 0
+
+
 def bf16_activations_ir(xml: str) -> str:
     """:func:`bf16_activations` on the text of an IR, for runtimes that read the file themselves (openvino-genai):
     the weights file stays as it is."""
@@ -172,8 +178,7 @@ def time_decode(xml: Path, prompt_tokens: int, decode_tokens: int, threads: int 
     core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
     model = read_model(core, xml)
-    if runs_in_bf16(core, "CPU", config):
-        bf16_activations(model)
+    prepare(core, model, "CPU", config)
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
     names = [i.get_any_name() for i in compiled.inputs]
@@ -206,8 +211,7 @@ def load(folder: Path, plan: dict, device: str = "CPU", **kwargs):
         return OVModelForCausalLM.from_pretrained(folder, device=device, **kwargs)
     compile_now = kwargs.pop("compile", True)
     model = OVModelForCausalLM.from_pretrained(folder, device=device, compile=False, **kwargs)
-    if runs_in_bf16(modeling_base.core, model._device, model.ov_config):
-        bf16_activations(model.model)
+    prepare(modeling_base.core, model.model, model._device, model.ov_config)
     if compile_now:
         model.compile()
     return model
