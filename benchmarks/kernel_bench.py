@@ -14,9 +14,9 @@ fp32 is compiled with INFERENCE_PRECISION_HINT f32, so both sides read f32 weigh
 model under the plugin's default precision (bf16 on CPUs with AVX512-BF16 or AMX, which rounds the
 weights to bf16 at compile time) against our op with bf16 weights (export --weight-format bf16);
 the other formats use the default precision too. Each row records the precision the plugin ran. The
-fused models are compiled through actsparse.backends.openvino.compile_model, as actsparse.load and actsparse
-bench do: with the plugin's default dynamic quantisation, its int8/int4 FullyConnected multiplies int8
-activations, and so does our u8/u4 decode (int8_activations).
+fused models are prepared as actsparse.load and actsparse bench prepare them (actsparse.backends.openvino.prepare:
+bf16 Converts around the ops where the plugin runs bf16); their u8/u4 decode multiplies f32 activations, where
+the plugin's default dynamic quantisation gives its own int8/int4 FullyConnected int8 ones.
 Reports median ms over many calls (models timed in interleaved rounds), the ratio against dense (speed-up),
 the bandwidth limit 1/(1-s), the effective GB/s of weight bytes read, and the plugin's FullyConnected precision.
 
@@ -33,7 +33,7 @@ import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
-from actsparse.backends.openvino import compile_model
+from actsparse.backends.openvino import prepare
 from actsparse.backends.openvino.calibration import find_groups
 from actsparse.backends.openvino.fuse import fuse, materialize
 from actsparse.backends.openvino.passes import apply_plan
@@ -105,7 +105,9 @@ def main() -> None:
                 if fmt == "fp32":
                     config["INFERENCE_PRECISION_HINT"] = "f32"
                 compiled = core.compile_model(dense, "CPU", config)
-                sparse = [compile_model(core, m, "CPU", config) for m in fused.values()]
+                for m in fused.values():
+                    prepare(core, m, "CPU", config)  # once per model: its ops take bf16 afterwards
+                sparse = [core.compile_model(m, "CPU", config) for m in fused.values()]
                 # same weights: at s=0 ours computes the dense product (bf16 rounding aside)
                 yd, y0 = (list(c.create_infer_request().infer({0: xs[0]}).values()) for c in (compiled, sparse[0]))
                 agree = max(float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(yd, y0))
