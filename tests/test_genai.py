@@ -20,7 +20,8 @@ def exports(tiny_llama, texts, tmp_path_factory):
     dense = actsparse.export(str(tiny_llama), root / "dense", **common)
     sparse = actsparse.export(str(tiny_llama), root / "fp32", sparsity={"up": 0.5, "down": 0.5}, **common)
     int8 = actsparse.export(str(tiny_llama), root / "int8", weight_format="int8", plan=sparse / "actsparse.json", **common)
-    return {"dense": dense, "fp32": sparse, "int8": int8}
+    pruned = actsparse.export(str(tiny_llama), root / "pruned", prefill="sparse", plan=sparse / "actsparse.json", **common)
+    return {"dense": dense, "fp32": sparse, "int8": int8, "pruned": pruned}
 
 
 def greedy(tokens: int) -> openvino_genai.GenerationConfig:
@@ -81,6 +82,17 @@ def test_continuous_batching_concurrent_requests(exports):
             single = actsparse.genai_pipeline(exports[name], **EXACT_CONFIG)
             assert alone == [str(single.generate(p, greedy(12))) for p in PROMPTS]
     assert concurrent["fp32"] == concurrent["dense"]
+
+
+def test_continuous_batching_prunes_every_row_of_a_sparse_prefill_export(exports):
+    """With prefill="sparse" each row is pruned on its own, so concurrent requests get the answers they get alone,
+    and those are the sparse model's, not the dense one's."""
+    pipe = actsparse.genai_batching_pipeline(exports["pruned"], **EXACT_CONFIG)
+    concurrent = [r.m_generation_ids[0] for r in pipe.generate(PROMPTS, [greedy(12)] * len(PROMPTS))]
+    alone = [pipe.generate([p], [greedy(12)])[0].m_generation_ids[0] for p in PROMPTS]
+    assert concurrent == alone
+    dense = actsparse.genai_batching_pipeline(exports["dense"], **EXACT_CONFIG)
+    assert concurrent != [r.m_generation_ids[0] for r in dense.generate(PROMPTS, [greedy(12)] * len(PROMPTS))]
 
 
 def test_refusals_are_one_line(exports, tmp_path):
