@@ -37,6 +37,14 @@ def openvino_extension() -> str:
                             "reinstall actsparse with a C++17 compiler available"))
 
 
+def gpu_config() -> str:
+    """Path of the GPU plugin's custom-layer config for the op (OpenCL kernel), for
+    ``core.set_property("GPU", {"CONFIG_FILE": ...})``."""
+    from .gpu import config_path
+
+    return config_path()
+
+
 _pinned = {}  # libraries held open for the life of the process
 
 

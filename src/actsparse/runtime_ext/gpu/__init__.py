@@ -136,6 +136,22 @@ def program(attrs: dict, inputs: list[tuple[tuple, np.dtype]], output: tuple[tup
     return jit + "".join(part + "\n" for part in code), global_size, local_size
 
 
+def devices() -> tuple[list, list[str]]:
+    """The OpenCL devices pyopencl finds that build a kernel here, and one line for each that does not
+    (PoCL 3.0's wheel, LLVM 14, cannot compile for a Zen 5: "unknown target CPU 'generic'")."""
+    import pyopencl as cl
+
+    usable, problems = [], []
+    for platform in cl.get_platforms():
+        for device in platform.get_devices():
+            try:
+                cl.Program(cl.Context([device]), "__kernel void probe(__global int* a) { a[0] = 1; }").build()
+                usable.append(device)
+            except cl.Error as err:
+                problems.append(f"{device.name} ({platform.version}): {str(err).strip().splitlines()[-1]}")
+    return usable, problems
+
+
 class Runner:
     """Builds and runs the kernel through pyopencl on one device, as the plugin would for each node; programs
     are cached per source (one per set of macros)."""
@@ -144,7 +160,7 @@ class Runner:
         import pyopencl as cl
 
         self.cl, self.config = cl, config
-        self.device = device or cl.get_platforms()[0].get_devices()[0]
+        self.device = device or devices()[0][0]
         self.context = cl.Context([self.device])
         self.queue = cl.CommandQueue(self.context, properties=cl.command_queue_properties.PROFILING_ENABLE)
         self._programs: dict[str, object] = {}
