@@ -148,7 +148,8 @@ def devices() -> tuple[list, list[str]]:
                 cl.Program(cl.Context([device]), "__kernel void probe(__global int* a) { a[0] = 1; }").build()
                 usable.append(device)
             except cl.Error as err:
-                problems.append(f"{device.name} ({platform.version}): {str(err).strip().splitlines()[-1]}")
+                lines = [line for line in str(err).splitlines() if "error:" in line] or str(err).splitlines()
+                problems.append(f"{device.name} ({platform.version.strip()}): {lines[0].strip()}")
     return usable, problems
 
 
