@@ -153,15 +153,19 @@ def test_kernel_matches_numpy_and_the_cpu_op(runner, fmt, K, N, group, tile_cols
         np.testing.assert_array_less(np.abs(y - cpu), 2e-5 * scale + 1e-6)
 
 
+def layer(fmt: str, K: int, N: int, group: int, seed: int):
+    """rng, packed weight, bias and the dequantised W (float64) of a random layer."""
+    rng = np.random.default_rng(seed)
+    packed = packed_weight(fmt, K, N, group, 128, rng)
+    return rng, packed, rng.standard_normal(N).astype(np.float32), ks.dequantize(packed).astype(np.float64)
+
+
 @pytest.mark.parametrize("fmt", FORMATS_ALL)
 def test_kernel_in_half_as_the_gpu_plugin_runs_it(runner, fmt):
     """f16 inference precision: x, y and the f32 inputs (f32 weights, f32 params) arrive in half."""
-    K, N, group = 200, 150, 20
-    rng = np.random.default_rng(7)
-    packed = packed_weight(fmt, K, N, group, 128, rng)
-    bias = rng.standard_normal(N).astype(np.float32)
+    rng, packed, bias, _ = layer(fmt, 200, 150, 20, 7)
     for rows, prefill in ((1, "dense"), (9, "sparse"), (9, "dense")):
-        x = rng.standard_normal((rows, K)).astype(np.float32)
+        x = rng.standard_normal((rows, 200)).astype(np.float32)
         y, xs, weight, params = run_gpu(runner, packed, bias, x, 0.25, 0.5, prefill, half=True)
         W, b = dequantized(packed, weight, params, bias)
         expected, scale = reference(xs, W, b, 0.25, 0.5, rows == 1 or prefill == "sparse")
@@ -170,14 +174,9 @@ def test_kernel_in_half_as_the_gpu_plugin_runs_it(runner, fmt):
 
 @pytest.mark.parametrize("fmt", ["f16", "u4c"])
 def test_all_and_no_channels_pruned(runner, fmt):
-    K, N = 130, 70
-    rng = np.random.default_rng(3)
-    packed = packed_weight(fmt, K, N, 10, 128, rng)
-    W = ks.dequantize(packed).astype(np.float64)
-    bias = rng.standard_normal(N).astype(np.float32)
-    x = rng.standard_normal((1, K)).astype(np.float32)
+    rng, packed, bias, W = layer(fmt, 130, 70, 10, 3)
     for rows in (1, 12):
-        x = rng.standard_normal((rows, K)).astype(np.float32)
+        x = rng.standard_normal((rows, 130)).astype(np.float32)
         # threshold +inf (printed "inf"): every channel pruned, y is the bias exactly
         y, *_ = run_gpu(runner, packed, bias, x, 0.0, float("inf"), "sparse")
         np.testing.assert_array_equal(y, np.broadcast_to(bias, y.shape))
@@ -187,27 +186,28 @@ def test_all_and_no_channels_pruned(runner, fmt):
         np.testing.assert_array_less(np.abs(y - expected), 1e-5 * scale + 1e-6)
     # a dense prefill ignores the threshold
     y, *_ = run_gpu(runner, packed, bias, x, 0.0, float("inf"), "dense")
-    np.testing.assert_array_less(np.abs(y - reference(x, W, bias, 0.0, 0.0, False)[0]), 1e-4)
+    np.testing.assert_array_less(np.abs(y - expected), 1e-5 * scale + 1e-6)
 
 
 @pytest.mark.parametrize("fmt", ["f32", "bf16", "u8", "u4"])
 def test_nan_and_inf_as_the_cpu_op(runner, fmt):
     """NaN is never pruned and reaches every output of its row; an Inf is kept and makes its row non-finite."""
-    K, N = 100, 90
-    rng = np.random.default_rng(5)
-    packed = packed_weight(fmt, K, N, 10, 128, rng)
-    bias = rng.standard_normal(N).astype(np.float32)
-    W = ks.dequantize(packed).astype(np.float64)
-    for rows, prefill in ((1, "dense"), (3, "sparse"), (3, "dense")):
-        x = rng.standard_normal((rows, K)).astype(np.float32)
-        x[0, 11] = np.nan
-        x[-1, 40] = np.inf if rows > 1 else x[-1, 40]
+    rng, packed, bias, W = layer(fmt, 100, 90, 10, 5)
+    for rows, prefill, nan, inf in ((1, "dense", True, False), (1, "dense", False, True), (3, "sparse", True, True),
+                                    (3, "dense", True, True)):
+        x = rng.standard_normal((rows, 100)).astype(np.float32)
+        if nan:
+            x[0, 11] = np.nan
+        if inf:
+            x[-1, 40] = np.inf
+        prune = rows == 1 or prefill == "sparse"
         y, *_ = run_gpu(runner, packed, bias, x, 0.25, 0.5, prefill)
-        cpu = ks.matmul(x, packed, bias, 0.25, 0.5, mask=rows == 1 or prefill == "sparse", kernel="avx2")
-        expected, _ = reference(x, W, bias, 0.25, 0.5, rows == 1 or prefill == "sparse")
+        cpu = ks.matmul(x, packed, bias, 0.25, 0.5, mask=prune, kernel="avx2")
+        expected, _ = reference(x, W, bias, 0.25, 0.5, prune)
         finite = np.isfinite(expected)
+        assert not finite[-1].any() and (np.isnan(expected[0]).all() or not nan)
         for got in (cpu, y):
-            assert np.isnan(got[0]).all() and not np.isfinite(got[-1]).any() if rows > 1 else np.isnan(got).all()
+            assert np.isnan(got[0]).all() or not nan
             np.testing.assert_array_equal(np.isfinite(got), finite)
         np.testing.assert_allclose(y[finite], expected[finite], rtol=1e-4, atol=1e-4)
 

@@ -167,9 +167,11 @@ class Runner:
         self._programs: dict[str, object] = {}
 
     def kernel(self, source: str):
+        """A new kernel object (each holds its own arguments) of the program built from ``source``."""
+        spec = layer(self.config)
         if source not in self._programs:
-            self._programs[source] = self.cl.Program(self.context, source).build(options=layer(self.config).options)
-        return getattr(self._programs[source], layer(self.config).entry)
+            self._programs[source] = self.cl.Program(self.context, source).build(options=spec.options)
+        return self.cl.Kernel(self._programs[source], spec.entry)
 
     def prepare(self, attrs: dict, inputs: list[np.ndarray], out_shape: tuple, out_dtype):
         """A callable that runs the node once on ``inputs`` (numpy arrays, port order) and returns
