@@ -7,6 +7,7 @@ effective GB/s (weight bytes of the live rows / time) and each sparsity's speed-
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -71,7 +72,7 @@ def main() -> None:
     if not usable:
         sys.exit("gpu_kernel_bench: no OpenCL device builds kernels here: " + "; ".join(problems or ["none found"]))
     rng = np.random.default_rng(0)
-    results, devices = [], []
+    results, devices, load = [], [], [os.getloadavg()[0]]
     for device in usable:
         runner = gpu.Runner(device)
         devices.append({"name": device.name, "version": device.version, "driver": device.driver_version,
@@ -83,8 +84,11 @@ def main() -> None:
                 print(f"{device.name} {K}x{N} {fmt}: " + ", ".join(
                     f"s={s['sparsity']} {s['ms']:.2f} ms {s['gbps']:.1f} GB/s" for s in results[-1]["sparse"]),
                     file=sys.stderr)
+    load.append(os.getloadavg()[0])
     _harness.emit({"benchmark": "gpu_kernel", "devices": devices, "unusable_devices": problems,
-                   "note": "OpenCL devices only; no Intel GPU has run these kernels yet", "results": results}, args)
+                   "load_average_start_end": load,  # a CPU device shares the cores with whatever else runs
+                   "note": "OpenCL devices only (a CPU device's figures are not a GPU's); no Intel GPU has run "
+                           "these kernels yet", "results": results}, args)
 
 
 if __name__ == "__main__":

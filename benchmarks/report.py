@@ -184,7 +184,9 @@ def gpu_kernel_section(data: dict) -> list[str]:
     """runtime_ext/gpu's OpenCL kernel, one decode row: device time, GB/s of the live rows' weights, s = 0.5 and
     0.9 against s = 0 in the same run."""
     devices = "; ".join(f"{d['name']} ({d['platform']})" for d in data["devices"])
-    out = [f"OpenCL devices: {devices}.", ""]
+    load = data.get("load_average_start_end")
+    out = [f"OpenCL devices: {devices}." + (f" Load average (1 min) at start and end: {load[0]:.1f}, {load[1]:.1f}."
+                                           if load else ""), ""]
     rows = []
     for r in data["results"]:
         s0, s5, s9 = (at(r, s) for s in (0.0, 0.5, 0.9))

@@ -40,6 +40,7 @@ class Layer:
 
 @functools.lru_cache(maxsize=None)
 def layer(config: Path = CONFIG) -> Layer:
+    """The config's CustomLayer, read as the plugin's parser reads it."""
     root = ElementTree.parse(config).getroot()
     kernel, buffers = root.find("Kernel"), root.find("Buffers")
     work = root.find("WorkSizes")
