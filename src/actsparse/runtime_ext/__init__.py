@@ -37,12 +37,13 @@ def openvino_extension() -> str:
                             "reinstall actsparse with a C++17 compiler available"))
 
 
-def gpu_config() -> str:
-    """Path of the GPU plugin's custom-layer config for the op (OpenCL kernel), for
-    ``core.set_property("GPU", {"CONFIG_FILE": ...})``."""
-    from .gpu import config_path
+GPU_CONFIG = Path(__file__).with_name("gpu") / "actsparse_gpu.xml"
 
-    return config_path()
+
+def gpu_config() -> str:
+    """Path of the GPU plugin's custom-layer config for the op (its OpenCL kernel beside it), for
+    ``core.set_property("GPU", {"CONFIG_FILE": ...})``."""
+    return str(GPU_CONFIG)
 
 
 _pinned = {}  # libraries held open for the life of the process

@@ -17,7 +17,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 
-CONFIG = Path(__file__).with_name("actsparse_gpu.xml")
+from .. import GPU_CONFIG as CONFIG
 
 # OpenCL type names the plugin writes in INPUTn_TYPE (it maps no other element type)
 CL_TYPES = {np.dtype(np.int8): "char", np.dtype(np.uint8): "uchar", np.dtype(np.int32): "int",
@@ -57,11 +57,6 @@ def layer(config: Path = CONFIG) -> Layer:
                         t.get("format", "BFYX")) for t in buffers.findall("Tensor")),
                  "" if options is None else options.get("options", ""),
                  "" if work is None else work.get("dim", ""), rules("global"), rules("local"))
-
-
-def config_path() -> str:
-    """The config file for ``core.set_property("GPU", {"CONFIG_FILE": ...})``."""
-    return str(CONFIG)
 
 
 def attribute_text(value) -> str:
