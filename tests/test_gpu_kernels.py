@@ -129,8 +129,9 @@ def dequantized(packed, weight, params, bias):
 
 
 CASES = [  # (K, N, group, tile_cols, prefill): N, K not multiples of the 64-item group, two tiles with a last one
-    # of one column, K over one decode chunk (512) with a tail, K = N = 1; each format prefills dense and sparse
-    (300, 333, 30, 128, "dense"), (70, 129, 7, 128, "sparse"), (1100, 137, 100, 128, "dense"), (1, 1, 1, 128, "sparse")]
+    # of one column, K over one decode chunk (512) with a tail and the format's own tile width (tile_cols 0, as
+    # exports write), K = N = 1; each format prefills dense and sparse
+    (300, 333, 30, 128, "dense"), (70, 129, 7, 128, "sparse"), (1100, 137, 100, 0, "dense"), (1, 1, 1, 128, "sparse")]
 FORMATS_ALL = ["f32", "f16", "bf16", "u8", "u4", "u4c"]
 
 
