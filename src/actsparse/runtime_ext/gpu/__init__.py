@@ -138,7 +138,11 @@ def devices() -> tuple[list, list[str]]:
     import pyopencl as cl
 
     usable, problems = [], []
-    for platform in cl.get_platforms():
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error as err:  # no ICD installed
+        return [], [f"no OpenCL platform ({err})"]
+    for platform in platforms:
         for device in platform.get_devices():
             try:
                 cl.Program(cl.Context([device]), "__kernel void probe(__global int* a) { a[0] = 1; }").build()
