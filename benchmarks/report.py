@@ -180,6 +180,22 @@ def routes_section(data: dict) -> list[str]:
                        [[name, f"{r['decode_ms_per_token']:.2f}", f"{r['prefill_ms']:.1f}"] for name, r in data["routes"].items()])
 
 
+def gpu_kernel_section(data: dict) -> list[str]:
+    """runtime_ext/gpu's OpenCL kernel, one decode row: device time, GB/s of the live rows' weights, s = 0.5 and
+    0.9 against s = 0 in the same run."""
+    devices = "; ".join(f"{d['name']} ({d['platform']})" for d in data["devices"])
+    load = data.get("load_average_start_end")
+    out = [f"OpenCL devices: {devices}." + (f" Load average (1 min) at start and end: {load[0]:.1f}, {load[1]:.1f}."
+                                           if load else ""), ""]
+    rows = []
+    for r in data["results"]:
+        s0, s5, s9 = (at(r, s) for s in (0.0, 0.5, 0.9))
+        rows.append([r["device"], r["shape"], r["format"], f"{s0['ms']:.2f}", f"{s0['gbps']:.2f}",
+                     f"{s5['gbps']:.2f}", x(s5["speedup_vs_s0"]), f"{s9['gbps']:.2f}", x(s9["speedup_vs_s0"])])
+    return out + table(["device", "K×N", "format", "s=0 ms", "s=0 GB/s", "s=0.5 GB/s", "s=0.5 speed-up", "s=0.9 GB/s",
+                        "s=0.9 speed-up"], rows)
+
+
 def section(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_text())
@@ -198,6 +214,8 @@ def section(path: Path) -> list[str]:
             return out + batch_section(data)
         if data.get("benchmark") == "op_routes":
             return out + routes_section(data)
+        if data.get("benchmark") == "gpu_kernel":
+            return out + gpu_kernel_section(data)
         if "models" in data:
             return out + quality_section(data)
         if rows and "sparse" in rows[0] and "dense_ms" in rows[0]:

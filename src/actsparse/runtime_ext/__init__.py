@@ -37,6 +37,15 @@ def openvino_extension() -> str:
                             "reinstall actsparse with a C++17 compiler available"))
 
 
+GPU_CONFIG = Path(__file__).with_name("gpu") / "actsparse_gpu.xml"
+
+
+def gpu_config() -> str:
+    """Path of the GPU plugin's custom-layer config for the op (its OpenCL kernel beside it), for
+    ``core.set_property("GPU", {"CONFIG_FILE": ...})``."""
+    return str(GPU_CONFIG)
+
+
 _pinned = {}  # libraries held open for the life of the process
 
 

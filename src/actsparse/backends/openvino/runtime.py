@@ -13,7 +13,7 @@ from openvino import opset13 as ops
 from tqdm.auto import tqdm
 
 from ..._common import ActSparseError
-from ...runtime_ext import OP_TYPE, register
+from ...runtime_ext import OP_TYPE, gpu_config, register
 from ...runtime_ext.kernels import formats
 
 
@@ -198,6 +198,14 @@ def time_decode(xml: Path, prompt_tokens: int, decode_tokens: int, threads: int 
             "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").to_string()}
 
 
+def configure_gpu(core) -> None:
+    """Give the GPU plugin of ``core`` the op's OpenCL kernel (``CONFIG_FILE``), or refuse in one line where
+    OpenVINO finds no GPU."""
+    if not any(name.startswith("GPU") for name in core.available_devices):
+        raise ActSparseError(f"device GPU: OpenVINO finds no GPU here (devices: {', '.join(core.available_devices)})")
+    core.set_property("GPU", {"CONFIG_FILE": gpu_config()})
+
+
 def load(folder: Path, plan: dict, device: str = "CPU", **kwargs):
     """``folder`` as an optimum-intel ``OVModelForCausalLM``; see :func:`actsparse.load`."""
     from optimum.intel import OVModelForCausalLM
@@ -206,6 +214,8 @@ def load(folder: Path, plan: dict, device: str = "CPU", **kwargs):
     if not plan.get("passes", {}).get("fused"):
         return OVModelForCausalLM.from_pretrained(folder, device=device, **kwargs)
     for core in {id(m.core): m.core for m in (modeling_base, modeling_decoder)}.values():
+        if "GPU" in device.upper():
+            configure_gpu(core)
         register(core)
     if kwargs.get("compile_only"):
         return OVModelForCausalLM.from_pretrained(folder, device=device, **kwargs)
