@@ -6,6 +6,7 @@
 #include <fstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <unistd.h>
 
@@ -101,6 +102,7 @@ LoadedTuning load() {
   l.tuning = {128 << 10, '\0', l1d > 0 && l1d < 48 * 1024, 16, 125};
   std::fill(l.source, l.source + kKnobCount, "default");
   if (l1d > 0) l.source[2] = "rule";
+  l.fallback = l.tuning;
   l.cpu = cpu_model();
   l.kernel = best_kernel();
   std::string name = l.cpu + "_" + l.kernel + "_v" + std::to_string(kTuningVersion);
@@ -160,15 +162,18 @@ std::string tuning_file() { return detail::loaded_tuning().file; }
 std::string tuning_report() {
   const detail::LoadedTuning& l = detail::loaded_tuning();
   const Tuning now = tuning(), then = l.tuning;
-  const std::string values[] = {std::to_string(now.par_bytes), detail::json_string(now.split ? std::string(1, now.split) : ""),
-                                now.prefetch_l2 ? "\"l2\"" : "\"l1\"", std::to_string(now.decode_max_rows),
-                                std::to_string(now.union_pct)};
+  auto values = [](const Tuning& t) {
+    return std::vector<std::string>{std::to_string(t.par_bytes), detail::json_string(t.split ? std::string(1, t.split) : ""),
+                                    t.prefetch_l2 ? "\"l2\"" : "\"l1\"", std::to_string(t.decode_max_rows),
+                                    std::to_string(t.union_pct)};
+  };
+  const std::vector<std::string> value = values(now), fallback = values(l.fallback);
   const bool changed[] = {now.par_bytes != then.par_bytes, now.split != then.split, now.prefetch_l2 != then.prefetch_l2,
                           now.decode_max_rows != then.decode_max_rows, now.union_pct != then.union_pct};
   std::string j = "{\"knobs\":{";
   for (int i = 0; i < detail::kKnobCount; ++i)
-    j += std::string(i ? "," : "") + "\"" + detail::kKnobs[i] + "\":{\"value\":" + values[i] + ",\"source\":\"" +
-         (changed[i] ? "set_tuning" : l.source[i]) + "\"}";
+    j += std::string(i ? "," : "") + "\"" + detail::kKnobs[i] + "\":{\"value\":" + value[i] + ",\"source\":\"" +
+         (changed[i] ? "set_tuning" : l.source[i]) + "\",\"fallback\":" + fallback[i] + "}";
   return j + "},\"file\":" + (l.file.empty() ? "null" : detail::json_string(l.file)) + ",\"file_used\":" +
          (l.used ? "true" : "false") + ",\"file_ignored\":" + (l.ignored.empty() ? "null" : detail::json_string(l.ignored)) +
          ",\"threads_measured\":" + (l.threads ? std::to_string(l.threads) : "null") + ",\"cpu\":" +

@@ -11,6 +11,7 @@ constexpr int kKnobCount = 5;  // Tuning's fields, in order
 
 struct LoadedTuning {
   Tuning tuning;
+  Tuning fallback;                 // the rules and defaults alone, without the file or environment
   const char* source[kKnobCount];  // "env", "file", "rule" or "default"
   std::string cpu, kernel, file;   // the file's key and path ("" without $ACTSPARSE_CACHE or $HOME)
   std::string ignored;             // why an existing file was not used
