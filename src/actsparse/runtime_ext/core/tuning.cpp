@@ -64,13 +64,14 @@ std::string read_file(const std::string& path, LoadedTuning& l) {
   const char* source[kKnobCount];
   std::copy(l.source, l.source + kKnobCount, source);
   const std::string expect[] = {"cpu=" + l.cpu, "kernel=" + l.kernel, "version=" + std::to_string(kTuningVersion)};
-  int keys = 0;
+  int keys = 0, number = 0;
   try {
     for (std::string line; std::getline(in, line);) {
       line = trim(line);
+      ++number;
       if (line.empty() || line[0] == '#') continue;
       const size_t eq = line.find('=');
-      if (eq == std::string::npos) return "line without '=': " + line;
+      if (eq == std::string::npos) return "line " + std::to_string(number) + " has no '='";
       const std::string key = trim(line.substr(0, eq)), value = trim(line.substr(eq + 1));
       if (key == "cpu" || key == "kernel" || key == "version") {
         if (key + "=" + value != expect[key == "cpu" ? 0 : key == "kernel" ? 1 : 2])
@@ -114,6 +115,8 @@ LoadedTuning load() {
     l.file = (root && *root ? std::string(root) : std::string(home) + "/.cache/actsparse") + "/tuning/" + name + ".txt";
   if (!l.file.empty() && access(l.file.c_str(), F_OK) == 0) {
     l.ignored = read_file(l.file, l);
+    for (char& c : l.ignored)  // the file's bytes may be anything
+      if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) >= 0x7f) c = '?';
     l.used = l.ignored.empty();
     if (!l.used) std::fprintf(stderr, "actsparse: ignoring the tuning file %s: %s\n", l.file.c_str(), l.ignored.c_str());
   }
