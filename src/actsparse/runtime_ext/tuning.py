@@ -1,8 +1,8 @@
 """``actsparse tune``: times the C++ core's decode knobs on this CPU and writes the tuning file that every copy of
 the core (this library, the OpenVINO and ONNX Runtime extensions) reads when it loads (docs/op.md, "Tuning").
 
-Each knob is chosen from candidates timed in alternating rounds (medians), on random weights of three formats
-(bf16, u8 and u4 with int8 activations, as OpenVINO runs them), summed over the formats:
+Each knob is chosen from candidates timed in alternating rounds (medians) on random weights of bf16, u8 and u4
+(f32 activations, as exports compute), summed over the formats, with the thread count inference uses:
 
 - prefetch and split: one token at sparsity 0.5 from weights of twice the last-level cache (split only with
   more than one thread);
@@ -11,8 +11,10 @@ Each knob is chosen from candidates timed in alternating rounds (medians), on ra
 - decode_max_rows: decode against the GEMM at 4 to 32 rows; the largest count up to which decode wins at
   every count;
 - union_pct: four tokens in one pass over their union against one pass each, the union 1 to 2 times their
-  mean list (bf16 and u8 without int8 activations, the formats that share a pass); the largest ratio up to
-  which the shared pass wins at every ratio.
+  mean list (bf16 and u8: u4 never shares a pass); the largest ratio up to which the shared pass wins at
+  every ratio.
+
+A change from the rule (prefetch, split) or towards more threads (par_bytes) must win by MARGIN.
 """
 from __future__ import annotations
 
@@ -117,11 +119,11 @@ def _half(M: int, K: int, rng) -> np.ndarray:
     return _tokens(M, K, [rng.permutation(K)[:K // 2] for _ in range(M)], rng)
 
 
-def _call(w: ks.PackedWeight, xs: Sequence[np.ndarray], threads: int, int8: Optional[bool] = None):
-    """call(i): the matmul of xs[i % len(xs)] with weight w (or the i-th of a list of weights)."""
+def _call(w, xs: Sequence[np.ndarray], threads: int):
+    """call(i): the matmul of xs[i % len(xs)] with weight w (or the i-th of a list of weights), f32 activations
+    as exports leave them."""
     ws = w if isinstance(w, list) else [w]
-    q8 = ws[0].format in ("u8", "u4") if int8 is None else int8
-    return lambda i: ks.matmul(xs[i % len(xs)], ws[i % len(ws)], None, 0.0, 0.5, True, threads, int8_activations=q8)
+    return lambda i: ks.matmul(xs[i % len(xs)], ws[i % len(ws)], None, 0.0, 0.5, True, threads)
 
 
 def stream_trials(threads: int, rng, llc_bytes: int) -> list[Trial]:
@@ -169,7 +171,7 @@ def union_trials(threads: int, rng) -> list[Trial]:
             P = int(round(L * (ratio - 1) / (M - 1)))
             order = rng.permutation(K)
             live = [np.concatenate([order[:L - P], order[L - P + i * P:L - P + (i + 1) * P]]) for i in range(M)]
-            call = _call(w, [_tokens(M, K, live, rng)], threads, int8=False)
+            call = _call(w, [_tokens(M, K, live, rng)], threads)
             trials += [Trial(label, {"union_pct": v}, ratio, fmt, call) for label, v in (("shared", 10000), ("apart", 0))]
     return trials
 
