@@ -339,7 +339,7 @@ std::string best_kernel();
 
 // Decode knobs, process-wide (docs/op.md, "Tuning"). When the library loads, each comes from its environment
 // variable ($ACTSPARSE_PAR_BYTES, _SPLIT (n|k), _PREFETCH (l1|l2), _DECODE_MAX_ROWS, _UNION_PCT), else from the
-// tuning file `actsparse tune` wrote for this CPU model, kernel and kTuningVersion (tuning_file()), else from a
+// tuning file `actsparse tune` wrote for this CPU model, kernel and kTuningVersion (tuning_report()), else from a
 // rule or a default. set_tuning changes them (not while a matmul is running).
 struct Tuning {
   int64_t par_bytes;        // decode stays on one thread below this many live weight bytes
@@ -354,11 +354,10 @@ void set_tuning(const Tuning& t);  // throws std::invalid_argument for a value o
 
 // Bumped when the decode path changes enough that tuning files measured on older code no longer apply.
 constexpr int kTuningVersion = 1;
-// The tuning file for this CPU, kernel and version: $ACTSPARSE_CACHE (default ~/.cache/actsparse)/tuning/<key>.txt,
-// and its key's fields.
-std::string tuning_file();
-// The knobs as JSON: each value and where it came from ("env", "file", "rule", "default"), the file and, where
-// one exists but was ignored, why.
+// The knobs as JSON: each value, where it came from ("env", "file", "rule", "default", "set_tuning") and its
+// value without file or environment ("fallback"); the tuning file for this CPU model, kernel and version,
+// $ACTSPARSE_CACHE (default ~/.cache/actsparse)/tuning/<model>_<kernel>_v<version>.txt, whether it was used and
+// why not where it exists.
 std::string tuning_report();
 
 }  // namespace actsparse

@@ -160,8 +160,6 @@ void check_tuning(const Tuning& t) {
 
 }  // namespace detail
 
-std::string tuning_file() { return detail::loaded_tuning().file; }
-
 std::string tuning_report() {
   const detail::LoadedTuning& l = detail::loaded_tuning();
   const Tuning now = tuning(), then = l.tuning;
