@@ -322,10 +322,10 @@ def matmul(x, packed: PackedWeight, bias=None, mode=0.0, threshold=0.0, mask=Tru
 
     int8_activations: u8 or u4 weights quantise the activations z = x − m to int8 where the kernel has
     int8 dot products (avx512bf16, which needs AVX512-VNNI too), as the CPU plugin's dynamic quantisation
-    does for its own u8/u4 FullyConnected: in a decode (up to 16 rows) each run of 8 consecutive live
-    channels (u4: within one group), in a prefill each group of 32 channels (u4: only where 128 divides
-    the group size), gets the scale max|z| / 127, and q = round(z / scale). A NaN or Inf keeps the call
-    as it would be without the flag."""
+    does for its own u8/u4 FullyConnected: in a decode (up to get_tuning()["decode_max_rows"] rows) each
+    run of 8 consecutive live channels (u4: within one group), in a prefill each group of 32 channels (u4:
+    only where 128 divides the group size), gets the scale max|z| / 127, and q = round(z / scale). A NaN
+    or Inf keeps the call as it would be without the flag."""
     lib = _load()
     bf16 = isinstance(x, np.ndarray) and x.dtype == np.uint16
     x = np.ascontiguousarray(x) if bf16 else _f32(x)
