@@ -150,6 +150,27 @@ def test_environment_wins(tmp_path):
                                         "integer, got 'many'"]
 
 
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_runtime_libraries_read_the_file(tmp_path, runtime):
+    """The OpenVINO and ONNX Runtime libraries hold their own copy of the core, which reads the file as they load:
+    a corrupt one gets its warning from them too."""
+    from actsparse.runtime_ext import onnxruntime_library, openvino_extension
+
+    try:
+        (openvino_extension if runtime == "openvino" else onnxruntime_library)()
+    except ActSparseError as e:
+        skip_without_extension(str(e))
+    path = written(tmp_path)
+    path.write_text(path.read_text() + "rows_per_pass=8\n")
+    load = ("import openvino as ov\nfrom actsparse.runtime_ext import register\nregister(ov.Core())" if runtime == "openvino"
+            else "import onnxruntime as ort\nfrom actsparse.runtime_ext import register_library\n"
+                 "register_library(ort.SessionOptions())")
+    proc = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ACTSPARSE_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert f"actsparse: ignoring the tuning file {path}: unknown key rows_per_pass" in proc.stderr
+
+
 # The tuner's choices, from a fake timer
 
 def fake_timer(seconds):

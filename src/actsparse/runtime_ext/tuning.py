@@ -2,14 +2,15 @@
 the core (this library, the OpenVINO and ONNX Runtime extensions) reads when it loads (docs/op.md, "Tuning").
 
 Each knob is chosen from candidates timed in alternating rounds (medians) on random weights of bf16, u8 and u4
-(f32 activations, as exports compute), summed over the formats, with the thread count inference uses:
+(f32 activations, as exports compute), summed over the formats, with the thread count inference uses. Each call
+reads the next of the layers that fill twice the last-level cache, so that weights come from DRAM as in a
+model's decode step:
 
-- prefetch and split: one token at sparsity 0.5 from weights of twice the last-level cache (split only with
-  more than one thread);
-- par_bytes: serial against parallel decode of small in-cache weights, 16 KiB to 1 MiB of live rows; the
-  smallest size from which parallel wins at every larger one;
-- decode_max_rows: decode against the GEMM at 4 to 32 rows; the largest count up to which decode wins at
-  every count;
+- prefetch and split: one token at sparsity 0.5, 4096 x 4096 (split only with more than one thread);
+- par_bytes: serial against parallel decode of one token, 16 KiB to 1 MiB of live rows; the smallest size
+  from which parallel wins at every larger one;
+- decode_max_rows: decode against the GEMM at 4 to 32 rows, 2048 x 5632; the largest count up to which decode
+  wins at every count;
 - union_pct: four tokens in one pass over their union against one pass each, the union 1 to 2 times their
   mean list (bf16 and u8: u4 never shares a pass); the largest ratio up to which the shared pass wins at
   every ratio.
@@ -94,16 +95,27 @@ def _wins(trials, times, sizes, a: str, b: str, margin: float = 0.0) -> list[boo
     return [total[a, s] < (1 - margin) * total[b, s] for s in sizes]
 
 
-# Workloads
+# Workloads: weights come from DRAM, as in a model's decode step, each call reading the next of the layers that
+# fill a pool of twice the last-level cache
 
-def _weight(fmt: str, K: int, N: int, rng) -> ks.PackedWeight:
+def _pool(fmt: str, nbytes: int, rng) -> np.ndarray:
+    """nbytes of random weight bytes of format fmt (bf16: normal values, no NaN or subnormal)."""
     if fmt == "bf16":
-        return ks.pack_bf16(rng.standard_normal((K, N), np.float32) * 0.02)
-    q = rng.integers(0, 256 if fmt == "u8" else 16, (K, N), dtype=np.uint8)
-    if fmt == "u8":
-        return ks.pack_u8(q, np.full(N, 0.01), np.full(N, 128.0))
-    G = min(128, K)
-    return ks.pack_u4(q, np.full((K // G, N), 2.0 ** -7), np.full((K // G, N), 8.0), G, compact=True)
+        return ks.to_bf16(rng.standard_normal(nbytes // 2, np.float32)).view(np.uint8)
+    return rng.integers(0, 256, nbytes, dtype=np.uint8)
+
+
+def _layers(fmt: str, K: int, N: int, pool: np.ndarray) -> list[ks.PackedWeight]:
+    """K x N weights laid side by side in pool (at least one), sharing their scales and zero points."""
+    rb = ks.row_bytes(fmt, N)
+    G = min(128, K) if fmt == "u4" else K if fmt == "u8" else 0
+    scale = {"u8": np.full(N, 0.01, np.float32), "u4": np.full((K // max(G, 1), N), 2.0 ** -7, np.float16)}.get(fmt)
+    zp = {"u8": np.full(N, 128.0, np.float32), "u4": np.full((K // max(G, 1), N), 8, np.uint8)}.get(fmt)
+    if pool.size < K * rb:
+        pool = np.resize(pool, K * rb)
+    dtype = np.uint16 if fmt == "bf16" else np.uint8
+    return [ks.PackedWeight(fmt, K, N, G, pool[o:o + K * rb].view(dtype).reshape(K, -1), scale, zp)
+            for o in range(0, pool.size - K * rb + 1, K * rb)]
 
 
 def _tokens(M: int, K: int, live: Sequence[np.ndarray], rng) -> np.ndarray:
@@ -119,59 +131,56 @@ def _half(M: int, K: int, rng) -> np.ndarray:
     return _tokens(M, K, [rng.permutation(K)[:K // 2] for _ in range(M)], rng)
 
 
-def _call(w, xs: Sequence[np.ndarray], threads: int):
-    """call(i): the matmul of xs[i % len(xs)] with weight w (or the i-th of a list of weights), f32 activations
-    as exports leave them."""
-    ws = w if isinstance(w, list) else [w]
+def _call(ws: Sequence[ks.PackedWeight], xs: Sequence[np.ndarray], threads: int):
+    """call(i): the matmul of xs[i % len(xs)] with layer i, f32 activations as exports leave them."""
     return lambda i: ks.matmul(xs[i % len(xs)], ws[i % len(ws)], None, 0.0, 0.5, True, threads)
 
 
-def stream_trials(threads: int, rng, llc_bytes: int) -> list[Trial]:
-    """prefetch (and split, with threads): one token from weights of twice the last-level cache, cycled."""
+def stream_trials(threads: int, rng, pools: dict) -> list[Trial]:
+    """prefetch (and split, with threads): one token at sparsity 0.5."""
     K = N = 4096
     splits = ["", "n"] if threads > 1 else [""]
     trials = []
     for fmt in FORMATS:
-        n = max(1, -(-2 * llc_bytes // (K * ks.row_bytes(fmt, N))))
-        call = _call([_weight(fmt, K, N, rng) for _ in range(n)], [_half(1, K, rng) for _ in range(4)], threads)
+        call = _call(_layers(fmt, K, N, pools[fmt]), [_half(1, K, rng) for _ in range(4)], threads)
         trials += [Trial(f"{p}/{s}", {"prefetch": p, "split": s}, 0, fmt, call) for p in ("l1", "l2") for s in splits]
     return trials
 
 
-def par_trials(threads: int, rng) -> list[Trial]:
-    """par_bytes: parallel against serial decode of one token with each size's live bytes, in cache."""
+def par_trials(threads: int, rng, pools: dict) -> list[Trial]:
+    """par_bytes: parallel against serial decode of one token with each size's live bytes."""
     trials, N = [], 1024
     for fmt in FORMATS:
         for size in PAR_BYTES:
             K = max(32, 2 * size // ks.row_bytes(fmt, N))  # half the rows live
-            call = _call(_weight(fmt, K, N, rng), [_half(1, K, rng) for _ in range(4)], threads)
+            call = _call(_layers(fmt, K, N, pools[fmt]), [_half(1, K, rng) for _ in range(4)], threads)
             trials += [Trial(label, {"par_bytes": v}, size, fmt, call) for label, v in (("parallel", 0), ("serial", NEVER))]
     return trials
 
 
-def rows_trials(threads: int, rng) -> list[Trial]:
+def rows_trials(threads: int, rng, pools: dict) -> list[Trial]:
     """decode_max_rows: decode against the GEMM at each row count."""
     K, N, trials = 2048, 5632, []
     for fmt in FORMATS:
-        w = _weight(fmt, K, N, rng)
+        layers = _layers(fmt, K, N, pools[fmt])
         for rows in DECODE_ROWS:
-            call = _call(w, [_half(rows, K, rng) for _ in range(2)], threads)
+            call = _call(layers, [_half(rows, K, rng) for _ in range(2)], threads)
             trials += [Trial(label, {"decode_max_rows": v}, rows, fmt, call)
                        for label, v in (("decode", rows), ("gemm", rows - 1))]
     return trials
 
 
-def union_trials(threads: int, rng) -> list[Trial]:
+def union_trials(threads: int, rng, pools: dict) -> list[Trial]:
     """union_pct: four tokens of K/2 live rows each whose union is each ratio times that, in one shared pass
     (union_pct high) against one pass each (0). Tokens share K/2 - P rows and each has P of its own."""
     K, N, M, L, trials = 2048, 5632, 4, 1024, []
     for fmt in ("bf16", "u8"):
-        w = _weight(fmt, K, N, rng)
+        layers = _layers(fmt, K, N, pools[fmt])
         for ratio in UNION_RATIOS:
             P = int(round(L * (ratio - 1) / (M - 1)))
             order = rng.permutation(K)
             live = [np.concatenate([order[:L - P], order[L - P + i * P:L - P + (i + 1) * P]]) for i in range(M)]
-            call = _call(w, [_tokens(M, K, live, rng)], threads)
+            call = _call(layers, [_tokens(M, K, live, rng)], threads)
             trials += [Trial(label, {"union_pct": v}, ratio, fmt, call) for label, v in (("shared", 10000), ("apart", 0))]
     return trials
 
@@ -184,16 +193,17 @@ def measure(threads: Optional[int] = None, timer: Optional[Timer] = None, quick:
             progress: Callable[[str], None] = lambda line: None, llc_bytes: Optional[int] = None) -> dict:
     """Times the candidates of every knob on this CPU and returns the chosen values (``tuning``), the seconds
     per candidate (``measured``) and the thread count. ``timer`` decides how trials are timed (tests pass
-    a fake one); by default alternating rounds, fewer with ``quick``. The streamed weights hold twice
+    a fake one); by default alternating rounds, fewer with ``quick``. The layers of each format fill twice
     ``llc_bytes`` (default: the last-level cache)."""
     threads = threads or usable_cpus()
     rounds = 3 if quick else 7
     rng = np.random.default_rng(0)
     llc = llc_bytes or max(ks.cache_sizes().values(), default=32 << 20)
-    steps = [("prefetch/split", lambda: stream_trials(threads, rng, llc), interleaved(2 * rounds, 2)),
-             ("par_bytes", lambda: par_trials(threads, rng) if threads > 1 else [], interleaved(2 * rounds, 8)),
-             ("decode_max_rows", lambda: rows_trials(threads, rng), interleaved(rounds, 1)),
-             ("union_pct", lambda: union_trials(threads, rng), interleaved(3 * rounds, 1))]
+    pools = {fmt: _pool(fmt, 2 * llc, rng) for fmt in FORMATS}
+    steps = [("prefetch/split", lambda: stream_trials(threads, rng, pools), interleaved(2 * rounds, 2)),
+             ("par_bytes", lambda: par_trials(threads, rng, pools) if threads > 1 else [], interleaved(2 * rounds, 8)),
+             ("decode_max_rows", lambda: rows_trials(threads, rng, pools), interleaved(rounds, 1)),
+             ("union_pct", lambda: union_trials(threads, rng, pools), interleaved(3 * rounds, 1))]
     fallback = {k: v["fallback"] for k, v in ks.tuning_report()["knobs"].items()}
     chosen, measured = {}, {}
     for name, make, default_timer in steps:
@@ -241,12 +251,13 @@ def write(chosen: dict, threads: int) -> Path:
 
 
 def tune(threads: Optional[int] = None, quick: bool = False, progress: Callable[[str], None] = lambda line: None) -> dict:
-    """measure, write the file, and apply the values in this process; returns the file, the chosen values, the
-    knobs an environment variable still overrides, the seconds taken and the timings."""
+    """measure, write the file, and apply the values in this process but where an environment variable sets the
+    knob; returns the file, the chosen values, the knobs the environment overrides, the seconds taken and the
+    timings."""
     start = time.perf_counter()
     result = measure(threads, quick=quick, progress=progress)
     path = write(result["tuning"], result["threads"])
-    ks.set_tuning(**result["tuning"])
     env = [k for k, v in ks.tuning_report()["knobs"].items() if v["source"] == "env"]
+    ks.set_tuning(**{k: v for k, v in result["tuning"].items() if k not in env})
     return {"file": str(path), "tuning": result["tuning"], "threads": result["threads"], "overridden_by_env": env,
             "seconds": round(time.perf_counter() - start, 1), "measured": result["measured"]}
