@@ -217,3 +217,7 @@ def test_tune_command(tmp_path):
     assert {k: report["knobs"][k]["value"] for k in result["tuning"]} == result["tuning"]
     bad = run_cli("tune", "--threads", "0")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a positive integer" in bad.stderr
+    (tmp_path / "plain").write_text("")
+    bad = run_cli("tune", env={"ACTSPARSE_CACHE": str(tmp_path / "plain")})
+    assert bad.returncode == 1 and bad.stderr.startswith("actsparse: error: cannot create the folder of the tuning file")
+    assert bad.stderr.count("\n") == 1

@@ -14,6 +14,7 @@ from .calibration.plan import ALLOCATIONS, CENTERING, METHODS
 from .demo import demo
 from .evaluation import evaluate
 from .pipeline import PREFILL, export
+from .runtime_ext import tuning
 from .serve import run as serve
 
 PROG = "actsparse"
@@ -135,8 +136,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from .runtime_ext import tuning
-
     result = tuning.tune(args.threads, args.quick, progress=lambda line: print(line, file=sys.stderr))
     print(json.dumps(result, indent=1))
     return 0

@@ -237,20 +237,35 @@ def measure(threads: Optional[int] = None, timer: Optional[Timer] = None, quick:
     return {"tuning": chosen, "threads": threads, "measured": measured}
 
 
+def _folder_for(file: Optional[str]) -> Path:
+    """The tuning file's path, its folder created (ActSparseError where it cannot be)."""
+    if not file:
+        raise ActSparseError("no cache folder for the tuning file: set $ACTSPARSE_CACHE or $HOME")
+    try:
+        Path(file).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ActSparseError(f"cannot create the folder of the tuning file {file}: {err}") from None
+    return Path(file)
+
+
 def write(chosen: dict, threads: int) -> Path:
     """Write the knobs in ``chosen`` to this CPU's tuning file (:func:`kernels.tuning_report`'s ``file``),
     atomically, for every copy of the core that loads from now on; return its path."""
     report = ks.tuning_report()
-    if not report["file"]:
-        raise ActSparseError("no cache folder for the tuning file: set $ACTSPARSE_CACHE or $HOME")
-    path = Path(report["file"])
+    path = _folder_for(report["file"])
     lines = ["# written by `actsparse tune`; delete it to go back to the rules (docs/op.md, Tuning)",
              f"cpu={report['cpu']}", f"kernel={report['kernel']}", f"version={report['version']}", f"threads={threads}",
              *(f"{k}={v}" for k, v in chosen.items())]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(f.name, path)
+    temp = None
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+            temp = f.name
+            f.write("\n".join(lines) + "\n")
+        os.replace(temp, path)
+    except OSError as err:
+        if temp:
+            Path(temp).unlink(missing_ok=True)
+        raise ActSparseError(f"cannot write the tuning file {path}: {err}") from None
     return path
 
 
@@ -259,6 +274,7 @@ def tune(threads: Optional[int] = None, quick: bool = False, progress: Callable[
     knob; returns the file, the chosen values, the knobs the environment overrides, the seconds taken and the
     timings."""
     start = time.perf_counter()
+    _folder_for(ks.tuning_report()["file"])  # before seconds of timing
     result = measure(threads, quick=quick, progress=progress)
     path = write(result["tuning"], result["threads"])
     env = [k for k, v in ks.tuning_report()["knobs"].items() if v["source"] == "env"]
