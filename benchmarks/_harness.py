@@ -175,11 +175,17 @@ def machine() -> dict:
 
 
 def core_settings() -> dict:
-    """The kernel and decode tuning the C++ core picks here. The OpenVINO and ONNX Runtime libraries hold their
-    own copies of the core, which start from the same CPU flags and environment."""
+    """The kernel and decode knobs the C++ core uses here: each knob's value and where it came from ("env", "file":
+    the tuning file ``actsparse tune`` writes, "rule", "default", or "set_tuning" by the benchmark itself), and that
+    file. The OpenVINO and ONNX Runtime libraries hold their own copies of the core, which read the same file and
+    environment when they load."""
     try:
-        return {"kernel": ks.best_kernel(), "kernels": ks.available_kernels(), "tuning": ks.get_tuning(),
-                "tile_cols": ks.TILE_COLS,
+        report = ks.tuning_report()
+        return {"kernel": ks.best_kernel(), "kernels": ks.available_kernels(),
+                "tuning": {k: v["value"] for k, v in report["knobs"].items()},
+                "tuning_source": {k: v["source"] for k, v in report["knobs"].items()},
+                "tuning_file": {k: report[k] for k in ("file", "file_used", "file_ignored", "threads_measured")},
+                "tile_cols": dict(ks.TILE_COLS),
                 "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ACTSPARSE_")}}
     except (OSError, ks.KernelError, ActSparseError) as err:
         return {"unavailable": str(err)}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from actsparse import ActSparseError
+
 
 def torch_bf16(a) -> np.ndarray:
     """``a`` rounded to bf16 the way torch rounds (float64 result)."""
@@ -11,7 +13,18 @@ def torch_bf16(a) -> np.ndarray:
     return torch.from_numpy(np.asarray(a, np.float32)).to(torch.bfloat16).double().numpy()
 
 
-DECODE_ROWS = 16  # kDecodeMaxRows in actsparse_core.hpp: longer calls are a prefill (a GEMM)
+def decode_rows() -> int:
+    """The kernel core's Tuning::decode_max_rows now (16 unless a tuning file or $ACTSPARSE_DECODE_MAX_ROWS sets
+    it): longer calls are a prefill (a GEMM)."""
+    from actsparse.runtime_ext import kernels as ks
+
+    return ks.get_tuning()["decode_max_rows"]
+
+
+try:
+    DECODE_ROWS = decode_rows()  # as the libraries loaded it
+except (ActSparseError, OSError):  # the library is not built: the modules that need it skip
+    DECODE_ROWS = 16
 
 
 def multiplies_in_bf16(fmt: str, rows: int, kernel: str | None = None, bf16_io: bool = False) -> bool:
@@ -20,14 +33,15 @@ def multiplies_in_bf16(fmt: str, rows: int, kernel: str | None = None, bf16_io: 
     or bf16 activations (``bf16_io``), or in a decode call with u4 weights."""
     from actsparse.runtime_ext import kernels as ks
 
-    return (kernel or ks.best_kernel()) == "avx512bf16" and ((fmt == "bf16" or bf16_io) and rows > DECODE_ROWS or
-                                                            fmt.startswith("u4") and rows <= DECODE_ROWS)
+    decode = rows <= decode_rows()
+    return (kernel or ks.best_kernel()) == "avx512bf16" and ((fmt == "bf16" or bf16_io) and not decode or
+                                                            fmt.startswith("u4") and decode)
 
 
 def weights_in_bf16(fmt: str, rows: int, kernel: str | None = None, bf16_io: bool = False) -> bool:
     """Whether it also rounds the dequantised weights to bf16: such a prefill with bf16 activations and
     weights of another format."""
-    return bf16_io and fmt != "bf16" and rows > DECODE_ROWS and multiplies_in_bf16(fmt, rows, kernel, bf16_io)
+    return bf16_io and fmt != "bf16" and rows > decode_rows() and multiplies_in_bf16(fmt, rows, kernel, bf16_io)
 
 
 def quantises_activations(fmt: str, rows: int, kernel: str | None = None, group_size: int = 0) -> bool:
@@ -37,7 +51,7 @@ def quantises_activations(fmt: str, rows: int, kernel: str | None = None, group_
     from actsparse.runtime_ext import kernels as ks
 
     return ((kernel or ks.best_kernel()) == "avx512bf16" and fmt in ("u8", "u4", "u4c") and
-            (rows <= DECODE_ROWS or fmt == "u8" or group_size % 128 == 0))
+            (rows <= decode_rows() or fmt == "u8" or group_size % 128 == 0))
 
 
 def _int8(v: np.ndarray, m) -> np.ndarray:

@@ -14,6 +14,7 @@ from .calibration.plan import ALLOCATIONS, CENTERING, METHODS
 from .demo import demo
 from .evaluation import evaluate
 from .pipeline import PREFILL, export
+from .runtime_ext import tuning
 from .serve import run as serve
 
 PROG = "actsparse"
@@ -134,6 +135,12 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_tune(args: argparse.Namespace) -> int:
+    result = tuning.tune(args.threads, args.quick, progress=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Activation sparsity (SCAP) for OpenVINO LLM decoding.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
@@ -178,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster to join ('auto': the one started with ray start); default: a local instance")
     p.set_defaults(func=run_serve)
+    p = sub.add_parser("tune", help="time the op's decode settings on this CPU (a few seconds) and write them to the "
+                                    "cache folder, where the op reads them in every runtime")
+    p.add_argument("--threads", type=_positive, default=None, help="the thread count inference uses (default: "
+                                                                   "every CPU this process may run on)")
+    p.add_argument("--quick", action="store_true", help="fewer timing rounds")
+    p.set_defaults(func=run_tune)
     return parser
 
 

@@ -39,10 +39,12 @@ def _load():
                      "actsparse_core_formats"):
             getattr(lib, name).argtypes = []
             getattr(lib, name).restype = ctypes.c_char_p
-        lib.actsparse_core_get_tuning.argtypes = [p, p, p]
+        lib.actsparse_core_get_tuning.argtypes = [p, p, p, p, p]
         lib.actsparse_core_get_tuning.restype = None
-        lib.actsparse_core_set_tuning.argtypes = [i64, ctypes.c_char, ctypes.c_int]
+        lib.actsparse_core_set_tuning.argtypes = [i64, ctypes.c_char, ctypes.c_int, i64, i64]
         lib.actsparse_core_set_tuning.restype = ctypes.c_int
+        lib.actsparse_core_tuning_report.argtypes = []
+        lib.actsparse_core_tuning_report.restype = ctypes.c_char_p
         lib.actsparse_core_to_huge_pages.argtypes = [p, i64]
         lib.actsparse_core_to_huge_pages.restype = None
         _lib = lib
@@ -80,23 +82,36 @@ def best_kernel() -> str:
 
 
 def get_tuning() -> dict:
-    """The core's decode knobs (see Tuning in actsparse_core.hpp): par_bytes, split ("n", "k" or "") and
-    prefetch ("l1" or "l2"). They start from $ACTSPARSE_PAR_BYTES/_SPLIT/_PREFETCH, read when the library loads."""
-    nbytes, split, l2 = ctypes.c_int64(), ctypes.c_char(), ctypes.c_int()
-    _load().actsparse_core_get_tuning(ctypes.byref(nbytes), ctypes.byref(split), ctypes.byref(l2))
-    return {"par_bytes": nbytes.value, "split": split.value.decode().strip("\0"), "prefetch": "l2" if l2.value else "l1"}
+    """The core's decode knobs (see Tuning in actsparse_core.hpp): par_bytes, split ("n", "k" or ""), prefetch
+    ("l1" or "l2"), decode_max_rows and union_pct. :func:`tuning_report` says where each came from."""
+    nbytes, split, l2, rows, union = ctypes.c_int64(), ctypes.c_char(), ctypes.c_int(), ctypes.c_int64(), ctypes.c_int64()
+    _load().actsparse_core_get_tuning(*map(ctypes.byref, (nbytes, split, l2, rows, union)))
+    return {"par_bytes": nbytes.value, "split": split.value.decode().strip("\0"), "prefetch": "l2" if l2.value else "l1",
+            "decode_max_rows": rows.value, "union_pct": union.value}
 
 
-def set_tuning(par_bytes: Optional[int] = None, split: Optional[str] = None, prefetch: Optional[str] = None) -> None:
+def tuning_report() -> dict:
+    """The knobs now, each as ``{"value", "source"}`` (source "env", "file", "rule", "default", or "set_tuning"
+    where this process changed it), and the tuning file: its path (``file``), whether the library used it
+    (``file_used``), why not where it exists (``file_ignored``), the thread count it was measured with, and its
+    key (``cpu``, ``kernel``, ``version``)."""
+    return json.loads(_load().actsparse_core_tuning_report().decode())
+
+
+def set_tuning(par_bytes: Optional[int] = None, split: Optional[str] = None, prefetch: Optional[str] = None,
+               decode_max_rows: Optional[int] = None, union_pct: Optional[int] = None) -> None:
     """Change the given knobs for this library (not while another thread runs a matmul). The OpenVINO and
-    ONNX Runtime libraries hold their own copies of the core: steer those with the environment variables."""
-    knobs = {**get_tuning(), **{k: v for k, v in
-                                dict(par_bytes=par_bytes, split=split, prefetch=prefetch).items() if v is not None}}
+    ONNX Runtime libraries hold their own copies of the core: steer those with the environment variables or
+    the tuning file (:mod:`actsparse.runtime_ext.tuning`)."""
+    given = dict(par_bytes=par_bytes, split=split, prefetch=prefetch, decode_max_rows=decode_max_rows,
+                 union_pct=union_pct)
+    knobs = {**get_tuning(), **{k: v for k, v in given.items() if v is not None}}
     if knobs["prefetch"] not in ("l1", "l2"):
         raise ValueError(f"prefetch must be l1 or l2, got {knobs['prefetch']!r}")
     lib = _load()
     if lib.actsparse_core_set_tuning(int(knobs["par_bytes"]), knobs["split"].encode()[:1] or b"\0",
-                                     int(knobs["prefetch"] == "l2")):
+                                     int(knobs["prefetch"] == "l2"), int(knobs["decode_max_rows"]),
+                                     int(knobs["union_pct"])):
         raise KernelError(lib.actsparse_core_last_error().decode())
 
 
@@ -307,10 +322,10 @@ def matmul(x, packed: PackedWeight, bias=None, mode=0.0, threshold=0.0, mask=Tru
 
     int8_activations: u8 or u4 weights quantise the activations z = x − m to int8 where the kernel has
     int8 dot products (avx512bf16, which needs AVX512-VNNI too), as the CPU plugin's dynamic quantisation
-    does for its own u8/u4 FullyConnected: in a decode (up to 16 rows) each run of 8 consecutive live
-    channels (u4: within one group), in a prefill each group of 32 channels (u4: only where 128 divides
-    the group size), gets the scale max|z| / 127, and q = round(z / scale). A NaN or Inf keeps the call
-    as it would be without the flag."""
+    does for its own u8/u4 FullyConnected: in a decode (up to get_tuning()["decode_max_rows"] rows) each
+    run of 8 consecutive live channels (u4: within one group), in a prefill each group of 32 channels (u4:
+    only where 128 divides the group size), gets the scale max|z| / 127, and q = round(z / scale). A NaN
+    or Inf keeps the call as it would be without the flag."""
     lib = _load()
     bf16 = isinstance(x, np.ndarray) and x.dtype == np.uint16
     x = np.ascontiguousarray(x) if bf16 else _f32(x)

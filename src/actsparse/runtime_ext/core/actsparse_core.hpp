@@ -254,10 +254,9 @@ struct Params {
   bool bf16_products = false;
 };
 
-// Calls of up to this many rows stream the live weight rows once per row (decode); longer ones pack the
-// weights for a GEMM (prefill), whose packing costs about as much as 20 dense rows: 4096x11008 u8 on 2 Zen 5
-// threads, 0.65 ms a dense row against 13.3 ms for a GEMM of 5 rows. Continuous batching sends such calls.
-constexpr int64_t kDecodeMaxRows = 16;
+// Calls of up to Tuning::decode_max_rows rows stream the live weight rows once per row (decode); longer ones pack
+// the weights for a GEMM (prefill). Continuous batching sends calls of a few rows.
+int64_t decode_max_rows();
 
 // Whether every one of the n floats is a bf16 value (its low 16 bits are zero).
 bool holds_bf16(const float* x, int64_t n);
@@ -338,15 +337,27 @@ void matmul(const void* x, Activations type, int64_t M, const PackedWeight& w, c
 std::vector<std::string> available_kernels();  // supported on this CPU, e.g. {"scalar","avx2","avx512"}
 std::string best_kernel();
 
-// Decode knobs for measurement and tests, process-wide. Initialised from $ACTSPARSE_PAR_BYTES,
-// $ACTSPARSE_SPLIT (n|k) and $ACTSPARSE_PREFETCH (l1|l2) when the library loads; set_tuning changes them
-// (not while a matmul is running).
+// Decode knobs, process-wide (docs/op.md, "Tuning"). When the library loads, each comes from its environment
+// variable ($ACTSPARSE_PAR_BYTES, _SPLIT (n|k), _PREFETCH (l1|l2), _DECODE_MAX_ROWS, _UNION_PCT), else from the
+// tuning file `actsparse tune` wrote for this CPU model, kernel and kTuningVersion (tuning_report()), else from a
+// rule or a default. set_tuning changes them (not while a matmul is running).
 struct Tuning {
-  int64_t par_bytes;  // decode stays on one thread below this many live weight bytes
-  char split;         // 'n' or 'k' forces decode's split over columns or over live rows; '\0': by shape
-  bool prefetch_l2;   // upcoming weight rows are prefetched into L2 far ahead, else into L1 one group ahead
+  int64_t par_bytes;        // decode stays on one thread below this many live weight bytes
+  char split;               // 'n' or 'k' forces decode's split over columns or over live rows; '\0': by shape
+  bool prefetch_l2;         // upcoming weight rows are prefetched into L2 far ahead, else into L1 one group ahead
+  int64_t decode_max_rows;  // calls of up to this many rows take the decode path, longer ones the GEMM
+  int64_t union_pct;        // tokens of one decode call share one pass over the union of their live rows while it
+                            // holds at most this percentage of their mean list's rows
 };
 Tuning tuning();
-void set_tuning(const Tuning& t);
+void set_tuning(const Tuning& t);  // throws std::invalid_argument for a value out of range
+
+// Bumped when the decode path changes enough that tuning files measured on older code no longer apply.
+constexpr int kTuningVersion = 1;
+// The knobs as JSON: each value, where it came from ("env", "file", "rule", "default", "set_tuning") and its
+// value without file or environment ("fallback"); the tuning file for this CPU model, kernel and version,
+// $ACTSPARSE_CACHE (default ~/.cache/actsparse)/tuning/<model>_<kernel>_v<version>.txt, whether it was used and
+// why not where it exists.
+std::string tuning_report();
 
 }  // namespace actsparse

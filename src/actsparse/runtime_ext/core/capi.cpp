@@ -94,21 +94,33 @@ __attribute__((visibility("default"))) const char* actsparse_core_formats(void) 
 
 __attribute__((visibility("default"))) const char* actsparse_core_last_error(void) { return g_error.c_str(); }
 
-__attribute__((visibility("default"))) void actsparse_core_get_tuning(int64_t* par_bytes, char* split, int* prefetch_l2) {
+// The knobs in Tuning's order: par_bytes, split, prefetch_l2, decode_max_rows, union_pct.
+__attribute__((visibility("default"))) void actsparse_core_get_tuning(int64_t* par_bytes, char* split, int* prefetch_l2,
+                                                                      int64_t* decode_max_rows, int64_t* union_pct) {
   const actsparse::Tuning t = actsparse::tuning();
   *par_bytes = t.par_bytes;
   *split = t.split;
   *prefetch_l2 = t.prefetch_l2;
+  *decode_max_rows = t.decode_max_rows;
+  *union_pct = t.union_pct;
 }
 
-__attribute__((visibility("default"))) int actsparse_core_set_tuning(int64_t par_bytes, char split, int prefetch_l2) {
+__attribute__((visibility("default"))) int actsparse_core_set_tuning(int64_t par_bytes, char split, int prefetch_l2,
+                                                                     int64_t decode_max_rows, int64_t union_pct) {
   try {
-    actsparse::set_tuning({par_bytes, split, prefetch_l2 != 0});
+    actsparse::set_tuning({par_bytes, split, prefetch_l2 != 0, decode_max_rows, union_pct});
     return 0;
   } catch (const std::exception& e) {
     g_error = e.what();
   }
   return 1;
+}
+
+// actsparse::tuning_report(), as of this call.
+__attribute__((visibility("default"))) const char* actsparse_core_tuning_report(void) {
+  thread_local std::string s;
+  s = actsparse::tuning_report();
+  return s.c_str();
 }
 
 __attribute__((visibility("default"))) void actsparse_core_to_huge_pages(const void* p, int64_t bytes) {

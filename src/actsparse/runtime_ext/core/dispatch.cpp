@@ -9,9 +9,8 @@
 #include <vector>
 #include <stdexcept>
 
-#include <unistd.h>
-
 #include "kernel_ops.hpp"
+#include "tuning.hpp"
 
 namespace actsparse {
 namespace {
@@ -49,27 +48,13 @@ const KernelEntry* find_kernel(const char* name) {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-int64_t env_int(const char* name, int64_t dflt) {
-  const char* s = std::getenv(name);
-  return s && *s ? std::atoll(s) : dflt;
-}
-
-// Where decode prefetches upcoming weight rows by default: into L1 one group ahead where L1D holds 48 KB
-// or more, into L2 four groups ahead on smaller ones, whose L1 the prefetches thrash (docs/op.md).
-bool prefetch_l2_default() {
-  const char* s = std::getenv("ACTSPARSE_PREFETCH");
-  if (s && *s) return std::strcmp(s, "l2") == 0;
-  const long l1d = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-  return l1d > 0 && l1d < 48 * 1024;
-}
-
-// The knobs of Tuning (read with relaxed loads on every decode call: cheaper than a getenv).
-std::atomic<int64_t> g_par_bytes{env_int("ACTSPARSE_PAR_BYTES", 128 << 10)};
-std::atomic<char> g_split{[] {
-  const char* s = std::getenv("ACTSPARSE_SPLIT");
-  return s && *s ? *s : '\0';
-}()};
-std::atomic<bool> g_prefetch_l2{prefetch_l2_default()};
+// The knobs of Tuning (read with relaxed loads on every call: cheaper than a getenv).
+const Tuning kLoaded = detail::loaded_tuning().tuning;
+std::atomic<int64_t> g_par_bytes{kLoaded.par_bytes};
+std::atomic<char> g_split{kLoaded.split};
+std::atomic<bool> g_prefetch_l2{kLoaded.prefetch_l2};
+std::atomic<int64_t> g_decode_max_rows{kLoaded.decode_max_rows};
+std::atomic<int64_t> g_union_pct{kLoaded.union_pct};
 
 template <class T>
 std::unique_ptr<T[]> scratch(int64_t n) { return std::unique_ptr<T[]>(new T[size_t(std::max<int64_t>(n, 1))]); }
@@ -201,7 +186,8 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
         uidx.push_back(int32_t(k));
       }
     const int64_t U = int64_t(uidx.size());
-    multi = 4 * U * M <= 5 * live_total;  // the tokens' lists are within 1.25x of the union
+    // the union holds at most union_pct % of the tokens' mean list
+    multi = 100 * U * M <= g_union_pct.load(std::memory_order_relaxed) * live_total;
     if (multi) {
       uz.assign(size_t(M * U), 0.f);
       for (int64_t i = 0; i < M; ++i)
@@ -210,7 +196,7 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
   }
 
   const int conc = std::max(1, ex.concurrency());
-  // Below ~128 KiB of weights a thread hand-off costs more than it saves.
+  // Below par_bytes of live weights a thread hand-off costs more than it saves.
   const bool par = conc > 1 && live_total * rb >= g_par_bytes.load(std::memory_order_relaxed);
   const bool prefetch_l2 = g_prefetch_l2.load(std::memory_order_relaxed);
 
@@ -327,7 +313,7 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prefill (M > kDecodeMaxRows): masked rows are packed into [K][MR] panels, weights dequantised per [KC x NC] block
+// Prefill (M > decode_max_rows()): masked rows are packed into [K][MR] panels, weights dequantised per [KC x NC] block
 // into a per-task buffer, then an MR x NR register-blocked micro-kernel. On a kernel with pair_gemm, BF16
 // weights or bf16 activations (a graph OpenVINO runs in bf16; the weights are then rounded too, as its own
 // FullyConnected does) multiply in bf16: panels hold pairs of bf16 values along K, one 32-bit word per pair.
@@ -573,7 +559,7 @@ void matmul(const void* x, Activations type, int64_t M, const PackedWeight& w, c
   // and smaller groups make the int8 prefill slower than bf16 pairs (docs/op.md)
   const bool q8 = p.int8_activations && ops.q8_gemm && ops.q8_quantise &&
                   (w.format == WeightFormat::U8 || (w.format == WeightFormat::U4 && w.group_size % 128 == 0));
-  if (M <= kDecodeMaxRows) decode(ops, x, M, w, bias, p, y, bf16, ex);
+  if (M <= decode_max_rows()) decode(ops, x, M, w, bias, p, y, bf16, ex);
   else if (!(q8 && prefill_q8(ops, x, M, w, bias, p, y, bf16, ex))) prefill(ops, x, M, w, bias, p, y, bf16, ex);
 }
 
@@ -591,16 +577,21 @@ std::vector<std::string> available_kernels() {
 
 std::string best_kernel() { return find_kernel(nullptr)->name; }
 
+int64_t decode_max_rows() { return g_decode_max_rows.load(std::memory_order_relaxed); }
+
 Tuning tuning() {
   return {g_par_bytes.load(std::memory_order_relaxed), g_split.load(std::memory_order_relaxed),
-          g_prefetch_l2.load(std::memory_order_relaxed)};
+          g_prefetch_l2.load(std::memory_order_relaxed), g_decode_max_rows.load(std::memory_order_relaxed),
+          g_union_pct.load(std::memory_order_relaxed)};
 }
 
 void set_tuning(const Tuning& t) {
-  if (t.split != '\0' && t.split != 'n' && t.split != 'k') throw std::invalid_argument("actsparse: split must be n, k or empty");
+  detail::check_tuning(t);
   g_par_bytes.store(t.par_bytes, std::memory_order_relaxed);
   g_split.store(t.split, std::memory_order_relaxed);
   g_prefetch_l2.store(t.prefetch_l2, std::memory_order_relaxed);
+  g_decode_max_rows.store(t.decode_max_rows, std::memory_order_relaxed);
+  g_union_pct.store(t.union_pct, std::memory_order_relaxed);
 }
 
 }  // namespace actsparse

@@ -146,7 +146,7 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     const auto type = x.get_element_type() == ov::element::f32 ? Activations::F32 : Activations::BF16;
     // f32 x holding only bf16 values: the plugin runs the graph in bf16 and widened x for the op (it keeps a
     // custom op's declared types). The prompt then multiplies in bf16, as the plugin's own FullyConnected does.
-    p.bf16_products = type == Activations::F32 && M > kDecodeMaxRows && holds_bf16(x.data<const float>(), M * K);
+    p.bf16_products = type == Activations::F32 && M > decode_max_rows() && holds_bf16(x.data<const float>(), M * K);
     matmul(x.data(), type, M, weight, bound.bias(params), p, outputs[0].data(), OpenVINOExecutor{});
     return true;
 }
