@@ -217,6 +217,9 @@ def load(folder: Path, plan: dict, device: str = "CPU", **kwargs):
         if "GPU" in device.upper():
             configure_gpu(core)
         register(core)
+    if "GPU" in device.upper():
+        # the GPU plugin's default f16 would hand the op f16 x, which its validation refuses (docs/op.md: GPU)
+        kwargs["ov_config"] = {"INFERENCE_PRECISION_HINT": "f32", **(kwargs.get("ov_config") or {})}
     if kwargs.get("compile_only"):
         return OVModelForCausalLM.from_pretrained(folder, device=device, **kwargs)
     compile_now = kwargs.pop("compile", True)
