@@ -26,64 +26,18 @@ skipped bytes alone), the bandwidth limit 1/(1-s), the effective GB/s of weight 
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import sys
 
 import numpy as np
 import openvino as ov
-from openvino import opset13 as ops
 
 from actsparse.backends.openvino import prepare
-from actsparse.backends.openvino.calibration import find_groups
-from actsparse.backends.openvino.fuse import fuse, materialize
-from actsparse.backends.openvino.passes import apply_plan
+from actsparse.backends.openvino.probe import dense_model, fc_precision, fused_model
 from actsparse.runtime_ext import register
 
 from _harness import SPARSITIES, add_kernel_args, emit, layers_for, parse_kernel_args, parser, time_ms
 
 BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
-
-
-def dense_model(k: int, n: int, fmt: str, rng, layers: int) -> ov.Model:
-    """``layers`` down projections of x side by side (each behind its own Multiply, so each is its own group)."""
-    x = ops.parameter([-1, -1, k], np.float32, name="x")
-    outputs = []
-    for i in range(layers):
-        h = ops.multiply(x, np.float32(1.0), name=f"__module.model.layers.{i}.mlp/aten::mul/Multiply")
-        w = rng.standard_normal((n, k), np.float32) * 0.02
-        weight = ops.convert(ops.constant(w.astype(np.float16)), "f32") if fmt == "fp16" else ops.constant(w)
-        outputs.append(ops.matmul(h, weight, False, True, name=f"__module.model.layers.{i}.mlp.down_proj/aten::linear/MatMul"))
-    model = ov.Model(outputs, [x])
-    if fmt in ("int8", "int4"):
-        import nncf  # only for these formats: it takes seconds to import
-
-        nncf.set_log_level(logging.ERROR)  # its tables would go to stdout, which carries the JSON
-        mode = nncf.CompressWeightsMode.INT8_ASYM if fmt == "int8" else nncf.CompressWeightsMode.INT4_ASYM
-        with contextlib.redirect_stdout(sys.stderr):  # its progress bar too
-            # all_layers: NNCF otherwise keeps the last MatMul of a model (this one) at int8
-            model = nncf.compress_weights(model, mode=mode, **({"group_size": 128, "ratio": 1.0, "all_layers": True}
-                                                               if fmt == "int4" else {}))
-    return model
-
-
-def fused_model(model: ov.Model, tau: float, core: ov.Core, fmt: str) -> ov.Model:
-    model = model.clone()
-    layers = [{"module": t.module, "node": t.node, "kind": t.kind, "group": g.name, "in_features": t.in_features,
-               "out_features": t.out_features, "mode": 0.0, "threshold": tau, "target_sparsity": 0.5}
-              for g in find_groups(model, {"down"}) for t in g.targets]
-    plan = {"weight_format": fmt, "layers": layers}
-    apply_plan(model, plan, "dense")
-    assert fuse(model, plan)["fused"] == len(model.outputs) == len(layers)
-    return materialize(model, core)
-
-
-def fc_precision(compiled: ov.CompiledModel) -> str:
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        info = op.get_rt_info()
-        if info["layerType"].astype(str) == "FullyConnected":
-            return f'{info["runtimePrecision"].astype(str)} ({info["primitiveType"].astype(str)})'
-    return "no FullyConnected"
 
 
 def main() -> None:
@@ -98,8 +52,8 @@ def main() -> None:
         xs = [rng.standard_normal((1, 1, k)).astype(np.float32) for _ in range(16)]
         for fmt in args.formats:
             layers = layers_for(args.min_mb, k * n * BYTES[fmt])
-            dense = dense_model(k, n, fmt, rng, layers)
-            fused = {s: fused_model(dense, float(np.quantile(np.abs(np.concatenate(xs)), s)), core, fmt)
+            dense = dense_model([(k, n)] * layers, fmt, rng)
+            fused = {s: fused_model(dense, {k: float(np.quantile(np.abs(np.concatenate(xs)), s))}, core, fmt)
                      for s in SPARSITIES}
             for threads in args.threads:
                 config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}

@@ -128,11 +128,16 @@ def measure(folder: str | os.PathLike, prompt_tokens: int, decode_tokens: int, t
 
 def _measure_in_subprocess(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int | None,
                            runtime: str) -> dict:
-    cmd = [sys.executable, "-m", "actsparse.benchmark", str(folder), str(prompt_tokens), str(decode_tokens),
-           str(threads or 0), runtime]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return run_json("actsparse.benchmark", folder, prompt_tokens, decode_tokens, threads or 0, runtime,
+                    what=f"benchmark of {folder}")
+
+
+def run_json(module: str, *args, what: str) -> dict:
+    """``python -m module ARGS`` in a process of its own: the JSON of its last stdout line, or one
+    :class:`ActSparseError` line (``what`` failed: its last error line)."""
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True)
     if proc.returncode:
-        raise ActSparseError(f"benchmark of {folder} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise ActSparseError(f"{what} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

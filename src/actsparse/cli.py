@@ -118,7 +118,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    demo(args.output, force=args.force)
+    demo(args.output, force=args.force, weight_format=args.weight_format)
     return 0
 
 
@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="export, evaluate and run the embedded default model end to end")
     p.add_argument("--output", default=None, help="keep the two exports here (default: a temporary folder)")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--weight-format", default=None, choices=WEIGHT_FORMATS,
+                   help="export in this format at up/gate 0.5 + down 0.5 (default: the format and sparsity a short "
+                        "probe of the model's layers predicts to gain most lightly on this machine)")
     p.set_defaults(func=run_demo)
     p = sub.add_parser("serve", help="serve an OpenVINO export over HTTP (OpenAI-style /v1/completions) with "
                                      "Ray Serve replicas of openvino-genai; needs actsparse[serve]")
