@@ -62,7 +62,41 @@ def test_bench_reports_both_baselines_from_one_run(exports):
     assert not list(exports["sparse"].parent.glob(".sparse.s0-*"))  # its s=0 export was temporary
 
 
-def test_bench_refuses_a_baseline_in_another_weight_format(exports, tiny_llama, texts, tmp_path):
-    int8 = actsparse.export(str(tiny_llama), tmp_path / "int8", weight_format="int8", sparsity={"sparsity": 0})
+def test_bench_refuses_a_baseline_in_another_weight_format(exports, tmp_path):
+    import json
+    import shutil
+
+    other = shutil.copytree(exports["dense"], tmp_path / "dense-int8")
+    plan = plan_of(other)
+    (other / "actsparse.json").write_text(json.dumps({**plan, "weight_format": "int8"}))
     with pytest.raises(ActSparseError, match="weight format int8, the export fp32"):
-        bench(exports["sparse"], int8, runs=1)
+        bench(exports["sparse"], other, runs=1)
+
+
+def test_zero_export_of_an_onnx_export_computes_the_dense_model(tiny_llama, texts, tmp_path):
+    """ONNX Runtime, exact f32, every token through the op at threshold 0: the dense export's logits."""
+    import onnx
+
+    from actsparse.backends.onnx.passes import set_prefill_sparse
+    from actsparse.backends.onnx.runtime import feed, onnxruntime_problem, session
+
+    skip_without_extension(onnxruntime_problem())
+    common = dict(format="onnx", calibration=str(texts["calibration"]), **CALIB)
+    dense = actsparse.export(str(tiny_llama), tmp_path / "dense", sparsity={"sparsity": 0}, **common)
+    sparse = actsparse.export(str(tiny_llama), tmp_path / "sparse", sparsity={"up": 0.5, "down": 0.5},
+                              mode_centering="on", **common)
+    zero = export_at_zero(sparse, dense, tmp_path / "s0")
+    assert plan_of(zero)["passes"]["fused"] == plan_of(sparse)["passes"]["fused"] > 0
+    ids = _ids(dense, texts)
+
+    def run(folder, prefill_sparse=False):
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        if prefill_sparse:
+            set_prefill_sparse(graph)
+        return graph, session(graph, folder, exact=True)
+
+    graph, sess = run(zero, prefill_sparse=True)
+    assert sum(node.op_type == OP_TYPE for node in graph.graph.node) == plan_of(sparse)["passes"]["masks"]
+    got = sess.run(["logits"], feed(sess.get_inputs(), ids))[0]
+    _, sess = run(dense)
+    np.testing.assert_allclose(got, sess.run(["logits"], feed(sess.get_inputs(), ids))[0], atol=2e-4, rtol=1e-3)
