@@ -30,8 +30,10 @@ RUNTIMES = ("openvino", "genai")
 
 def bench(output: str | os.PathLike, baseline: str | os.PathLike, *, prompt_tokens: int = 256,
           decode_tokens: int = 32, runs: int = 3, threads: int | None = None, runtime: str = "openvino") -> dict:
-    """``runtime``: "openvino" (the model compiled as ``actsparse.load`` does) or "genai" (openvino-genai's
-    ``LLMPipeline``: TTFT as prefill, TPOT as decode, from its ``PerfMetrics``)."""
+    """Decode and prefill of the export ``output`` (key "sparse"), of ``baseline`` ("dense", the dense export in the
+    same weight format) and of our op at s=0 ("s0", made by :func:`export_at_zero` in a temporary folder beside
+    ``output``), with the ratios between them. ``runtime``: "openvino" (the model compiled as ``actsparse.load``
+    does) or "genai" (openvino-genai's ``LLMPipeline``: TTFT as prefill, TPOT as decode, from its ``PerfMetrics``)."""
     if runtime not in RUNTIMES:
         raise ActSparseError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
     output, baseline = Path(output), Path(baseline)
@@ -47,9 +49,9 @@ def bench(output: str | os.PathLike, baseline: str | os.PathLike, *, prompt_toke
                              f"{plan.get('weight_format')}: give the dense export in the same weight format")
     samples: dict[str, list[dict]] = {"sparse": [], "s0": [], "dense": []}
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.s0-", dir=output.parent) as scratch:
-        zero = export_at_zero(output, baseline, Path(scratch) / "s0")
+        at_zero = export_at_zero(output, baseline, Path(scratch) / "s0")
         for _ in range(runs):
-            for name, folder in (("sparse", output), ("s0", zero), ("dense", baseline)):
+            for name, folder in (("sparse", output), ("s0", at_zero), ("dense", baseline)):
                 samples[name].append(_measure_in_subprocess(folder, prompt_tokens, decode_tokens, threads, runtime))
     result = {"model": str(output), "baseline": str(baseline), "runtime": runtime, "prompt_tokens": prompt_tokens,
               "decode_tokens": decode_tokens, "runs": runs, "threads": threads}
