@@ -147,8 +147,8 @@ def test_demo_says_whether_the_sparse_model_gains():
 
 
 def _probe(dense_ms: float, **ours_ms: float) -> dict:
-    """A probe result of one format: the plugin's ms and ours at s=0, up/gate 0.3 + down 0.5 and 0.5 + 0.5."""
-    keys = {"s0": "0/0", "light": "0.3/0.5", "heavy": "0.5/0.5"}
+    """A probe result of one format: the plugin's ms and ours at s=0, up/gate 0.3 + down 0.5 and 0.4 + 0.6."""
+    keys = {"s0": "0/0", "light": "0.3/0.5", "heavy": "0.4/0.6"}
     return {"dense_ms": dense_ms, "fc_precision": "x", "ours_ms": {keys[k]: v for k, v in ours_ms.items()}}
 
 
@@ -168,7 +168,7 @@ def test_demo_picks_the_lightest_sparsity_predicted_to_gain_in_its_best_format()
     # (int8 2.5x beats bf16 1.67x)
     speeds["bf16"] = _probe(10.0, s0=12.0, light=8.5, heavy=6.0)
     heavy = choose(speeds, 0.5)
-    assert (heavy["weight_format"], heavy["sparsity"]["up"], heavy["gains"]) == ("int8", 0.5, True)
+    assert (heavy["weight_format"], heavy["sparsity"], heavy["gains"]) == ("int8", {"up": 0.4, "down": 0.6}, True)
 
 
 def test_demo_says_when_no_setting_is_predicted_to_gain():
@@ -177,7 +177,7 @@ def test_demo_says_when_no_setting_is_predicted_to_gain():
     speeds = {"bf16": _probe(10.0, s0=14.0, light=13.0, heavy=11.0), "int8": _probe(5.0, s0=6.0, light=5.6, heavy=5.2)}
     choice = choose(speeds, 0.6)
     assert not choice["gains"] and choice["predicted"] < 1
-    assert (choice["weight_format"], choice["sparsity"]["up"]) == ("int8", 0.5)  # the closest: 5.0 / 5.2
+    assert (choice["weight_format"], choice["sparsity"]["up"]) == ("int8", 0.4)  # the closest: 5.0 / 5.2
     assert "no format and sparsity tried is predicted to gain 10 % on this machine" in choice["reason"]
 
 

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="keep the two exports here (default: a temporary folder)")
     p.add_argument("--force", action="store_true")
     p.add_argument("--weight-format", default=None, choices=WEIGHT_FORMATS,
-                   help="export in this format at up/gate 0.5 + down 0.5 (default: the format and sparsity a short "
+                   help="export in this format at up/gate 0.4 + down 0.6 (default: the format and sparsity a short "
                         "probe of the model's layers predicts to gain most lightly on this machine)")
     p.set_defaults(func=run_demo)
     p = sub.add_parser("serve", help="serve an OpenVINO export over HTTP (OpenAI-style /v1/completions) with "
