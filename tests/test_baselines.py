@@ -100,3 +100,28 @@ def test_zero_export_of_an_onnx_export_computes_the_dense_model(tiny_llama, text
     got = sess.run(["logits"], feed(sess.get_inputs(), ids))[0]
     _, sess = run(dense)
     np.testing.assert_allclose(got, sess.run(["logits"], feed(sess.get_inputs(), ids))[0], atol=2e-4, rtol=1e-3)
+
+
+def test_probe_layers_fused_at_threshold_0_compute_the_dense_layers():
+    """The demo's probe (and kernel_bench) time these models: ours at s=0 must be the plugin's product, in f32."""
+    import openvino as ov
+
+    from actsparse.backends.openvino.graph import EXACT_CONFIG
+    from actsparse.backends.openvino.probe import dense_model, fused_model
+    from actsparse.runtime_ext import register
+
+    rng = np.random.default_rng(1)
+    core = ov.Core()
+    register(core)
+    dense = dense_model([(64, 320), (160, 64)] * 2, "fp32", rng)
+    x = {0: rng.standard_normal((1, 1, 64)).astype(np.float32), 1: rng.standard_normal((1, 1, 160)).astype(np.float32)}
+
+    def outputs(model):
+        return list(core.compile_model(model, "CPU", EXACT_CONFIG).create_infer_request().infer(x).values())
+
+    expected = outputs(dense)
+    assert len(expected) == 4 and [y.shape[-1] for y in expected] == [320, 64, 320, 64]
+    for got, want in zip(outputs(fused_model(dense, {64: 0.0, 160: 0.0}, core, "fp32")), expected):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    pruned = outputs(fused_model(dense, {64: 0.7, 160: 0.7}, core, "fp32"))
+    assert np.abs(pruned[0] - expected[0]).max() > 1e-3  # a threshold does prune
