@@ -1,4 +1,5 @@
-"""End-to-end decode: an actsparse export against its dense baseline, via ``actsparse bench``. Prints JSON.
+"""End-to-end decode: an actsparse export against the dense export and against our op at s=0 (the same weights
+fused at threshold 0), from the same alternating runs of ``actsparse bench``. Prints JSON.
 
 Models: SmolLM2-135M (built in) and a TinyLlama-shaped model with random weights (hidden 2048,
 intermediate 5632, 8 layers, 32 query / 4 KV heads, SmolLM2's tokenizer) by default; any other
@@ -51,7 +52,7 @@ def main() -> None:
     p.add_argument("--up", type=float, default=0.5, help="--sparsity-up of the sparse export")
     p.add_argument("--down", type=float, default=0.5, help="--sparsity-down of the sparse export")
     add_threads(p, None)
-    p.add_argument("--runs", type=int, default=3, help="alternating dense/sparse runs of actsparse bench")
+    p.add_argument("--runs", type=int, default=3, help="alternating sparse/s=0/dense runs of actsparse bench")
     p.add_argument("--export-only", action="store_true", help="make the exports, measure nothing")
     args = p.parse_args()
     work = Path(args.work)
@@ -73,8 +74,9 @@ def main() -> None:
             result = json.loads(run_cli("bench", sparse, "--baseline", dense, "--json", "--runs", args.runs, *extra)[0])
             result.update(model_name=name, runtime=runtime, weight_format=fmt, up=args.up, down=args.down)
             results.append(result)
-            print(f"{name} {runtime} {fmt}: decode {result['dense']['decode_ms_per_token']:.2f} -> "
-                  f"{result['sparse']['decode_ms_per_token']:.2f} ms/token = {result['decode_speedup']:.3f}x "
+            print(f"{name} {runtime} {fmt}: decode dense {result['dense']['decode_ms_per_token']:.2f}, our s=0 "
+                  f"{result['s0']['decode_ms_per_token']:.2f} -> {result['sparse']['decode_ms_per_token']:.2f} "
+                  f"ms/token = {result['decode_speedup']:.3f}x dense, {result['decode_speedup_vs_s0']:.3f}x s=0 "
                   f"(limit {result['amdahl_limit']:.3f}x), prefill {result['prefill_ratio']:.2f}x, "
                   f"memory {result['memory_ratio']:.2f}x", file=sys.stderr)
     emit({"results": results}, args)

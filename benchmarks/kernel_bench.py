@@ -17,72 +17,27 @@ the other formats use the default precision too. Each row records the precision 
 fused models are prepared as actsparse.load and actsparse bench prepare them (actsparse.backends.openvino.prepare:
 bf16 Converts around the ops where the plugin runs bf16); their u8/u4 decode multiplies f32 activations, where
 the plugin's default dynamic quantisation gives its own int8/int4 FullyConnected int8 ones.
-Reports median ms over many calls (models timed in interleaved rounds), the ratio against dense (speed-up),
-the bandwidth limit 1/(1-s), the effective GB/s of weight bytes read, and the plugin's FullyConnected precision.
+Reports median ms over many calls (models timed in interleaved rounds), the ratio against both baselines: the
+plugin's FullyConnected (speedup_vs_dense; at s=0 our op's own speed) and our op at s=0 (speedup_vs_own_s0: the
+skipped bytes alone), the bandwidth limit 1/(1-s), the effective GB/s of weight bytes read, and the plugin's FullyConnected precision.
 
     python benchmarks/kernel_bench.py [--quick] [--shapes KxN ...] [--threads 1 2] [--formats fp32 bf16 fp16 int8 int4]
                                       [--min-mb MB] [--rounds R] [--output FILE]
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import sys
 
 import numpy as np
 import openvino as ov
-from openvino import opset13 as ops
 
 from actsparse.backends.openvino import prepare
-from actsparse.backends.openvino.calibration import find_groups
-from actsparse.backends.openvino.fuse import fuse, materialize
-from actsparse.backends.openvino.passes import apply_plan
+from actsparse.backends.openvino.probe import dense_model, fc_precision, fused_model
 from actsparse.runtime_ext import register
 
 from _harness import SPARSITIES, add_kernel_args, emit, layers_for, parse_kernel_args, parser, time_ms
 
 BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
-
-
-def dense_model(k: int, n: int, fmt: str, rng, layers: int) -> ov.Model:
-    """``layers`` down projections of x side by side (each behind its own Multiply, so each is its own group)."""
-    x = ops.parameter([-1, -1, k], np.float32, name="x")
-    outputs = []
-    for i in range(layers):
-        h = ops.multiply(x, np.float32(1.0), name=f"__module.model.layers.{i}.mlp/aten::mul/Multiply")
-        w = rng.standard_normal((n, k), np.float32) * 0.02
-        weight = ops.convert(ops.constant(w.astype(np.float16)), "f32") if fmt == "fp16" else ops.constant(w)
-        outputs.append(ops.matmul(h, weight, False, True, name=f"__module.model.layers.{i}.mlp.down_proj/aten::linear/MatMul"))
-    model = ov.Model(outputs, [x])
-    if fmt in ("int8", "int4"):
-        import nncf  # only for these formats: it takes seconds to import
-
-        nncf.set_log_level(logging.ERROR)  # its tables would go to stdout, which carries the JSON
-        mode = nncf.CompressWeightsMode.INT8_ASYM if fmt == "int8" else nncf.CompressWeightsMode.INT4_ASYM
-        with contextlib.redirect_stdout(sys.stderr):  # its progress bar too
-            # all_layers: NNCF otherwise keeps the last MatMul of a model (this one) at int8
-            model = nncf.compress_weights(model, mode=mode, **({"group_size": 128, "ratio": 1.0, "all_layers": True}
-                                                               if fmt == "int4" else {}))
-    return model
-
-
-def fused_model(model: ov.Model, tau: float, core: ov.Core, fmt: str) -> ov.Model:
-    model = model.clone()
-    layers = [{"module": t.module, "node": t.node, "kind": t.kind, "group": g.name, "in_features": t.in_features,
-               "out_features": t.out_features, "mode": 0.0, "threshold": tau, "target_sparsity": 0.5}
-              for g in find_groups(model, {"down"}) for t in g.targets]
-    plan = {"weight_format": fmt, "layers": layers}
-    apply_plan(model, plan, "dense")
-    assert fuse(model, plan)["fused"] == len(model.outputs) == len(layers)
-    return materialize(model, core)
-
-
-def fc_precision(compiled: ov.CompiledModel) -> str:
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        info = op.get_rt_info()
-        if info["layerType"].astype(str) == "FullyConnected":
-            return f'{info["runtimePrecision"].astype(str)} ({info["primitiveType"].astype(str)})'
-    return "no FullyConnected"
 
 
 def main() -> None:
@@ -97,8 +52,8 @@ def main() -> None:
         xs = [rng.standard_normal((1, 1, k)).astype(np.float32) for _ in range(16)]
         for fmt in args.formats:
             layers = layers_for(args.min_mb, k * n * BYTES[fmt])
-            dense = dense_model(k, n, fmt, rng, layers)
-            fused = {s: fused_model(dense, float(np.quantile(np.abs(np.concatenate(xs)), s)), core, fmt)
+            dense = dense_model([(k, n)] * layers, fmt, rng)
+            fused = {s: fused_model(dense, {k: float(np.quantile(np.abs(np.concatenate(xs)), s))}, core, fmt)
                      for s in SPARSITIES}
             for threads in args.threads:
                 config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
@@ -131,8 +86,8 @@ def main() -> None:
                     entry["speedup_vs_own_s0"] = s0 / entry["ms"]
                 rows.append(row)
                 print(f"{k}x{n} {fmt} t{threads} x{layers}: dense {dense_ms:.2f} ms ({row['dense_fc_precision']}) | " +
-                      " ".join(f"s{e['sparsity']}: {e['ms']:.2f} ({e['speedup_vs_dense']:.2f}x)" for e in row["sparse"]),
-                      file=sys.stderr)
+                      " ".join(f"s{e['sparsity']}: {e['ms']:.2f} ({e['speedup_vs_dense']:.2f}x dense, "
+                               f"{e['speedup_vs_own_s0']:.2f}x s0)" for e in row["sparse"]), file=sys.stderr)
     emit({"device": "CPU", "results": rows}, args)
 
 

@@ -66,13 +66,19 @@ def at(row: dict, sparsity: float) -> dict:
     return next(s for s in row["sparse"] if abs(s["sparsity"] - sparsity) < 1e-9)
 
 
+def own_speedups(row: dict) -> dict[float, float]:
+    """{sparsity: our time at s=0 ÷ our time}: the gain of the skipped bytes alone."""
+    return {s["sparsity"]: at(row, 0.0)["ms"] / s["ms"] for s in row["sparse"]}
+
+
 def kernel_section(data: dict) -> list[str]:
     rows = data["results"]
     sizes = sorted({r["K"] * r["N"] for r in rows}, reverse=True)
     large = set(sizes[:2])
     out = ["Speed-up against the dense op (its time ÷ ours), median over the shapes; \"large\" is the median over "
-           "the two largest. GB/s count the weight bytes read (all for dense, the live rows for ours), median over "
-           "the large shapes.", ""]
+           "the two largest. The s=0 column is our op against the dense op on the same weights; \"vs our s=0\" is "
+           "our time at s=0 ÷ ours at that sparsity (the skipped bytes alone), median over the shapes. GB/s count "
+           "the weight bytes read (all for dense, the live rows for ours), median over the large shapes.", ""]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["format"], r["threads"]), []).append(r)
@@ -82,10 +88,12 @@ def kernel_section(data: dict) -> list[str]:
         summary.append([fmt, str(threads), dense_side(rs[0])[0], str(len(rs))]
                        + [x(median(speedups(r)[s] for r in rs)) for s in SPARSITIES]
                        + [x(median(speedups(r)[s] for r in big)) for s in (0.0, 0.5, 0.9)]
+                       + [x(median(own_speedups(r)[s] for r in rs)) for s in (0.5, 0.9)]
                        + [f"{median(dense_side(r)[2] for r in big):.0f}",
                           " / ".join(f"{median(at(r, s)['gbps'] for r in big):.0f}" for s in (0.0, 0.5, 0.9))])
     out += table(["format", "threads", "dense op", "shapes"] + [f"s={s:g}" for s in SPARSITIES]
-                 + ["large: s=0", "s=0.5", "s=0.9", "dense GB/s", "ours GB/s at s=0 / 0.5 / 0.9"], summary)
+                 + ["large: s=0", "s=0.5", "s=0.9", "vs our s=0: s=0.5", "s=0.9", "dense GB/s",
+                    "ours GB/s at s=0 / 0.5 / 0.9"], summary)
     out += ["", "Per shape: ms per layer, dense and ours at each sparsity (speed-up in brackets).", ""]
     detail = []
     for r in rows:
@@ -120,14 +128,18 @@ def e2e_section(data: dict) -> list[str]:
             speed = f"{m('decode_speedup'):.3f}×"
             if len(rs) > 1:
                 speed += " (" + ", ".join(f"{r['decode_speedup']:.3f}" for r in rs) + ")"
+            # our op at s=0, where the run timed it (bench before it did not)
+            zero = (f"{m('s0', 'decode_ms_per_token'):.2f}", f"{m('decode_speedup_vs_s0'):.3f}×",
+                    f"{100 * m('of_limit_vs_s0'):.0f} %") if all("s0" in r for r in rs) else ("—",) * 3
             lines.append([model, RUNTIMES.get(runtime, runtime), weights, f"{up:g} / {down:g}",
-                          f"{m('dense', 'decode_ms_per_token'):.2f}", f"{m('sparse', 'decode_ms_per_token'):.2f}",
-                          speed, f"{m('amdahl_limit'):.3f}×", f"{100 * m('of_limit'):.0f} %",
+                          f"{m('dense', 'decode_ms_per_token'):.2f}", zero[0], f"{m('sparse', 'decode_ms_per_token'):.2f}",
+                          speed, zero[1], f"{m('amdahl_limit'):.3f}×", f"{100 * m('of_limit'):.0f} %", zero[2],
                           f"{m('dense', 'prefill_ms'):.0f} → {m('sparse', 'prefill_ms'):.0f} ({x(m('prefill_ratio'))})",
                           f"{m('dense', 'peak_rss_mb'):.0f} → {m('sparse', 'peak_rss_mb'):.0f} "
                           f"({x(m('memory_ratio'))})"])
-        out += table(["model", "runtime", "weights", "up / down", "dense ms/token", "sparse ms/token",
-                      "speed-up (rounds)", "limit", "of limit", "prefill ms dense → sparse",
+        out += table(["model", "runtime", "weights", "up / down", "dense ms/token", "our s=0 ms/token",
+                      "sparse ms/token", "speed-up vs dense (rounds)", "vs our s=0", "limit", "of limit",
+                      "of limit vs s=0", "prefill ms dense → sparse",
                       "peak RSS MB dense → sparse"], lines) + [""]
     return out[:-1]
 

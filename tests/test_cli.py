@@ -132,12 +132,60 @@ def test_optimum_cli_export_actsparse(tiny_llama, texts, tmp_path):
 
 
 def test_demo_says_whether_the_sparse_model_gains():
-    """The demo's verdict line compares the speed-up with the spread of the dense runs."""
+    """The demo's verdict line compares the speed-up with the spread of the dense runs, and says where a loss lies."""
     from actsparse.demo import verdict
 
     def speed(ratio, dense_runs):
-        return {"decode_speedup": ratio, "amdahl_limit": 1.4, "dense": {"decode_ms_per_token_runs": dense_runs}}
+        return {"decode_speedup": ratio, "amdahl_limit": 1.4, "dense": {"decode_ms_per_token_runs": dense_runs},
+                "decode_speedup_vs_s0": 1.25, "s0_vs_dense": ratio / 1.25}
 
     assert verdict(speed(1.2, [10.0, 10.2, 10.1])).startswith("the sparse model decodes faster here: 1.20x, 50 %")
     assert "no faster than dense here (1.03x, within the 10 %" in verdict(speed(1.03, [10.0, 11.0, 10.5]))
-    assert "slower than dense here (0.80x)" in verdict(speed(0.8, [10.0, 10.1, 10.0]))
+    slower = verdict(speed(0.8, [10.0, 10.1, 10.0]))
+    assert "slower than dense here (0.80x)" in slower
+    assert "gave 1.25x over our op at s=0, which itself decodes 0.64x the dense export's speed" in slower
+
+
+def _probe(dense_ms: float, **ours_ms: float) -> dict:
+    """A probe result of one format: the plugin's ms and ours at s=0, up/gate 0.3 + down 0.5 and 0.4 + 0.6."""
+    keys = {"s0": "0/0", "light": "0.3/0.5", "heavy": "0.4/0.6"}
+    return {"dense_ms": dense_ms, "fc_precision": "x", "ours_ms": {keys[k]: v for k, v in ours_ms.items()}}
+
+
+def test_demo_picks_the_lightest_sparsity_predicted_to_gain_in_its_best_format():
+    from actsparse.demo import MIN_GAIN, choose
+
+    speeds = {"bf16": _probe(10.0, s0=12.0, light=8.0, heavy=6.0), "int8": _probe(5.0, s0=5.0, light=3.5, heavy=3.0)}
+    # half the bytes in the MLP: bf16 light 1/(0.5 + 0.5 * 0.8) = 1.111, int8 light 1/(0.5 + 0.35) = 1.176
+    choice = choose(speeds, 0.5)
+    assert choice["gains"] and choice["weight_format"] == "int8" and choice["sparsity"] == {"up": 0.3, "down": 0.5}
+    assert choice["predicted"] == pytest.approx(1 / 0.85) and choice["predicted"] > MIN_GAIN
+    assert choice["reason"].startswith("int8 at up/gate 0.3 + down 0.5: our op ran the MLP layers 1.43x")
+    # int8 no longer gains lightly; bf16 light 1.111 does, before any heavier setting
+    speeds["int8"] = _probe(5.0, s0=6.0, light=5.5, heavy=2.0)
+    assert (choose(speeds, 0.5)["weight_format"], choose(speeds, 0.5)["sparsity"]["up"]) == ("bf16", 0.3)
+    # bf16 light 1/(0.5 + 0.5 * 0.85) = 1.081 falls short of MIN_GAIN: the heavier sparsity in its best format
+    # (int8 2.5x beats bf16 1.67x)
+    speeds["bf16"] = _probe(10.0, s0=12.0, light=8.5, heavy=6.0)
+    heavy = choose(speeds, 0.5)
+    assert (heavy["weight_format"], heavy["sparsity"], heavy["gains"]) == ("int8", {"up": 0.4, "down": 0.6}, True)
+
+
+def test_demo_says_when_no_setting_is_predicted_to_gain():
+    from actsparse.demo import choose
+
+    speeds = {"bf16": _probe(10.0, s0=14.0, light=13.0, heavy=11.0), "int8": _probe(5.0, s0=6.0, light=5.6, heavy=5.2)}
+    choice = choose(speeds, 0.6)
+    assert not choice["gains"] and choice["predicted"] < 1
+    assert (choice["weight_format"], choice["sparsity"]["up"]) == ("int8", 0.4)  # the closest: 5.0 / 5.2
+    assert "no format and sparsity tried is predicted to gain 10 % on this machine" in choice["reason"]
+
+
+def test_demo_mlp_share_counts_every_linear_of_smollm2():
+    """SmolLM2-135M: 30 layers of 576 x 1536 MLPs and 9/3-head attention, a tied 49152-token head."""
+    from actsparse.demo import mlp_share
+
+    config = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+              "num_key_value_heads": 3, "vocab_size": 49152}
+    mlp, attention, head = 30 * 3 * 576 * 1536, 30 * (2 * 576 * 576 + 2 * 576 * 192), 49152 * 576
+    assert mlp_share(config) == pytest.approx(mlp / (mlp + attention + head))
