@@ -67,6 +67,33 @@ def test_bf16_checkpoint_exports_int4_from_its_16bit_weights(bf16_llama, texts, 
     assert all(s["seconds"] > 0 and s["peak_rss_gib"] > 0 for s in stages.values())
 
 
+def _rss_file_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) << 10 for line in status if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="RSS is read from Linux's /proc")
+def test_stage_peak_and_dropped_mapped_pages(tmp_path):
+    """A stage records the peak of a transient allocation; pages of a mapped file leave the RSS while
+    dropping_mapped_pages runs and read back unchanged."""
+    with common.recording_stages() as stages, common.stage("spike"):
+        base = common.current_rss()
+        spike = np.ones(300 << 20, np.uint8)  # touched: resident
+        del spike
+    assert stages["spike"]["peak_rss_gib"] * GIB >= base + (250 << 20)
+    data = np.random.default_rng(0).integers(0, 256, 64 << 20, dtype=np.uint8)
+    (tmp_path / "weights.bin").write_bytes(data.tobytes())
+    mapped = np.memmap(tmp_path / "weights.bin", mode="r")
+    touched = int(mapped.sum(dtype=np.uint64))
+    resident = _rss_file_bytes()
+    with common.dropping_mapped_pages(tmp_path / "weights.bin", every=0.01):
+        import time
+
+        time.sleep(0.2)
+        assert _rss_file_bytes() <= resident - (48 << 20)
+    assert int(mapped.sum(dtype=np.uint64)) == touched == int(data.sum(dtype=np.uint64))
+
+
 def test_parameter_count_reads_the_safetensors_headers(tiny_llama):
     from transformers import AutoModelForCausalLM
 
