@@ -119,7 +119,6 @@ def check_hf_folder(path: Path) -> None:
         raise ActSparseError(f"{config} is corrupt: {err}") from None
     if not model_type:
         raise ActSparseError(f"{config} has no model_type")
-
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ActSparseError(f"{path} has no model weights (*.safetensors or *.bin)")
 
