@@ -7,8 +7,8 @@ and children) against the bound 1.3 x bf16 size + 2 GiB, then decode ms/token of
 sparse ones at up/gate+down 0.5 and at every projection 0.5, with prefill of a 256-token prompt
 (``actsparse bench``).
 
-    python benchmarks/scale.py [--layers 32] [--vocab 128256] [--formats int4 int8] [--work DIR]
-                               [--runs 3] [--export-only] [--output FILE]
+    python benchmarks/scale.py [--layers 32] [--vocab 128256] [--formats int4 int8] [--sparse mlp0.5 all0.5]
+                               [--work DIR] [--calibration-samples 16] [--runs 3] [--export-only] [--output FILE]
 """
 from __future__ import annotations
 
@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32, help="decoder layers (Llama-3-8B: 32)")
     p.add_argument("--vocab", type=int, default=LLAMA3_8B["vocab_size"], help="vocabulary (Llama-3-8B: 128256)")
     p.add_argument("--formats", nargs="+", default=["int4", "int8"], choices=["int4", "int8"])
+    p.add_argument("--sparse", nargs="+", default=list(SPARSE), choices=list(SPARSE),
+                   help="sparse exports beside the dense one: up/gate+down at 0.5, every projection at 0.5")
     p.add_argument("--calibration-samples", type=int, default=16)
     p.add_argument("--runs", type=int, default=3, help="alternating dense/sparse runs of actsparse bench")
     p.add_argument("--export-only", action="store_true", help="make and measure the exports, time no decoding")
@@ -114,7 +116,7 @@ def main() -> None:
     bound = 1.3 * 2 * params / GIB + 2
     exports, speed = [], []
     for fmt in args.formats:
-        folders = {"dense": work / f"{model.name}-{fmt}-dense"} | {name: work / f"{model.name}-{fmt}-{name}" for name in SPARSE}
+        folders = {name: work / f"{model.name}-{fmt}-{name}" for name in ["dense", *args.sparse]}
         for name, folder in folders.items():
             options = ["--sparsity", 0] if name == "dense" else [*SPARSE[name], "--calibration-samples",
                                                                  args.calibration_samples]
@@ -124,7 +126,7 @@ def main() -> None:
                             "size_gib": round(sum(f.stat().st_size for f in folder.iterdir()) / GIB, 3)})
             print(f"export {fmt} {name}: {measured['seconds']:.0f} s, peak RSS {measured['peak_rss_gib']:.2f} GiB "
                   f"(bound {bound:.2f})", file=sys.stderr)
-        for name in SPARSE:
+        for name in args.sparse:
             if args.export_only:
                 continue
             result = json.loads(run_cli("bench", folders[name], "--baseline", folders["dense"], "--json",
