@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import ctypes
+import logging
+import mmap
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zipfile
 from pathlib import Path
+
+GIB = 1 << 30
 
 
 class ActSparseError(Exception):
@@ -83,3 +92,118 @@ def atomic_output_dir(output: str | os.PathLike, force: bool = False):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes (for an unprivileged user) on the filesystem that holds ``path``, or would hold it."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_free_space(path: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse (:class:`ActSparseError`) to write ``what`` of about ``needed`` bytes at ``path`` when its
+    filesystem has less free."""
+    free = free_bytes(path)
+    if free < needed:
+        raise ActSparseError(f"not enough disk space for {what} at {path}: it needs about {needed / GIB:.1f} GiB, "
+                             f"{free / GIB:.1f} GiB is free")
+
+
+def current_rss() -> int:
+    """This process's resident set in bytes (Linux's /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def peak_rss() -> int:
+    """The peak RSS in bytes of this process over its life, or of a finished child if larger."""
+    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) << 10
+
+
+@contextlib.contextmanager
+def dropping_mapped_pages(file: str | os.PathLike, every: float = 0.25):
+    """While the block runs, drop the pages of ``file`` that this process has memory-mapped from its RSS, every
+    ``every`` seconds (Linux; elsewhere nothing happens).
+
+    A library reading a large read-only mapping once (NNCF compressing the weights of an IR that OpenVINO
+    mapped) otherwise keeps every page it touched resident until the mapping closes. Dropped pages of a
+    read-only file mapping are read back from the file if touched again, so nothing changes but the RSS.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        yield
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    target, done = str(Path(file).resolve()), threading.Event()
+
+    def drop():
+        try:
+            with open("/proc/self/maps") as maps:
+                spans = [line.split()[0] for line in maps if line.rstrip("\n").endswith(" " + target)
+                         and line.split()[1].startswith("r") and "w" not in line.split()[1]]
+        except OSError:
+            return
+        for span in spans:
+            start, end = (int(x, 16) for x in span.split("-"))
+            madvise(start, end - start, mmap.MADV_DONTNEED)
+
+    def loop():
+        while not done.wait(every):
+            drop()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+_STAGES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("actsparse_stages", default=None)
+
+
+@contextlib.contextmanager
+def recording_stages():
+    """Yield a dict that every :func:`stage` run inside the block records into, in order."""
+    record = {}
+    token = _STAGES.set(record)
+    try:
+        yield record
+    finally:
+        _STAGES.reset(token)
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    """Time one stage of a long run and measure its peak RSS: logged, and recorded as ``{"seconds",
+    "peak_rss_gib"}`` under ``name`` inside :func:`recording_stages`. Stages do not nest."""
+    # the process peak (ru_maxrss) cannot be reset, so the stage's own peak is sampled, and is the process
+    # peak where that rose during the stage
+    before, sampled, done = peak_rss(), [current_rss()], threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            sampled[0] = max(sampled[0], current_rss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        done.set()
+        sampler.join()
+    seconds, after = time.perf_counter() - start, peak_rss()
+    peak = max(sampled[0], after if after > before else 0) / GIB
+    record = _STAGES.get()
+    if record is not None:
+        record[name] = {"seconds": round(seconds, 2), "peak_rss_gib": round(peak, 3)}
+    logging.getLogger("actsparse").info("%s: %.1f s, peak RSS %.2f GiB", name, seconds, peak)

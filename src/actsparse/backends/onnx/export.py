@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..._common import ActSparseError
+from ..._common import ActSparseError, stage
 from .. import FORMATS
 from .graph import Index, gemm_refusal
 
@@ -37,16 +37,18 @@ def export_onnx(hf_dir: Path, output: Path, weight_format: str = "fp32",
             warnings.simplefilter("ignore")
             logging.getLogger("optimum").setLevel(logging.ERROR)
             # validation re-runs the model in torch and ORT; our tests compare against torch themselves
-            main_export(str(hf_dir), output, task=task, do_validation=False)
+            with stage("optimum export"):
+                main_export(str(hf_dir), output, task=task, do_validation=False)
     except Exception as err:  # optimum and transformers raise many kinds for a bad model folder
         raise ActSparseError(f"cannot export {hf_dir}: {(str(err).strip().splitlines() or [type(err).__name__])[0]}") from err
     path = output / ONNX_NAME
     if not path.is_file():
         raise ActSparseError(f"optimum wrote no {ONNX_NAME} for {hf_dir}")
     if weight_format == "int8":
-        model = read_onnx(path)
-        compress_int8(model)
-        save_onnx(model, path)
+        with stage("compress int8"):
+            model = read_onnx(path)
+            compress_int8(model)
+            save_onnx(model, path)
     return path
 
 

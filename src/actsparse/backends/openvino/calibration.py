@@ -19,8 +19,9 @@ from .runtime import feed, run_chunks
 
 log = logging.getLogger("actsparse")
 
-# Node names from OpenVINO's PyTorch frontend: "__module.model.layers.0.mlp.down_proj/aten::linear/MatMul".
-_MODULE_RE = re.compile(r"^__module\.(?P<module>[\w.]+?)/aten::(?:linear|addmm|matmul|mm)/MatMul")
+# Node names from OpenVINO's PyTorch frontend: "__module.model.layers.0.mlp.down_proj/aten::linear/MatMul", or
+# ".../ov_ext::linear/MatMul" where a 16-bit checkpoint is traced with its 16-bit weights.
+_MODULE_RE = re.compile(r"^__module\.(?P<module>[\w.]+?)/(?:aten::(?:linear|addmm|matmul|mm)|ov_ext::linear)/MatMul")
 
 
 def find_groups(model: ov.Model, kinds: set[str]) -> list[Group]:

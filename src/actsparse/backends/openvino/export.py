@@ -12,8 +12,8 @@ from pathlib import Path
 
 import openvino as ov
 
-from ..._common import ActSparseError
-from ...exports.models import is_decoder
+from ..._common import ActSparseError, dropping_mapped_pages, stage
+from ...exports.models import is_decoder, loads_16bit
 from .. import FORMATS
 
 IR_NAME = FORMATS["openvino"].model_file
@@ -34,14 +34,15 @@ def compress_weights(ir: Path, weight_format: str, group_size: int) -> None:
     int8 is asymmetric per output channel, int4 asymmetric group-wise (``group_size``); NNCF
     keeps the embeddings and the last layer at int8, as optimum-cli does.
     """
-    model = ov.Core().read_model(ir)
-    if weight_format in ("int8", "int4"):
-        import nncf
+    with dropping_mapped_pages(ir.with_suffix(".bin")):  # each weight is read once: its pages need not stay
+        model = ov.Core().read_model(ir)
+        if weight_format in ("int8", "int4"):
+            import nncf
 
-        mode = nncf.CompressWeightsMode.INT8_ASYM if weight_format == "int8" else nncf.CompressWeightsMode.INT4_ASYM
-        options = {} if weight_format == "int8" else {"group_size": group_size, "ratio": 1.0}
-        model = nncf.compress_weights(model, mode=mode, **options)
-    save_ir_over(model, ir, compress_to_fp16=weight_format == "fp16")
+            mode = nncf.CompressWeightsMode.INT8_ASYM if weight_format == "int8" else nncf.CompressWeightsMode.INT4_ASYM
+            options = {} if weight_format == "int8" else {"group_size": group_size, "ratio": 1.0}
+            model = nncf.compress_weights(model, mode=mode, **options)
+        save_ir_over(model, ir, compress_to_fp16=weight_format == "fp16")
 
 
 # A constant in an IR: <data element_type=".." shape=".." offset="N" size="M" />, as OpenVINO writes it.
@@ -69,6 +70,8 @@ def save_ir(model, xml: Path, compress_to_fp16: bool = False, alignment: int = 6
                 dst.write(b"\0" * (-dst.tell() % alignment))
                 moved[offset, size] = dst.tell()
                 dst.write(old[offset:offset + size])
+                start = offset - offset % mmap.PAGESIZE  # copied once: out of the RSS
+                old.madvise(mmap.MADV_DONTNEED, start, offset + size - start)
         staged.replace(bin_path)
     finally:
         staged.unlink(missing_ok=True)
@@ -105,11 +108,16 @@ def export_openvino(hf_dir: Path, output: Path, weight_format: str = "fp32") -> 
             # optimum first tries a TorchScript wrapper and falls back; its failure is logged as an ERROR
             logging.getLogger("openvino.frontend.pytorch.utils").setLevel(logging.CRITICAL)
             task = "text-generation-with-past" if is_decoder(hf_dir) else "feature-extraction"
-            main_export(str(hf_dir), output, task=task, ov_config=OVConfig(dtype="fp32"), convert_tokenizer=False)
+            # dtype None: optimum traces a 16-bit checkpoint with its 16-bit weights (f32 compute)
+            dtype = None if loads_16bit(hf_dir, weight_format) else "fp32"
+            with stage("optimum export"):
+                main_export(str(hf_dir), output, task=task, ov_config=OVConfig(dtype=dtype), convert_tokenizer=False)
             if weight_format not in ("fp32", "bf16"):
-                compress_weights(output / IR_NAME, weight_format, int4_group_size(hf_dir))
+                with stage(f"compress {weight_format}"):
+                    compress_weights(output / IR_NAME, weight_format, int4_group_size(hf_dir))
         if task.startswith("text-generation"):
-            write_tokenizers(output)
+            with stage("tokenizer IRs"):
+                write_tokenizers(output)
     except ActSparseError:
         raise
     except Exception as err:  # optimum and transformers raise many kinds for a bad model folder
