@@ -318,7 +318,8 @@ def _ptr(a: Optional[np.ndarray]):
 def matmul(x, packed: PackedWeight, bias=None, mode=0.0, threshold=0.0, mask=True, threads=1,
            kernel: Optional[str] = None, int8_activations: bool = False) -> np.ndarray:
     """y = z'·W + bias. A uint16 x holds bf16 values (as OpenVINO's bf16 graphs pass them); y is then bf16
-    (uint16, rounded to nearest even) too. Any other x is converted to float32.
+    (uint16, rounded to nearest even) too. A float16 x (OpenVINO's GPU precision) gives a float16 y, computed
+    in f32 and rounded to nearest even. Any other x is converted to float32.
 
     int8_activations: u8 or u4 weights quantise the activations z = x − m to int8 where the kernel has
     int8 dot products (avx512bf16, which needs AVX512-VNNI too), as the CPU plugin's dynamic quantisation
@@ -327,8 +328,9 @@ def matmul(x, packed: PackedWeight, bias=None, mode=0.0, threshold=0.0, mask=Tru
     only where 128 divides the group size), gets the scale max|z| / 127, and q = round(z / scale). A NaN
     or Inf keeps the call as it would be without the flag."""
     lib = _load()
-    bf16 = isinstance(x, np.ndarray) and x.dtype == np.uint16
-    x = np.ascontiguousarray(x) if bf16 else _f32(x)
+    # the core's activation types: 0 f32, 1 bf16 (uint16 bits), 2 f16
+    activations = {np.dtype(np.uint16): 1, np.dtype(np.float16): 2}.get(getattr(x, "dtype", None), 0)
+    x = np.ascontiguousarray(x) if activations else _f32(x)
     if x.ndim != 2 or x.shape[1] != packed.K:
         raise ValueError(f"x must be [M, {packed.K}], got {x.shape}")
     M = x.shape[0]
@@ -343,7 +345,7 @@ def matmul(x, packed: PackedWeight, bias=None, mode=0.0, threshold=0.0, mask=Tru
     rc = lib.actsparse_core_matmul(
         _ptr(x), M, FORMATS.get(packed.format, -1), packed.K, packed.N, packed.group_size, _ptr(data), data.nbytes,
         _ptr(sc), _ptr(zp), 0 if sc is None else sc.size, _ptr(b), float(mode), float(threshold), int(bool(mask)), _ptr(y), int(threads),
-        None if kernel is None else kernel.encode(), int(bf16), int(packed.tile_cols),
+        None if kernel is None else kernel.encode(), activations, int(packed.tile_cols),
         int(bool(int8_activations)), int(compact))
     if rc != 0:
         raise KernelError(lib.actsparse_core_last_error().decode())

@@ -43,6 +43,14 @@ static inline float half_to_float(uint16_t h) {
   return v;
 }
 
+// f32 -> IEEE half bits, rounded to nearest even (the compiler's conversion, F16C where the ISA has it).
+static inline uint16_t float_to_half(float f) {
+  const _Float16 h = static_cast<_Float16>(f);
+  uint16_t b;
+  std::memcpy(&b, &h, 2);
+  return b;
+}
+
 // f32 -> bf16 bits, rounded to nearest even; NaN stays NaN. Branch-free, so loops over it vectorise.
 static inline uint16_t float_to_bf16(float f) {
   uint32_t u;
@@ -61,7 +69,7 @@ enum class WeightFormat : int {
 enum class ParamsLayout : int { None = 0, PerColumn = 1, PerGroup = 2 };
 
 // Element type of an op input as a graph stores it: Other is any type the contract refuses, Unknown one not known yet.
-enum class Element : int { Unknown = -1, F32 = 0, BF16 = 1, U8 = 2, Other = 3 };
+enum class Element : int { Unknown = -1, F32 = 0, BF16 = 1, U8 = 2, Other = 3, F16 = 4 };
 
 // Per format: bits per stored weight, the graph element the weight travels as (f16/bf16 as raw bytes, since a
 // plugin would widen such a constant to f32), the params layout, whether params may be the compact bytes
@@ -330,8 +338,9 @@ void matmul(const float* x, int64_t M, const PackedWeight& w, const float* bias,
             float* y, const Executor& ex, const char* kernel = nullptr);
 
 // The same with x and y of one activation type: bf16 (uint16 bits) computes in f32 from the widened x
-// and rounds y to nearest even, with no f32 copy of a prefill's x or y.
-enum class Activations : int { F32 = 0, BF16 = 1 };
+// and rounds y to nearest even, with no f32 copy of a prefill's x or y. f16 (IEEE half bits, OpenVINO GPU
+// graphs) does the same through an f32 copy of x and y.
+enum class Activations : int { F32 = 0, BF16 = 1, F16 = 2 };
 void matmul(const void* x, Activations type, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
             void* y, const Executor& ex, const char* kernel = nullptr);
 std::vector<std::string> available_kernels();  // supported on this CPU, e.g. {"scalar","avx2","avx512"}

@@ -22,6 +22,7 @@ const char* element_name(Element e) {
   switch (e) {
     case Element::F32: return "f32";
     case Element::BF16: return "bf16";
+    case Element::F16: return "f16";
     case Element::U8: return "u8";
     default: return "another type";
   }
@@ -52,8 +53,8 @@ BoundOp bind_op(const OpDesc& d) {
   if (!std::isfinite(d.mode)) fail("mode must be finite, got ", d.mode);
   if (std::isnan(d.threshold) || d.threshold == -std::numeric_limits<float>::infinity())
     fail("threshold must be finite or +inf, got ", d.threshold);
-  if (d.x_type != Element::Unknown && d.x_type != Element::F32 && d.x_type != Element::BF16)
-    fail("x must be f32 or bf16, got ", element_name(d.x_type));
+  if (d.x_type != Element::Unknown && d.x_type != Element::F32 && d.x_type != Element::BF16 && d.x_type != Element::F16)
+    fail("x must be f32, bf16 or f16, got ", element_name(d.x_type));
   const bool known_k = d.K >= 0;
   if (known_k && (d.K < 1 || d.K > kMaxDim)) fail("x's last dimension K must be from 1 to ", kMaxDim, ", got ", d.K);
 

@@ -551,8 +551,20 @@ void matmul(const void* x, Activations type, int64_t M, const PackedWeight& w, c
             void* y, const Executor& ex, const char* kernel) {
   const KernelEntry* k = find_kernel(kernel);
   validate(x, M, w, y);
-  if (type != Activations::F32 && type != Activations::BF16) throw std::invalid_argument("actsparse: unknown activation type");
+  if (type != Activations::F32 && type != Activations::BF16 && type != Activations::F16)
+    throw std::invalid_argument("actsparse: unknown activation type");
   if (M == 0) return;
+  if (type == Activations::F16) {  // widened and rounded here, so no kernel reads halves
+    const int64_t K = w.K, N = w.N;
+    auto xf = scratch<float>(M * K);
+    auto yf = scratch<float>(M * N);
+    const auto* xh = static_cast<const uint16_t*>(x);
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = half_to_float(xh[i]);
+    matmul(xf.get(), Activations::F32, M, w, bias, p, yf.get(), ex, kernel);
+    auto* yh = static_cast<uint16_t*>(y);
+    for (int64_t i = 0; i < M * N; ++i) yh[i] = float_to_half(yf[i]);
+    return;
+  }
   const Ops& ops = *k->ops();
   const bool bf16 = type == Activations::BF16;
   // u4 only in groups of a multiple of 128 k: each group's scales and zero points cost a pass over the outputs,

@@ -19,7 +19,7 @@ struct OpenVINOExecutor final : Executor {
 
 Element element(const ov::element::Type& t) {
     return t == ov::element::f32 ? Element::F32 : t == ov::element::bf16 ? Element::BF16
-         : t == ov::element::u8 ? Element::U8 : t.is_dynamic() ? Element::Unknown : Element::Other;
+         : t == ov::element::f16 ? Element::F16 : t == ov::element::u8 ? Element::U8 : t.is_dynamic() ? Element::Unknown : Element::Other;
 }
 
 // An input's bytes where its shape is static, else -1.
@@ -86,7 +86,7 @@ void ActSparseMatMul::validate_and_infer_types() {
     // prompt's rows cannot be told from other sequences' decode steps, so only a single row is a decode step.
     const int64_t rank = shape.rank().get_length();
     m_rows_are_tokens = rank >= 2 && shape[rank - 2].is_static() && shape[rank - 2].get_length() == 1;
-    // bf16 x (bf16 exports): the op then returns bf16 too, and OpenVINO's bf16 graph needs no Reorder around it
+    // bf16 or f16 x: the op returns that type too, so a bf16 or f16 graph needs no Reorder around it
     shape[rank - 1] = m_out_features;
     set_output_type(0, get_input_element_type(0), shape);
 }
@@ -142,8 +142,11 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     p.threshold = m_threshold;
     p.mask = decode || bound.prune_prefill;
     p.int8_activations = m_int8_activations;
-    // bf16 x (bf16 exports): the core reads it and rounds y to bf16, as a Reorder around the op would
-    const auto type = x.get_element_type() == ov::element::f32 ? Activations::F32 : Activations::BF16;
+    // bf16 x (bf16 exports) or f16 x (GPU-precision graphs): the core reads it and rounds y to its type, as a
+    // Reorder around the op would
+    const auto& et = x.get_element_type();
+    const auto type = et == ov::element::f32 ? Activations::F32 : et == ov::element::f16 ? Activations::F16
+                                                                                          : Activations::BF16;
     // f32 x holding only bf16 values: the plugin runs the graph in bf16 and widened x for the op (it keeps a
     // custom op's declared types). The prompt then multiplies in bf16, as the plugin's own FullyConnected does.
     p.bf16_products = type == Activations::F32 && M > decode_max_rows() && holds_bf16(x.data<const float>(), M * K);

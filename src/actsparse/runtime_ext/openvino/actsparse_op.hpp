@@ -10,7 +10,7 @@
 namespace actsparse {
 
 // y = z'·W + bias, z' = (x − m) where ¬(|x − m| ≤ τ) else 0; dense (z' = x − m) on a prefill
-// step (more than one token per sequence) when prefill is "dense". Inputs x [..., K] (f32 or bf16, the
+// step (more than one token per sequence) when prefill is "dense". Inputs x [..., K] (f32, bf16 or f16, the
 // output's type), the packed weight and params; inputs, attributes and their checks are in docs/op.md
 // (bind_op). m, τ and the policy are attributes: the CPU plugin re-runs generic shape inference on every
 // call of a custom op, at a cost per input. int8_activations (u8/u4 weights; false when absent): the op
