@@ -8,6 +8,7 @@ import openvino as ov
 import pytest
 from onnx import TensorProto
 from openvino import opset13 as ops
+from openvino import passes
 
 from actsparse.backends.onnx.runtime import onnxruntime_problem
 from actsparse.backends.openvino.fuse import fuse, materialize
@@ -89,7 +90,7 @@ def test_other_x_types_are_refused_in_one_line():
     """OpenVINO: an i32 x is refused with the contract's line (docs/op.md), a line of its own in the error."""
     _, _, op, _ = _f16_op("f32", "dense")
     op.input(0).replace_source_output(ops.parameter([-1, -1, 64], np.int32).output(0))
-    with pytest.raises(Exception) as e:
+    with pytest.raises(RuntimeError) as e:
         op.validate_and_infer_types()
     assert re.search(r"^ActSparseMatMul: x must be f32, bf16 or f16, got another type$", str(e.value), re.M), str(e.value)
 
@@ -107,3 +108,43 @@ def test_onnxruntime_keeps_f32_x(elem):
     with pytest.raises(Exception) as e:
         session(model.SerializeToString(), 1)
     assert len(str(e.value).strip().splitlines()) == 1 and "of input parameter (x)" in str(e.value), str(e.value)
+
+
+def _converted_to_f16(fmt):
+    """A fused one-MatMul model (f32 x) through OpenVINO's ConvertFP32ToFP16, the ConvertPrecision the GPU plugin
+    applies at its default precision; the f32 model; its core."""
+    model, plan, _ = _one_matmul(fmt, 33, 64, 0.25, 0.6, "sparse")
+    assert fuse(model, plan) == {"fused": 1, "refused": 0}
+    core = ov.Core()
+    register(core)
+    model = materialize(model, core)
+    converted = model.clone()
+    manager = passes.Manager()
+    manager.register_pass(passes.ConvertFP32ToFP16())
+    manager.run_passes(converted)
+    return converted, model, core
+
+
+@pytest.mark.parametrize("fmt", ["f32", "f16", "u8"])
+def test_convert_precision_to_f16_turns_f32_params_f16_too(fmt):
+    """ConvertPrecision to f16 turns the op's x into f16, which it takes, but its f32 params too, which the
+    contract refuses: why load(device="GPU") still asks the plugin for f32."""
+    with pytest.raises(RuntimeError) as e:
+        _converted_to_f16(fmt)
+    assert re.search(r"ActSparseMatMul \(opset1::Multiply [^ ]*:f16.*\n"
+                     r"ActSparseMatMul: params must be f32 for weight_format " + fmt + ", got f16$", str(e.value), re.M), str(e.value)
+
+
+def test_convert_precision_to_f16_keeps_compact_u4_params():
+    """u4 with compact params (u8 bytes): after ConvertPrecision to f16 the op reads f16 x and returns f16 y,
+    the model compiles on the CPU, and its y is the f32 model's on the same (f16) x, rounded to f16."""
+    converted, model, core = _converted_to_f16("u4")
+    op = next(o for o in converted.get_ordered_ops() if o.get_type_name() == OP_TYPE)
+    assert [op.get_input_element_type(i).get_type_name() for i in range(3)] == ["f16", "u8", "u8"]
+    assert op.get_output_element_type(0) == ov.Type.f16
+    x = np.random.default_rng(4).normal(size=(2, DECODE_ROWS + 5, 64)).astype(np.float16)
+    for xs in (x[:, :1], x):
+        y = np.array(core.compile_model(converted, "CPU", EXACT_CONFIG)({"x": xs})[0])
+        expected = np.array(core.compile_model(model, "CPU", EXACT_CONFIG)({"x": xs.astype(np.float32)})[0])
+        assert y.dtype == np.float16
+        np.testing.assert_allclose(y.astype(np.float32), expected, rtol=HALF_ULP, atol=1e-6)
