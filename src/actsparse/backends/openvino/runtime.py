@@ -218,7 +218,8 @@ def load(folder: Path, plan: dict, device: str = "CPU", **kwargs):
             configure_gpu(core)
         register(core)
     if "GPU" in device.upper():
-        # the GPU plugin's default f16 would hand the op f16 x, which its validation refuses (docs/op.md: GPU)
+        # the GPU plugin's default f16 would also make the op's f32 params f16, which its validation refuses
+        # (docs/op.md: GPU)
         kwargs["ov_config"] = {"INFERENCE_PRECISION_HINT": "f32", **(kwargs.get("ov_config") or {})}
     if kwargs.get("compile_only"):
         return OVModelForCausalLM.from_pretrained(folder, device=device, **kwargs)
