@@ -19,7 +19,8 @@ struct OpenVINOExecutor final : Executor {
 
 Element element(const ov::element::Type& t) {
     return t == ov::element::f32 ? Element::F32 : t == ov::element::bf16 ? Element::BF16
-         : t == ov::element::f16 ? Element::F16 : t == ov::element::u8 ? Element::U8 : t.is_dynamic() ? Element::Unknown : Element::Other;
+         : t == ov::element::f16 ? Element::F16 : t == ov::element::u8 ? Element::U8
+         : t.is_dynamic() ? Element::Unknown : Element::Other;
 }
 
 // An input's bytes where its shape is static, else -1.
