@@ -208,6 +208,26 @@ def gpu_kernel_section(data: dict) -> list[str]:
                         "s=0.9 speed-up"], rows)
 
 
+def scale_section(data: dict) -> list[str]:
+    """scale.py: a random model of Llama-3-8B's layer shapes; each export's time and peak RSS against the bound
+    1.3 x its bf16 size + 2 GiB, then decode and a 256-token prefill, sparse against dense."""
+    m = data["model"]
+    out = [f"{m['layers']} layers, vocabulary {m['vocab']}, {m['parameters'] / 1e9:.2f} B parameters "
+           f"({m['bf16_gib']:.2f} GiB in bf16); peak RSS bound {data['memory_bound_gib']:.2f} GiB.", ""]
+    out += table(["weights", "sparsity", "export s", "peak RSS GiB", "within bound", "size GiB"],
+                 [[e["weight_format"], e["sparsity"], f"{e['seconds']:.0f}", f"{e['peak_rss_gib']:.2f}",
+                   "yes" if e["within_bound"] else "no", f"{e['size_gib']:.2f}"] for e in data["exports"]])
+    if data["decode"]:
+        out += [""] + table(["weights", "sparsity", "dense ms/token", "our s=0 ms/token", "sparse ms/token",
+                             "speed-up vs dense", "vs our s=0", "limit", "prefill (× dense)"],
+                            [[r["weight_format"], r["sparsity"], f"{r['dense']['decode_ms_per_token']:.1f}",
+                              f"{r['s0']['decode_ms_per_token']:.1f}" if "s0" in r else "—",
+                              f"{r['sparse']['decode_ms_per_token']:.1f}", x(r["decode_speedup"]),
+                              x(r["decode_speedup_vs_s0"]) if "s0" in r else "—",
+                              x(r["amdahl_limit"]), x(r["prefill_ratio"])] for r in data["decode"]])
+    return out
+
+
 def section(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_text())
@@ -228,6 +248,8 @@ def section(path: Path) -> list[str]:
             return out + routes_section(data)
         if data.get("benchmark") == "gpu_kernel":
             return out + gpu_kernel_section(data)
+        if "memory_bound_gib" in data:
+            return out + scale_section(data)
         if "models" in data:
             return out + quality_section(data)
         if rows and "sparse" in rows[0] and "dense_ms" in rows[0]:

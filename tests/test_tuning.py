@@ -181,7 +181,7 @@ def fake_timer(seconds):
 def test_tuner_picks_what_the_timer_makes_fastest():
     def seconds(label, size):
         return {"l2/n": 0.5, "parallel": 0.5 if size >= 64 << 10 else 1.5, "decode": 1.0 if size <= 24 else 3.0,
-                "gemm": 2.0, "shared": 1.0 if size <= 1.5 else 3.0, "apart": 2.0}.get(label, 1.0)
+                "gemm": 2.0, "shared": 1.0 if size <= 1.5 else 3.0, "apart": 2.0, "tuned": 0.9}.get(label, 1.0)
 
     result = tuning.measure(2, fake_timer(seconds), llc_bytes=1 << 20)
     assert result["tuning"] == {"prefetch": "l2", "split": "n", "par_bytes": 64 << 10, "decode_max_rows": 24,
@@ -197,13 +197,29 @@ def test_tuner_keeps_the_rule_within_noise():
 
     def seconds(label, size):
         return {rule_label: 1.0, "parallel": 0.99, "serial": 1.0, "decode": 2.0, "gemm": 1.0, "shared": 2.0,
-                "apart": 1.0}.get(label, 0.98)
+                "apart": 1.0, "tuned": 0.9, "rules": 1.0}.get(label, 0.98)
 
     result = tuning.measure(2, fake_timer(seconds), llc_bytes=1 << 20)
     assert result["tuning"] == {"prefetch": rule["prefetch"], "split": rule["split"], "par_bytes": 2 << 20,
                                 "decode_max_rows": 1, "union_pct": 0}
     one = tuning.measure(1, fake_timer(seconds), llc_bytes=1 << 20)
     assert set(one["tuning"]) == {"prefetch", "split", "decode_max_rows", "union_pct"} and one["measured"]["par_bytes"] == []
+
+
+def test_the_rules_stay_where_the_chosen_values_lose_together():
+    """Knobs that each win alone are written only if together they beat the rules overall and lose on no format."""
+    rule = {k: v["fallback"] for k, v in ks.tuning_report()["knobs"].items()}
+
+    def seconds(slow_format):
+        def timer(trials):
+            return [{"l2/n": 0.5, "parallel": 0.5, "decode": 1.0, "shared": 1.0, "rules": 1.0,
+                     "tuned": 1.2 if t.fmt.startswith(slow_format) else 0.8}.get(t.label, 2.0) for t in trials]
+        return timer
+
+    lost = tuning.measure(2, seconds("u4"), llc_bytes=1 << 20)
+    assert lost["check"]["kept"] == "rules" and lost["tuning"] == {k: rule[k] for k in lost["tuning"]}
+    won = tuning.measure(2, seconds("none"), llc_bytes=1 << 20)
+    assert won["check"]["kept"] == "tuned" and won["tuning"]["prefetch"] == "l2" and won["tuning"]["split"] == "n"
 
 
 def test_tune_command(tmp_path):

@@ -16,7 +16,9 @@ model's decode step:
   mean list (bf16 and u8: u4 never shares a pass); the largest ratio up to which the shared pass wins at
   every ratio.
 
-A change from the rule (prefetch, split) or towards more threads (par_bytes) must win by MARGIN.
+A change from the rule (prefetch, split) or towards more threads (par_bytes) must win by MARGIN, formats
+weighing alike. Last, the chosen values together are timed against the rules on one and four tokens in every
+format; the file gets the rules' values unless the chosen ones win overall and lose nowhere by MARGIN.
 """
 from __future__ import annotations
 
@@ -78,6 +80,20 @@ def _summed(trials: Sequence[Trial], times: Sequence[float]) -> dict:
     for t, s in zip(trials, times):
         total[t.label, t.size] = total.get((t.label, t.size), 0.0) + s
     return total
+
+
+def _ratios(trials: Sequence[Trial], times: Sequence[float], base: str) -> dict:
+    """Each (label, size)'s time ÷ base's on every workload (format and shape), so that a fast format's small
+    times count as much as a slow one's."""
+    t = {(tr.label, tr.size, tr.fmt): s for tr, s in zip(trials, times)}
+    out: dict = {}
+    for (label, size, fmt), s in t.items():
+        out.setdefault((label, size), []).append(s / t[base, size, fmt])
+    return out
+
+
+def _geomean(values: Sequence[float]) -> float:
+    return float(np.exp(np.mean(np.log(values))))
 
 
 def boundary(sizes: Sequence, wins: Sequence[bool], none):
@@ -189,6 +205,18 @@ def union_trials(threads: int, rng, pools: dict) -> list[Trial]:
     return trials
 
 
+def check_trials(threads: int, rng, pools: dict, rules: dict, chosen: dict) -> list[Trial]:
+    """The rules against the chosen values together, on one and on four tokens at sparsity 0.5 in every format."""
+    K, N, trials = 4096, 11008, []
+    for fmt in FORMATS:
+        layers = layers_in(fmt, K, N, pools[fmt])
+        for M in (1, 4):
+            call = cycling_call(layers, [_half(M, K, rng) for _ in range(2)], threads)
+            trials += [Trial(label, setting, 0, f"{fmt} M={M}", call)
+                       for label, setting in (("rules", rules), ("tuned", {**rules, **chosen}))]
+    return trials
+
+
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -220,11 +248,10 @@ def measure(threads: Optional[int] = None, timer: Optional[Timer] = None, quick:
         if not trials:
             continue
         if name == "prefetch/split":
-            total = _summed(trials, times)
-            best = min(total, key=total.get)
             rule = next(t.label for t in trials if all(fallback[k] == v for k, v in t.setting.items()))
-            label = best[0] if total[best] < (1 - MARGIN) * total[rule, 0] else rule
-            chosen.update(next(t.setting for t in trials if t.label == label))
+            relative = {label: _geomean(r) for (label, _), r in _ratios(trials, times, rule).items()}
+            best = min(relative, key=relative.get)
+            chosen.update(next(t.setting for t in trials if t.label == (best if relative[best] < 1 - MARGIN else rule)))
         elif name == "par_bytes":
             sizes = PAR_BYTES[::-1]
             chosen["par_bytes"] = boundary(sizes, _wins(trials, times, sizes, "parallel", "serial", MARGIN),
@@ -234,7 +261,16 @@ def measure(threads: Optional[int] = None, timer: Optional[Timer] = None, quick:
         else:
             ratio = boundary(UNION_RATIOS, _wins(trials, times, UNION_RATIOS, "shared", "apart"), 0.0)
             chosen["union_pct"] = int(round(100 * ratio))
-    return {"tuning": chosen, "threads": threads, "measured": measured}
+    # Each knob was timed alone; kept together only if they beat the rules on decode in every format.
+    progress(f"checking the chosen values against the rules on {threads} thread(s)")
+    trials = check_trials(threads, rng, pools, fallback, chosen)
+    times = list((timer or interleaved(2 * rounds, 2))(trials))
+    measured["check"] = [{"candidate": t.label, "size": t.size, "format": t.fmt, "ms": round(1e3 * s, 4)}
+                         for t, s in zip(trials, times)]
+    ratios = _ratios(trials, times, "rules")["tuned", 0]
+    kept = _geomean(ratios) < 1 and max(ratios) < 1 + MARGIN
+    return {"tuning": chosen if kept else {k: fallback[k] for k in chosen}, "threads": threads, "measured": measured,
+            "check": {"tuned_vs_rules": round(1 / _geomean(ratios), 3), "kept": "tuned" if kept else "rules"}}
 
 
 def _folder_for(file: Optional[str]) -> Path:
@@ -280,4 +316,4 @@ def tune(threads: Optional[int] = None, quick: bool = False, progress: Callable[
     env = [k for k, v in ks.tuning_report()["knobs"].items() if v["source"] == "env"]
     ks.set_tuning(**{k: v for k, v in result["tuning"].items() if k not in env})
     return {"file": str(path), "tuning": result["tuning"], "threads": result["threads"], "overridden_by_env": env,
-            "seconds": round(time.perf_counter() - start, 1), "measured": result["measured"]}
+            "seconds": round(time.perf_counter() - start, 1), "check": result["check"], "measured": result["measured"]}
