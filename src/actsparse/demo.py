@@ -19,7 +19,7 @@ from ._common import ActSparseError
 from .backends import get_backend
 from .benchmark import bench, run_json
 from .evaluation import evaluate
-from .exports.models import DEFAULT_MODEL, resolve_model
+from .exports.models import DEFAULT_MODEL, hf_config, resolve_model
 from .pipeline import export
 
 # candidates, the lightest (best quality) first: pruning up/gate inputs costs more quality per byte than down inputs
@@ -95,7 +95,7 @@ def demo(output: str | None = None, force: bool = False, model: str = DEFAULT_MO
 
 def llama_shape(hf_dir: Path) -> dict:
     """The config of a model whose MLP the probe can mimic (gate, up and down projections)."""
-    config = json.loads((hf_dir / "config.json").read_text())
+    config = hf_config(hf_dir)
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     if config.get("model_type") not in ("llama", "mistral", "qwen2") or not all(k in config for k in keys):
         raise ActSparseError(f"the demo's probe needs a Llama-shaped model, not {config.get('model_type')!r}: "

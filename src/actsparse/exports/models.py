@@ -63,11 +63,16 @@ def builtin_model(name: str) -> Path:
     return gguf_to_hf(gguf, name=name)
 
 
+def hf_config(hf_dir: Path) -> dict:
+    """The checkpoint's config.json."""
+    return json.loads((Path(hf_dir) / "config.json").read_text())
+
+
 def is_decoder(hf_dir: Path) -> bool:
     """A causal LM (exported with its KV cache) rather than an encoder (exported for embeddings)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
 
-    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    config = hf_config(hf_dir)
     architectures = config.get("architectures") or []
     if architectures:  # a BERT checkpoint saved as BertModel is an encoder, though "bert" has an LM head class
         return any(a in set(CAUSAL.values()) for a in architectures)
@@ -76,7 +81,7 @@ def is_decoder(hf_dir: Path) -> bool:
 
 def checkpoint_dtype(hf_dir: Path) -> str:
     """The type the checkpoint's weights are stored in, as its config.json names it (float32 if none)."""
-    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    config = hf_config(hf_dir)
     return str(config.get("torch_dtype") or config.get("dtype") or "float32").removeprefix("torch.")
 
 
@@ -103,7 +108,7 @@ def parameter_count(hf_dir: Path) -> int:
 
 def check_supported(hf_dir: Path) -> None:
     """Refuse a model whose type the passes do not know, naming those they do."""
-    model_type = json.loads((Path(hf_dir) / "config.json").read_text()).get("model_type")
+    model_type = hf_config(hf_dir).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ActSparseError(f"model type {model_type!r} is not supported: the passes know the projections of "
                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")

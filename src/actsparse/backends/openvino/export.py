@@ -13,7 +13,7 @@ from pathlib import Path
 import openvino as ov
 
 from ..._common import ActSparseError, dropping_mapped_pages, stage
-from ...exports.models import is_decoder, loads_16bit
+from ...exports.models import hf_config, is_decoder, loads_16bit
 from .. import FORMATS
 
 IR_NAME = FORMATS["openvino"].model_file
@@ -23,7 +23,7 @@ log = logging.getLogger("actsparse")
 
 def int4_group_size(hf_dir: Path) -> int:
     """Largest NNCF group size (128, 64 or 32) that divides the model's Linear input sizes."""
-    config = json.loads((hf_dir / "config.json").read_text())
+    config = hf_config(hf_dir)
     sizes = [config.get(k) for k in ("hidden_size", "intermediate_size", "n_embd", "d_model") if config.get(k)]
     return next((g for g in (128, 64, 32) if all(s % g == 0 for s in sizes)), 32)
 

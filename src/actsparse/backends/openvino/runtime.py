@@ -213,11 +213,12 @@ def load(folder: Path, plan: dict, device: str = "CPU", **kwargs):
 
     if not plan.get("passes", {}).get("fused"):
         return OVModelForCausalLM.from_pretrained(folder, device=device, **kwargs)
+    gpu = "GPU" in device.upper()
     for core in {id(m.core): m.core for m in (modeling_base, modeling_decoder)}.values():
-        if "GPU" in device.upper():
+        if gpu:
             configure_gpu(core)
         register(core)
-    if "GPU" in device.upper():
+    if gpu:
         # the GPU plugin's default f16 would also make the op's f32 params f16, which its validation refuses
         # (docs/op.md: GPU)
         kwargs["ov_config"] = {"INFERENCE_PRECISION_HINT": "f32", **(kwargs.get("ov_config") or {})}
