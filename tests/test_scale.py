@@ -124,6 +124,59 @@ def test_unknown_architecture_is_refused_with_the_supported_list(tiny_llama, tmp
     assert not (tmp_path / "out").exists()
 
 
+def _vocabulary_model(tied: bool, vocab: int = 4096, hidden: int = 64) -> "ov.Model":
+    """Embeddings (Gather), two MatMuls and a head, bf16 weights read through Converts, as optimum traces them."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    rng, kept = np.random.default_rng(0), []
+
+    def bf16(*shape, std=0.02):  # the Tensor shares the array's memory, so the array is kept
+        kept.append((rng.normal(0, std, shape).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16))
+        return ops.constant(ov.Tensor(kept[-1], list(shape), ov.Type.bf16))
+
+    ids = ops.parameter([-1, -1], ov.Type.i64, name="ids")
+    embed = bf16(vocab, hidden)
+    x = ops.gather(ops.convert(embed, ov.Type.f32), ops.convert(ids, ov.Type.i32), ops.constant(np.int32(0)))
+    for _ in range(2):
+        x = ops.matmul(x, ops.convert(bf16(hidden, hidden, std=0.05), ov.Type.f32), False, True)
+    head = embed if tied else bf16(vocab, hidden)
+    model = ov.Model([ops.matmul(x, ops.convert(head, ov.Type.f32), False, True)], [ids])
+    model.kept = kept
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+def test_vocabulary_weights_compress_in_blocks_as_nncf_does(tied, weight_format):
+    """Embeddings and head compressed a block of rows at a time give NNCF's own whole-tensor result: the same
+    graph, constants and outputs (and NNCF still keeps the other MatMuls in int4, the head in int8)."""
+    import nncf
+    import openvino as ov
+
+    from actsparse.backends.openvino.export import compress_vocabulary
+
+    mode = nncf.CompressWeightsMode.INT8_ASYM if weight_format == "int8" else nncf.CompressWeightsMode.INT4_ASYM
+    options = {} if weight_format == "int8" else {"group_size": 32, "ratio": 1.0}
+    expected = nncf.compress_weights(_vocabulary_model(tied), mode=mode, **options)
+    model = _vocabulary_model(tied)
+    names, last = compress_vocabulary(model, min_elements=4096 * 64, block_elements=512 * 64)
+    assert len(names) == 2 and last
+    got = nncf.compress_weights(model, mode=mode, **options, **({"all_layers": True} if options else {}))
+    assert [op.get_type_name() for op in got.get_ordered_ops()] == [op.get_type_name() for op in expected.get_ordered_ops()]
+
+    def constants(m):
+        return [(op.get_element_type(), op.data) for op in m.get_ordered_ops() if op.get_type_name() == "Constant"]
+
+    pairs = list(zip(constants(expected), constants(got), strict=True))
+    assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in pairs)
+    assert sum(a[0] == ov.Type.u4 for a, _ in pairs) == (4 if weight_format == "int4" else 0)  # 2 codes, 2 zero points
+    ids = {"ids": np.random.default_rng(1).integers(0, 4096, (1, 9))}
+    core = ov.Core()
+    run = [core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(ids)[0] for m in (expected, got)]
+    np.testing.assert_array_equal(run[0], run[1])
+
+
 @pytest.mark.slow
 def test_8b_wide_export_stays_within_its_memory_bound(tmp_path):
     """Two layers of Llama-3-8B's widths (SmolLM2's 49152-token vocabulary, not 128256, to fit CI's time), bf16,

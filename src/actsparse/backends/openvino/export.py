@@ -10,6 +10,7 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import openvino as ov
 
 from ..._common import ActSparseError, dropping_mapped_pages, stage
@@ -41,8 +42,109 @@ def compress_weights(ir: Path, weight_format: str, group_size: int) -> None:
 
             mode = nncf.CompressWeightsMode.INT8_ASYM if weight_format == "int8" else nncf.CompressWeightsMode.INT4_ASYM
             options = {} if weight_format == "int8" else {"group_size": group_size, "ratio": 1.0}
+            last_compressed = compress_vocabulary(model)[1]  # NNCF finds no weight in what it compressed
+            if weight_format == "int4" and last_compressed:
+                options["all_layers"] = True
             model = nncf.compress_weights(model, mode=mode, **options)
         save_ir_over(model, ir, compress_to_fp16=weight_format == "fp16")
+
+
+# NNCF works on a tensor at about 8 bytes an element: Llama-3's 128256x4096 embeddings would alone take 4 GiB.
+VOCABULARY_ELEMENTS = 1 << 26
+BLOCK_ELEMENTS = 1 << 25
+
+
+def vocabulary_weights(model: ov.Model, min_elements: int = VOCABULARY_ELEMENTS) -> tuple[dict, bool]:
+    """``({weight Constant: its consumers}, whether the last MatMul is among them)`` for the 2-D float weights of
+    at least ``min_elements`` read only (through Converts) one row per output: by embeddings (Gather on axis 0)
+    or ``transpose_b`` MatMuls. NNCF keeps the last MatMul at int8 and, once that one is compressed, would take
+    the one before for the last; it can only be told that there is none by compressing embeddings in int4 too,
+    so the last MatMul is taken only where every embedding is."""
+    def constant_behind(value):
+        node = value.get_node()
+        while node.get_type_name() == "Convert":
+            node = node.input_value(0).get_node()
+        return node if node.get_type_name() == "Constant" else None
+
+    def per_row(node) -> bool:
+        if node.get_type_name() == "MatMul":
+            return node.get_attributes()["transpose_b"]
+        axis = constant_behind(node.input_value(2))
+        return axis is not None and int(axis.data.reshape(-1)[0]) == 0
+
+    users, matmuls = {}, []
+    for node in model.get_ordered_ops():
+        if node.get_type_name() in ("Gather", "MatMul"):
+            const = constant_behind(node.input_value(0 if node.get_type_name() == "Gather" else 1))
+            if const is not None and const.get_output_element_type(0).is_real():
+                users.setdefault(const, []).append(node)
+                matmuls += [node] if node.get_type_name() == "MatMul" else []
+
+    def readers(output) -> int:  # consumers that are not Converts, through Converts
+        return sum(readers(t.get_node().output(0)) if t.get_node().get_type_name() == "Convert" else 1
+                   for t in output.get_target_inputs())
+
+    found = {c: us for c, us in users.items()
+             if len(c.get_output_partial_shape(0)) == 2 and int(np.prod(list(c.get_output_shape(0)))) >= min_elements
+             and all(map(per_row, us)) and readers(c.output(0)) == len(us)}
+    last = matmuls[-1] if matmuls else None
+    if any(c not in found for c, us in users.items() if any(u.get_type_name() == "Gather" for u in us)):
+        found = {c: us for c, us in found.items() if last not in us}
+    return found, any(last in us for us in found.values())
+
+
+def compress_vocabulary(model: ov.Model, min_elements: int = VOCABULARY_ELEMENTS,
+                        block_elements: int = BLOCK_ELEMENTS) -> tuple[list[str], bool]:
+    """Compress the vocabulary-sized weights of ``model`` (``vocabulary_weights``) to int8, asymmetric per row, in
+    place, a block of rows at a time through NNCF itself, so that the values and the graph are those NNCF would
+    give (it keeps embeddings and the last layer at int8 for int4 too) at a fraction of its working memory.
+    Returns their consumers' names and whether the last MatMul was among them."""
+    import nncf
+    from openvino import opset13 as ops
+
+    found, last = vocabulary_weights(model, min_elements)
+    names = []
+    for const, users in found.items():
+        rows, cols = (d.get_length() for d in const.get_output_partial_shape(0))
+        kind, data, name = const.get_output_element_type(0), const.data, const.get_friendly_name()
+        codes, scale, zero_point = np.empty((rows, cols), np.uint8), None, None
+        step = max(1, block_elements // cols)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            raw = np.array(data[r0:r1])  # the Tensor shares this memory: it must outlive the block's model
+            block = ops.constant(ov.Tensor(raw, [r1 - r0, cols], kind))
+            x = ops.parameter([1, cols], ov.Type.f32)
+            compressed = nncf.compress_weights(ov.Model([ops.matmul(x, ops.convert(block, ov.Type.f32), False, True)],
+                                                        [x]), mode=nncf.CompressWeightsMode.INT8_ASYM)
+            parts = {c.get_friendly_name(): c.data for c in compressed.get_ordered_ops() if c.get_type_name() == "Constant"}
+            q, zp, s = (parts[block.get_friendly_name() + suffix] for suffix in ("", "/zero_point", "/scale"))
+            if scale is None:
+                scale, zero_point = np.empty((rows, 1), s.dtype), np.empty((rows, 1), np.uint8)
+            codes[r0:r1], zero_point[r0:r1], scale[r0:r1] = q, zp, s
+        del data
+        # the subgraph NNCF's OpenVINO backend builds for an int8 asymmetric weight
+        weight = ops.subtract(ops.convert(ops.constant(codes, shared_memory=True, name=name), ov.Type.f16),
+                              ops.convert(ops.constant(zero_point, name=f"{name}/zero_point"), ov.Type.f16),
+                              name=f"{name}/zero_point/subtract")
+        port = 0 if users[0].get_type_name() == "Gather" else 1
+        weight = ops.multiply(weight, ops.constant(scale, name=f"{name}/scale"), name=f"{name}/fq_weights_{port}")
+        replace_constant(const, weight.output(0))
+        names += [user.get_friendly_name() for user in users]
+    return names, last
+
+
+def replace_constant(const, new: ov.Output) -> None:
+    """Feed ``const``'s consumers from ``new``; a Convert to ``new``'s type is bypassed, and a consumer that is
+    not a Convert gets one back to ``const``'s type (NNCF does the same)."""
+    for target in list(const.output(0).get_target_inputs()):
+        node = target.get_node()
+        if node.get_type_name() == "Convert" and node.get_output_element_type(0) == new.get_element_type():
+            replace_constant(node, new)
+        elif node.get_type_name() == "Convert" or const.get_output_element_type(0) == new.get_element_type():
+            target.replace_source_output(new)
+        else:
+            from openvino import opset13 as ops
+            target.replace_source_output(ops.convert(new, const.get_output_element_type(0)).output(0))
 
 
 # A constant in an IR: <data element_type=".." shape=".." offset="N" size="M" />, as OpenVINO writes it.
