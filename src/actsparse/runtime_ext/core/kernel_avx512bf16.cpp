@@ -150,9 +150,7 @@ void gemm_pairs(const uint32_t* zpan, const uint32_t* wpan, int64_t kc2, float* 
 // The driver rounds z to bf16 (Ops::u4_bf16); u4_rows takes the 16·Σz back off, so acc gets Σ z·c as
 // the Ops::rows contract says. Lanes hold even columns, then odd ones, per 32 columns: the layout of the
 // avx512 kernel's U4 acc, which its u4_apply reads.
-inline void u4_codes(const uint8_t* a, const uint8_t* b, __m512bh& even, __m512bh& odd) {
-  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
-  const __m128i y = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+inline void u4_codes(__m128i x, __m128i y, __m512bh& even, __m512bh& odd) {
   const __m512i w = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(x, y), _mm_unpacklo_epi8(x, y)));
   const __m512i one = _mm512_set1_epi16(0x3f80), top4 = _mm512_set1_epi16(0x78);
   even = (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi16(w, 3), top4, one, 0xea);  // (A & B) | C
@@ -185,7 +183,8 @@ inline void u4_pairs(float* acc, int64_t n, const uint8_t* const* p, const float
     __m512 ae = _mm512_sub_ps(_mm512_loadu_ps(acc + c), offv), ao = _mm512_sub_ps(_mm512_loadu_ps(acc + c + 16), offv);
     for (int j = 0; j < P; ++j) {
       __m512bh e, o;
-      u4_codes(p[2 * j] + off, p[2 * j + 1] + off, e, o);
+      u4_codes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[2 * j] + off)),
+               _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[2 * j + 1] + off)), e, o);
       ae = _mm512_dpbf16_ps(ae, zp[j], e);
       ao = _mm512_dpbf16_ps(ao, zp[j], o);
     }
@@ -436,6 +435,86 @@ void u4_group_q8(float* y, int64_t n, const uint8_t* base, int64_t rb, const int
   }
 }
 
+// Ops::u4_group: one group's live rows straight into y. Per 128 columns (64 code bytes of each row), the sums of
+// up to kU4ChunkRows rows stay in registers (even and odd columns of four 32-column steps); a longer group adds
+// chunk by chunk into acc (u4_rows' layout), and its last chunk applies the group's scale and zero point into y,
+// so no pass clears acc or reads it back only to apply. Rows are prefetched a few lines ahead, across the end of
+// the chunk's rows into the next chunk's (or group's: R_ahead). A last, partial block is read with masked loads,
+// nothing past the row's end. Longer groups on long row slices go to u4_rows and u4_apply instead (Ops::u4_group).
+template <bool L2>
+void u4_group_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const float* z, int64_t R,
+                const PackedWeight& w, int64_t s, float zsum, float* acc, int64_t R_ahead) {
+  constexpr int CH = int(kU4ChunkRows), PM = CH / 2;
+  float bias16 = 0.f;  // 16·Σz: each code c multiplies as 16 + c (see u4_codes)
+  for (int64_t r = 0; r < R; ++r) bias16 += 16.f * z[r];
+  const __m512 offv = _mm512_set1_ps(bias16), zsv = _mm512_set1_ps(zsum);
+  const int64_t nb = (n + 127) / 128 * 128, lines = nb / 128;
+  // prefetch distance in bytes: a few lines, at most a row (short rows: the next chunk's same line)
+  const int64_t d = 64 * std::min<int64_t>(lines, L2 ? 32 : 8);
+  constexpr auto hint = L2 ? _MM_HINT_T1 : _MM_HINT_T0;
+  for (int64_t c0 = 0; c0 < R; c0 += CH) {
+    const int64_t c1 = std::min(R, c0 + CH), P = (c1 - c0 + 1) / 2, nn = std::min<int64_t>(CH, R + R_ahead - c1);
+    const bool first = c0 == 0, last = c1 == R;
+    const uint8_t* p[CH];
+    const uint8_t* next[CH];
+    __m512bh zp[PM];
+    for (int64_t j = 0; j < 2 * P; ++j) p[j] = base + int64_t(idx[std::min(c0 + j, c1 - 1)]) * rb;  // odd R: row again, times 0
+    for (int64_t j = 0; j < P; ++j)
+      zp[j] = (__m512bh)_mm512_set1_epi32(int(z_pair(z[c0 + 2 * j], c0 + 2 * j + 1 < c1 ? z[c0 + 2 * j + 1] : 0.f)));
+    for (int64_t j = 0; j < nn; ++j) next[j] = base + int64_t(idx[c1 + j]) * rb;
+    for (int64_t c = 0, off = 0; c < nb; c += 128, off += 64) {
+      const __mmask64 m = first64(row_bytes(WeightFormat::U4, n - c));
+      // the line d ahead in the chunk's rows followed by the next chunk's
+      if (off + d < lines * 64)
+        for (int64_t j = 0; j < c1 - c0; ++j) _mm_prefetch(reinterpret_cast<const char*>(p[j] + off + d), hint);
+      else
+        for (int64_t j = 0; j < nn; ++j) _mm_prefetch(reinterpret_cast<const char*>(next[j] + off + d - lines * 64), hint);
+      __m512 ae[4], ao[4];
+      for (int k = 0; k < 4; ++k) {
+        ae[k] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c + 32 * k);
+        ao[k] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c + 32 * k + 16);
+      }
+      for (int64_t j = 0; j < P; ++j)
+        for (int k = 0; k < 4; ++k) {
+          const __mmask16 mk = __mmask16(m >> (16 * k));
+          const __m128i a = _mm_maskz_loadu_epi8(mk, p[2 * j] + off + 16 * k), b = _mm_maskz_loadu_epi8(mk, p[2 * j + 1] + off + 16 * k);
+          __m512bh e, o;
+          u4_codes(a, b, e, o);
+          ae[k] = _mm512_dpbf16_ps(ae[k], zp[j], e);
+          ao[k] = _mm512_dpbf16_ps(ao[k], zp[j], o);
+        }
+      for (int k = 0; k < 4; ++k) {
+        if (!last) {
+          _mm512_storeu_ps(acc + c + 32 * k, ae[k]);
+          _mm512_storeu_ps(acc + c + 32 * k + 16, ao[k]);
+          continue;
+        }
+        __m512 v[2];
+        interleave(ae[k], ao[k], v[0], v[1]);
+        for (int h = 0; h < 2; ++h) {
+          const int64_t col = c + 32 * k + 16 * h;
+          const __mmask16 km = first16(n - col);
+          const __m512 t = _mm512_fnmadd_ps(zero_point16(w, s + col, km), zsv, _mm512_sub_ps(v[h], offv));
+          _mm512_mask_storeu_ps(y + col, km, _mm512_fmadd_ps(scale16(w, s + col, km), t, _mm512_maskz_loadu_ps(km, y + col)));
+        }
+      }
+    }
+  }
+}
+
+void u4_group(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const float* z, int64_t R,
+              const PackedWeight& w, int64_t s, float zsum, bool prefetch_l2, float* acc, int64_t R_ahead) {
+  // a dense group's long rows stream faster four at a time through acc, as rows() reads them (docs/op.md)
+  if (R > kU4ChunkRows && n > kU4ShortCols) {
+    std::memset(acc, 0, sizeof(float) * size_t(n));
+    if (prefetch_l2) u4_rows<true>(acc, n, base, rb, idx, z, R);
+    else u4_rows<false>(acc, n, base, rb, idx, z, R);
+    return ops_avx512()->u4_apply(y, acc, n, w, s, zsum);
+  }
+  return prefetch_l2 ? u4_group_f<true>(y, n, base, rb, idx, z, R, w, s, zsum, acc, R_ahead)
+                     : u4_group_f<false>(y, n, base, rb, idx, z, R, w, s, zsum, acc, R_ahead);
+}
+
 // Prefill on int8 activations (VNNI). Weight codes go into words of four consecutive rows' bytes per column
 // ([kc4][NR] words per NR-column panel, kc rounded up to whole kQ8KGroup; u4 nibbles widened to bytes; rows past
 // kc and columns past nc are 0),
@@ -568,6 +647,7 @@ const Ops* ops_avx512bf16() {
     o.u4_bf16 = true;
     o.rows_q8 = rows_q8;
     o.u4_group_q8 = u4_group_q8;
+    o.u4_group = u4_group;
     o.q8_pack = q8_pack;
     o.q8_gemm = q8_gemm;
     o.q8_quantise = q8_quantise;
