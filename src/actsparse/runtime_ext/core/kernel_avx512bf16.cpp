@@ -435,32 +435,52 @@ void u4_group_q8(float* y, int64_t n, const uint8_t* base, int64_t rb, const int
   }
 }
 
-// Ops::u4_group: one group's live rows straight into y. Per 128 columns (64 code bytes of each row), the sums of
-// up to kU4ChunkRows rows stay in registers (even and odd columns of four 32-column steps); a longer group adds
-// chunk by chunk into acc (u4_rows' layout), and its last chunk applies the group's scale and zero point into y,
-// so no pass clears acc or reads it back only to apply. Rows are prefetched a few lines ahead, across the end of
-// the chunk's rows into the next chunk's (or group's: R_ahead). A last, partial block is read with masked loads,
-// nothing past the row's end. Longer groups on long row slices go to u4_rows and u4_apply instead (Ops::u4_group).
+// Four rows' 64 code bytes r[0..4) into the U4 sums of 128 columns, as u4_codes but without its shuffles per 16
+// bytes: dp4's two rounds of in-lane unpacks put byte i of the four rows in one 32-bit lane (rows 0, 1 in its low
+// word, 2, 3 in its high one), and shifts pick each nibble into a bf16 pair: rows (0, 2) and (1, 3), their z
+// pairs z02 and z13. ae[k] / ao[k]: the even / odd columns, in dp4's lane order.
+inline void u4_quad(const __m512i r[4], __m512bh z02, __m512bh z13, __m512 ae[4], __m512 ao[4]) {
+  const __m512i one = _mm512_set1_epi16(0x3f80), top4 = _mm512_set1_epi16(0x78);
+  auto code = [&](__m512i v) { return (__m512bh)_mm512_ternarylogic_epi32(v, top4, one, 0xea); };  // (A & B) | C
+  const __m512i ab0 = _mm512_unpacklo_epi8(r[0], r[1]), ab1 = _mm512_unpackhi_epi8(r[0], r[1]);
+  const __m512i cd0 = _mm512_unpacklo_epi8(r[2], r[3]), cd1 = _mm512_unpackhi_epi8(r[2], r[3]);
+  const __m512i l[4] = {_mm512_unpacklo_epi16(ab0, cd0), _mm512_unpackhi_epi16(ab0, cd0), _mm512_unpacklo_epi16(ab1, cd1),
+                        _mm512_unpackhi_epi16(ab1, cd1)};
+  for (int k = 0; k < 4; ++k) {  // a word's low byte holds rows 0 / 2, its high byte rows 1 / 3
+    ae[k] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(ae[k], z02, code(_mm512_slli_epi16(l[k], 3))), z13, code(_mm512_srli_epi16(l[k], 5)));
+    ao[k] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(ao[k], z02, code(_mm512_srli_epi16(l[k], 1))), z13, code(_mm512_srli_epi16(l[k], 9)));
+  }
+}
+
+// Ops::u4_group: one group's live rows straight into y. Per 128 columns (64 code bytes of each row), the sums of a
+// chunk of rows stay in registers, four rows at a time (u4_quad); a group of several chunks adds them into acc
+// (the same lane order), and its last chunk applies the group's scale and zero point into y, so no pass clears
+// acc or reads it back only to apply. A chunk is up to kU4ChunkRows rows. Rows are prefetched a few lines ahead,
+// across the end of the chunk's rows into the next chunk's (or group's: R_ahead). A last, partial block is read
+// with masked loads, nothing past the row's end. Longer groups on long row slices go to u4_rows and u4_apply.
 template <bool L2>
 void u4_group_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const float* z, int64_t R,
                 const PackedWeight& w, int64_t s, float zsum, float* acc, int64_t R_ahead) {
-  constexpr int CH = int(kU4ChunkRows), PM = CH / 2;
+  constexpr int CH = int(kU4ChunkRows), QM = CH / 4;
   float bias16 = 0.f;  // 16·Σz: each code c multiplies as 16 + c (see u4_codes)
   for (int64_t r = 0; r < R; ++r) bias16 += 16.f * z[r];
   const __m512 offv = _mm512_set1_ps(bias16), zsv = _mm512_set1_ps(zsum);
   const int64_t nb = (n + 127) / 128 * 128, lines = nb / 128;
-  // prefetch distance in bytes: a few lines, at most a row (short rows: the next chunk's same line)
+  // prefetch distance: a few lines, at most a row (short rows: the next chunk's same line)
   const int64_t d = 64 * std::min<int64_t>(lines, L2 ? 32 : 8);
   constexpr auto hint = L2 ? _MM_HINT_T1 : _MM_HINT_T0;
   for (int64_t c0 = 0; c0 < R; c0 += CH) {
-    const int64_t c1 = std::min(R, c0 + CH), P = (c1 - c0 + 1) / 2, nn = std::min<int64_t>(CH, R + R_ahead - c1);
+    const int64_t c1 = std::min(R, c0 + CH), Q = (c1 - c0 + 3) / 4, nn = std::min<int64_t>(CH, R + R_ahead - c1);
     const bool first = c0 == 0, last = c1 == R;
     const uint8_t* p[CH];
     const uint8_t* next[CH];
-    __m512bh zp[PM];
-    for (int64_t j = 0; j < 2 * P; ++j) p[j] = base + int64_t(idx[std::min(c0 + j, c1 - 1)]) * rb;  // odd R: row again, times 0
-    for (int64_t j = 0; j < P; ++j)
-      zp[j] = (__m512bh)_mm512_set1_epi32(int(z_pair(z[c0 + 2 * j], c0 + 2 * j + 1 < c1 ? z[c0 + 2 * j + 1] : 0.f)));
+    __m512bh zq[2 * QM];
+    auto zr = [&](int64_t j) { return c0 + j < c1 ? z[c0 + j] : 0.f; };
+    for (int64_t j = 0; j < 4 * Q; ++j) p[j] = base + int64_t(idx[std::min(c0 + j, c1 - 1)]) * rb;  // past c1: a row again, times 0
+    for (int64_t q = 0; q < Q; ++q) {
+      zq[2 * q] = (__m512bh)_mm512_set1_epi32(int(z_pair(zr(4 * q), zr(4 * q + 2))));
+      zq[2 * q + 1] = (__m512bh)_mm512_set1_epi32(int(z_pair(zr(4 * q + 1), zr(4 * q + 3))));
+    }
     for (int64_t j = 0; j < nn; ++j) next[j] = base + int64_t(idx[c1 + j]) * rb;
     for (int64_t c = 0, off = 0; c < nb; c += 128, off += 64) {
       const __mmask64 m = first64(row_bytes(WeightFormat::U4, n - c));
@@ -471,33 +491,24 @@ void u4_group_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const int3
         for (int64_t j = 0; j < nn; ++j) _mm_prefetch(reinterpret_cast<const char*>(next[j] + off + d - lines * 64), hint);
       __m512 ae[4], ao[4];
       for (int k = 0; k < 4; ++k) {
-        ae[k] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c + 32 * k);
-        ao[k] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c + 32 * k + 16);
+        ae[k] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c + 16 * k);
+        ao[k] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c + 64 + 16 * k);
       }
-      for (int64_t j = 0; j < P; ++j)
-        for (int k = 0; k < 4; ++k) {
-          const __mmask16 mk = __mmask16(m >> (16 * k));
-          const __m128i a = _mm_maskz_loadu_epi8(mk, p[2 * j] + off + 16 * k), b = _mm_maskz_loadu_epi8(mk, p[2 * j + 1] + off + 16 * k);
-          __m512bh e, o;
-          u4_codes(a, b, e, o);
-          ae[k] = _mm512_dpbf16_ps(ae[k], zp[j], e);
-          ao[k] = _mm512_dpbf16_ps(ao[k], zp[j], o);
-        }
+      for (int64_t q = 0; q < Q; ++q) {
+        __m512i r[4];
+        for (int j = 0; j < 4; ++j) r[j] = _mm512_maskz_loadu_epi8(m, p[4 * q + j] + off);
+        u4_quad(r, zq[2 * q], zq[2 * q + 1], ae, ao);
+      }
       for (int k = 0; k < 4; ++k) {
         if (!last) {
-          _mm512_storeu_ps(acc + c + 32 * k, ae[k]);
-          _mm512_storeu_ps(acc + c + 32 * k + 16, ao[k]);
-          continue;
-        }
-        __m512 v[2];
-        interleave(ae[k], ao[k], v[0], v[1]);
-        for (int h = 0; h < 2; ++h) {
-          const int64_t col = c + 32 * k + 16 * h;
-          const __mmask16 km = first16(n - col);
-          const __m512 t = _mm512_fnmadd_ps(zero_point16(w, s + col, km), zsv, _mm512_sub_ps(v[h], offv));
-          _mm512_mask_storeu_ps(y + col, km, _mm512_fmadd_ps(scale16(w, s + col, km), t, _mm512_maskz_loadu_ps(km, y + col)));
+          _mm512_storeu_ps(acc + c + 16 * k, ae[k]);
+          _mm512_storeu_ps(acc + c + 64 + 16 * k, ao[k]);
+        } else {
+          ae[k] = _mm512_sub_ps(ae[k], offv);
+          ao[k] = _mm512_sub_ps(ao[k], offv);
         }
       }
+      if (last) u4_apply_block(y, c, n, ae, ao, w, s, zsv);
     }
   }
 }
