@@ -48,9 +48,9 @@ struct Ops {
                       const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum,
                       bool prefetch_l2, float* acc, int64_t R_ahead) = nullptr;
   // Optional U4 decode of one group's live rows straight into y (null: the driver calls rows() into acc, then
-  // u4_apply): y[0..n) +=
-  // scale * (sum_r z[r] * Q[idx[r]] - zp * zsum), scales and zero points from number s of w's (as u4_apply); acc is
-  // scratch for kMaxTileCols floats; idx[R .. R + R_ahead) are the live rows read next, to prefetch.
+  // u4_apply): y[0..n) += scale * (sum_r z[r] * Q[idx[r]] - zp * zsum), scales and zero points from number s of
+  // w's (as u4_apply); acc is scratch for kMaxTileCols floats; idx[R .. R + R_ahead) are the live rows read next,
+  // to prefetch.
   void (*u4_group)(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const float* z, int64_t R,
                    const PackedWeight& w, int64_t s, float zsum, bool prefetch_l2, float* acc, int64_t R_ahead) = nullptr;
   // Optional prefill of U8/U4 on int8 activations (same NR as gemm). q8_pack: the codes of W[k0:k0+kc, n0:n0+nc] as
