@@ -243,6 +243,28 @@ def test_tokens_of_one_call_are_computed_as_alone(kernel, fmt, M):
         check(y[keep], alone[keep], scale, f"{kernel} {fmt} M={M} mask={mask}: as alone")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("fmt", ["u4", "u4c"])
+@pytest.mark.parametrize("N", [100, 2048, 2049, 4101])
+@pytest.mark.parametrize("live", [(1, 0), (2, 31), (32, 33), (64, 65), (128, 3), (0, 128)])
+def test_u4_groups_of_every_length(kernel, fmt, N, live):
+    """u4 decode with an exact number of live rows in each of two groups: one row, an odd count, a group whose rows
+    fit one pass in registers (32) or just miss it (33, 65), a dense group, an empty one; row slices short (up to
+    2048 columns) or long, N past a 128-column block and odd. Each against numpy and the scalar kernel."""
+    rng = np.random.default_rng(N + 7 * live[0] + live[1])
+    K, G = 256, 128
+    packed = make_weight(fmt, K, N, G, rng)
+    x, tau = make_x(1, K, 0.4, 1.0, rng)  # every channel pruned, then the chosen ones made live
+    for g, count in enumerate(live):
+        on = g * G + rng.choice(G, count, replace=False)
+        x[0, on] = 0.4 + rng.uniform(0.6, 2.0, count) * rng.choice([-1.0, 1.0], count)
+    y = ks.matmul(x, packed, None, 0.4, tau, True, 1, kernel)
+    ref, scale = reference(x, packed, None, 0.4, tau, True, kernel)
+    check(y, ref, scale, f"{kernel} live={live}")
+    if not multiplies_in_bf16(fmt, 1, kernel):
+        check(y, ks.matmul(x, packed, None, 0.4, tau, True, 1, "scalar"), scale, f"{kernel} live={live} vs scalar")
+
+
 def test_errors_are_reported():
     packed = make_weight("u4", 64, 8, 32, np.random.default_rng(0))
     packed.group_size = 48  # does not divide K

@@ -234,12 +234,17 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t a = std::max(s0, r.gpos[g]), b = std::min(s1, r.gpos[g + 1]);
       if (a >= b) continue;
-      if (q8) {  // a starts the group; the call prefetches the next group's live rows, from b on
-        int64_t e = g + 2;
-        while (e < ng && r.gpos[e] == b) ++e;  // past groups without live rows
-        const int64_t ahead = std::max<int64_t>(0, std::min(s1, r.gpos[std::min(e, ng)]) - b);
+      // a starts the group; the one-group calls prefetch the next group's live rows, from b on
+      int64_t e = g + 2;
+      while (e < ng && r.gpos[e] == b) ++e;  // past groups without live rows
+      const int64_t ahead = std::max<int64_t>(0, std::min(s1, r.gpos[std::min(e, ng)]) - b);
+      if (q8) {
         ops.u4_group_q8(out, n, base, trb, r.idx + a, r.q + a, r.qs + a, b - a, w, g * N + n0, r.gsum[g], prefetch_l2, acc,
                         ahead);
+        continue;
+      }
+      if (ops.u4_group) {
+        ops.u4_group(out, n, base, trb, r.idx + a, r.z + a, b - a, w, g * N + n0, r.gsum[g], prefetch_l2, acc, ahead);
         continue;
       }
       std::memset(acc, 0, sizeof(float) * size_t(n));

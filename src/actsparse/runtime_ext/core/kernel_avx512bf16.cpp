@@ -150,9 +150,7 @@ void gemm_pairs(const uint32_t* zpan, const uint32_t* wpan, int64_t kc2, float* 
 // The driver rounds z to bf16 (Ops::u4_bf16); u4_rows takes the 16·Σz back off, so acc gets Σ z·c as
 // the Ops::rows contract says. Lanes hold even columns, then odd ones, per 32 columns: the layout of the
 // avx512 kernel's U4 acc, which its u4_apply reads.
-inline void u4_codes(const uint8_t* a, const uint8_t* b, __m512bh& even, __m512bh& odd) {
-  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
-  const __m128i y = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+inline void u4_codes(__m128i x, __m128i y, __m512bh& even, __m512bh& odd) {
   const __m512i w = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(x, y), _mm_unpacklo_epi8(x, y)));
   const __m512i one = _mm512_set1_epi16(0x3f80), top4 = _mm512_set1_epi16(0x78);
   even = (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi16(w, 3), top4, one, 0xea);  // (A & B) | C
@@ -185,7 +183,8 @@ inline void u4_pairs(float* acc, int64_t n, const uint8_t* const* p, const float
     __m512 ae = _mm512_sub_ps(_mm512_loadu_ps(acc + c), offv), ao = _mm512_sub_ps(_mm512_loadu_ps(acc + c + 16), offv);
     for (int j = 0; j < P; ++j) {
       __m512bh e, o;
-      u4_codes(p[2 * j] + off, p[2 * j + 1] + off, e, o);
+      u4_codes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[2 * j] + off)),
+               _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[2 * j + 1] + off)), e, o);
       ae = _mm512_dpbf16_ps(ae, zp[j], e);
       ao = _mm512_dpbf16_ps(ao, zp[j], o);
     }
@@ -436,6 +435,97 @@ void u4_group_q8(float* y, int64_t n, const uint8_t* base, int64_t rb, const int
   }
 }
 
+// Four rows' 64 code bytes r[0..4) into the U4 sums of 128 columns, as u4_codes but without its shuffles per 16
+// bytes: dp4's two rounds of in-lane unpacks put byte i of the four rows in one 32-bit lane (rows 0, 1 in its low
+// word, 2, 3 in its high one), and shifts pick each nibble into a bf16 pair: rows (0, 2) and (1, 3), their z
+// pairs z02 and z13. ae[k] / ao[k]: the even / odd columns, in dp4's lane order.
+inline void u4_quad(const __m512i r[4], __m512bh z02, __m512bh z13, __m512 ae[4], __m512 ao[4]) {
+  const __m512i one = _mm512_set1_epi16(0x3f80), top4 = _mm512_set1_epi16(0x78);
+  auto code = [&](__m512i v) { return (__m512bh)_mm512_ternarylogic_epi32(v, top4, one, 0xea); };  // (A & B) | C
+  const __m512i ab0 = _mm512_unpacklo_epi8(r[0], r[1]), ab1 = _mm512_unpackhi_epi8(r[0], r[1]);
+  const __m512i cd0 = _mm512_unpacklo_epi8(r[2], r[3]), cd1 = _mm512_unpackhi_epi8(r[2], r[3]);
+  const __m512i l[4] = {_mm512_unpacklo_epi16(ab0, cd0), _mm512_unpackhi_epi16(ab0, cd0), _mm512_unpacklo_epi16(ab1, cd1),
+                        _mm512_unpackhi_epi16(ab1, cd1)};
+  for (int k = 0; k < 4; ++k) {  // a word's low byte holds rows 0 / 2, its high byte rows 1 / 3
+    ae[k] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(ae[k], z02, code(_mm512_slli_epi16(l[k], 3))), z13, code(_mm512_srli_epi16(l[k], 5)));
+    ao[k] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(ao[k], z02, code(_mm512_srli_epi16(l[k], 1))), z13, code(_mm512_srli_epi16(l[k], 9)));
+  }
+}
+
+// Ops::u4_group: one group's live rows straight into y. Per 128 columns (64 code bytes of each row), the sums of a
+// chunk of rows stay in registers, four rows at a time (u4_quad); a group of several chunks adds them into acc
+// (the same lane order), and its last chunk applies the group's scale and zero point into y, so no pass clears
+// acc or reads it back only to apply. A chunk is up to kU4ChunkRows rows. Rows are prefetched a few lines ahead,
+// across the end of the chunk's rows into the next chunk's (or group's: R_ahead). A last, partial block is read
+// with masked loads, nothing past the row's end. Longer groups on long row slices go to u4_rows and u4_apply.
+template <bool L2>
+void u4_group_f(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const float* z, int64_t R,
+                const PackedWeight& w, int64_t s, float zsum, float* acc, int64_t R_ahead) {
+  constexpr int CH = int(kU4ChunkRows), QM = CH / 4;
+  float bias16 = 0.f;  // 16·Σz: each code c multiplies as 16 + c (see u4_codes)
+  for (int64_t r = 0; r < R; ++r) bias16 += 16.f * z[r];
+  const __m512 offv = _mm512_set1_ps(bias16), zsv = _mm512_set1_ps(zsum);
+  const int64_t nb = (n + 127) / 128 * 128, lines = nb / 128;
+  // prefetch distance: a few lines, at most a row (short rows: the next chunk's same line)
+  const int64_t d = 64 * std::min<int64_t>(lines, L2 ? 32 : 8);
+  constexpr auto hint = L2 ? _MM_HINT_T1 : _MM_HINT_T0;
+  for (int64_t c0 = 0; c0 < R; c0 += CH) {
+    const int64_t c1 = std::min(R, c0 + CH), Q = (c1 - c0 + 3) / 4, nn = std::min<int64_t>(CH, R + R_ahead - c1);
+    const bool first = c0 == 0, last = c1 == R;
+    const uint8_t* p[CH];
+    const uint8_t* next[CH];
+    __m512bh zq[2 * QM];
+    auto zr = [&](int64_t j) { return c0 + j < c1 ? z[c0 + j] : 0.f; };
+    for (int64_t j = 0; j < 4 * Q; ++j) p[j] = base + int64_t(idx[std::min(c0 + j, c1 - 1)]) * rb;  // past c1: a row again, times 0
+    for (int64_t q = 0; q < Q; ++q) {
+      zq[2 * q] = (__m512bh)_mm512_set1_epi32(int(z_pair(zr(4 * q), zr(4 * q + 2))));
+      zq[2 * q + 1] = (__m512bh)_mm512_set1_epi32(int(z_pair(zr(4 * q + 1), zr(4 * q + 3))));
+    }
+    for (int64_t j = 0; j < nn; ++j) next[j] = base + int64_t(idx[c1 + j]) * rb;
+    for (int64_t c = 0, off = 0; c < nb; c += 128, off += 64) {
+      const __mmask64 m = first64(row_bytes(WeightFormat::U4, n - c));
+      // the line d ahead in the chunk's rows followed by the next chunk's
+      if (off + d < lines * 64)
+        for (int64_t j = 0; j < c1 - c0; ++j) _mm_prefetch(reinterpret_cast<const char*>(p[j] + off + d), hint);
+      else
+        for (int64_t j = 0; j < nn; ++j) _mm_prefetch(reinterpret_cast<const char*>(next[j] + off + d - lines * 64), hint);
+      __m512 ae[4], ao[4];
+      for (int k = 0; k < 4; ++k) {
+        ae[k] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c + 16 * k);
+        ao[k] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c + 64 + 16 * k);
+      }
+      for (int64_t q = 0; q < Q; ++q) {
+        __m512i r[4];
+        for (int j = 0; j < 4; ++j) r[j] = _mm512_maskz_loadu_epi8(m, p[4 * q + j] + off);
+        u4_quad(r, zq[2 * q], zq[2 * q + 1], ae, ao);
+      }
+      for (int k = 0; k < 4; ++k) {
+        if (!last) {
+          _mm512_storeu_ps(acc + c + 16 * k, ae[k]);
+          _mm512_storeu_ps(acc + c + 64 + 16 * k, ao[k]);
+        } else {
+          ae[k] = _mm512_sub_ps(ae[k], offv);
+          ao[k] = _mm512_sub_ps(ao[k], offv);
+        }
+      }
+      if (last) u4_apply_block(y, c, n, ae, ao, w, s, zsv);
+    }
+  }
+}
+
+void u4_group(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const float* z, int64_t R,
+              const PackedWeight& w, int64_t s, float zsum, bool prefetch_l2, float* acc, int64_t R_ahead) {
+  // a dense group's long rows stream faster four at a time through acc, as rows() reads them (docs/op.md)
+  if (R > kU4ChunkRows && n > kU4ShortCols) {
+    std::memset(acc, 0, sizeof(float) * size_t(n));
+    if (prefetch_l2) u4_rows<true>(acc, n, base, rb, idx, z, R);
+    else u4_rows<false>(acc, n, base, rb, idx, z, R);
+    return ops_avx512()->u4_apply(y, acc, n, w, s, zsum);
+  }
+  return prefetch_l2 ? u4_group_f<true>(y, n, base, rb, idx, z, R, w, s, zsum, acc, R_ahead)
+                     : u4_group_f<false>(y, n, base, rb, idx, z, R, w, s, zsum, acc, R_ahead);
+}
+
 // Prefill on int8 activations (VNNI). Weight codes go into words of four consecutive rows' bytes per column
 // ([kc4][NR] words per NR-column panel, kc rounded up to whole kQ8KGroup; u4 nibbles widened to bytes; rows past
 // kc and columns past nc are 0),
@@ -568,6 +658,7 @@ const Ops* ops_avx512bf16() {
     o.u4_bf16 = true;
     o.rows_q8 = rows_q8;
     o.u4_group_q8 = u4_group_q8;
+    o.u4_group = u4_group;
     o.q8_pack = q8_pack;
     o.q8_gemm = q8_gemm;
     o.q8_quantise = q8_quantise;

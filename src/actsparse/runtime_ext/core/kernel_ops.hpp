@@ -8,6 +8,8 @@ namespace detail {
 
 constexpr int64_t kQ8Chunk = 8;          // live rows per int8 activation scale (a multiple of 4)
 constexpr int64_t kQ8GroupRows = 4 * kQ8Chunk;  // u4_group_q8 takes groups of up to this many live rows at once
+constexpr int64_t kU4ChunkRows = 32;   // u4_group keeps the sums of this many live rows in registers
+constexpr int64_t kU4ShortCols = 2048;  // and takes longer groups in such chunks only on row slices this short
 constexpr int64_t kQ8KGroup = 32;  // prefill on int8 activations: k per activation scale (the plugin's group size)
 constexpr int64_t kQ8MR = 3;       // and rows per q8_gemm tile
 constexpr int64_t kLiveSlack = 16;  // Ops::live writes up to this many entries past the last live one
@@ -45,6 +47,12 @@ struct Ops {
   void (*u4_group_q8)(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const int8_t* q,
                       const float* qscale, int64_t R, const PackedWeight& w, int64_t s, float zsum,
                       bool prefetch_l2, float* acc, int64_t R_ahead) = nullptr;
+  // Optional U4 decode of one group's live rows straight into y (null: the driver calls rows() into acc, then
+  // u4_apply): y[0..n) += scale * (sum_r z[r] * Q[idx[r]] - zp * zsum), scales and zero points from number s of
+  // w's (as u4_apply); acc is scratch for kMaxTileCols floats; idx[R .. R + R_ahead) are the live rows read next,
+  // to prefetch.
+  void (*u4_group)(float* y, int64_t n, const uint8_t* base, int64_t rb, const int32_t* idx, const float* z, int64_t R,
+                   const PackedWeight& w, int64_t s, float zsum, bool prefetch_l2, float* acc, int64_t R_ahead) = nullptr;
   // Optional prefill of U8/U4 on int8 activations (same NR as gemm). q8_pack: the codes of W[k0:k0+kc, n0:n0+nc] as
   // words of four rows' bytes, out[ceil(nc/NR)][kc4][NR], kc4 = kc rounded up to whole kQ8KGroup, over 4; zero padded. q8_gemm: for kQ8MR rows of int8
   // activations qpan[kc4][kQ8MR] (words of four k) with a scale per kQ8KGroup k, sx[kc4/8][kQ8MR] (kc4 a multiple
