@@ -18,7 +18,8 @@ With ``--ext-dirs NAME=DIR ...`` the same measurement runs in child processes, o
 Each figure is then the median over that build's children, under ``builds[NAME]``.
 
     python benchmarks/op_call_cost.py [--shapes 576x3072 1536x576 2048x5632] [--formats bf16 int8 int4]
-                                      [--layers 30] [--max-mb 600] [--threads 1] [--rounds 12] [--ext-dirs NAME=DIR ...] [--output FILE]
+                                      [--layers 30] [--max-mb 600] [--threads 1] [--rounds 12]
+                                      [--ext-dirs NAME=DIR ... [--repeats 3]] [--output FILE]
 """
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def measure(args) -> list[dict]:
                 # every channel pruned: each layer adds only its bias-free mean 0, so x passes through unchanged
                 y = requests[2].infer({0: xs[0]})[0]
                 if not np.allclose(y, xs[0], rtol=1e-2, atol=1e-2):
-                    sys.exit(f"{k}x{n} {fmt}: the op at threshold +inf changed x (max diff {np.abs(y - xs[0]).max():.3g})")
+                    sys.exit(f"{k}x{n} {fmt}: the op at threshold +inf changed x "
+                             f"(max diff {np.abs(y - xs[0]).max():.3g})")
                 calls = [lambda i, r=r: r.infer({0: xs[i % len(xs)]}) for r in requests]
                 raw = dict(zip(VARIANTS, (1e3 * ms / layers for ms in time_ms(calls, args.rounds, warm=3))))
                 rows.append({"K": k, "N": n, "format": fmt, "threads": threads, "layers": layers,
@@ -153,7 +155,8 @@ def main() -> None:
                 proc = subprocess.run(child, env={**os.environ, "ACTSPARSE_EXT_DIR": folder}, capture_output=True,
                                       text=True)
                 if proc.returncode:
-                    sys.exit(f"op_call_cost: the child for {folder} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+                    last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    sys.exit(f"op_call_cost: the child for {folder} failed: {last}")
                 runs[name].append(json.loads(proc.stdout))
         result = {"folders": folders, "builds": {name: median_rows(r) for name, r in runs.items()}}
     load.append(os.getloadavg()[0])

@@ -237,8 +237,8 @@ def call_cost_section(data: dict) -> list[str]:
     rows = [[folder, f"{r['K']}×{r['N']}", r["format"], str(r["threads"]), f"{r['us']['fc']:.1f}",
              f"{r['us']['fc_tiny']:.1f}", f"{r['us']['ours']:.1f}", f"{r['us']['ours_tiny']:.1f}", x(r["ours_over_fc"]),
              x(r["ours_over_fc_tiny"])] for folder, results in builds.items() for r in results]
-    return out + table(["build", "K×N", "format", "threads", "FC µs", "FC K×16 µs", "ours +inf µs", "ours K×16 µs",
-                        "ours ÷ FC", "ours ÷ FC K×16"], rows)
+    return out + table(["build", "K×N", "format", "threads", "FC µs", "FC K×16 µs", "ours +inf µs",
+                        "ours K×16 µs", "ours ÷ FC", "ours ÷ FC K×16"], rows)
 
 
 def section(path: Path) -> list[str]:

@@ -39,8 +39,8 @@ ActSparseMatMul::ActSparseMatMul(const ov::OutputVector& args, std::string weigh
                                  int64_t group_size, float mode, float threshold, std::string prefill, bool has_bias,
                                  int64_t tile_cols, bool int8_activations)
     : Op(args),
-      m_attrs{std::move(weight_format), out_features, group_size, mode, threshold, std::move(prefill), has_bias, tile_cols,
-              int8_activations} {
+      m_attrs{std::move(weight_format), out_features, group_size, mode, threshold, std::move(prefill), has_bias,
+              tile_cols, int8_activations} {
     constructor_validate_and_infer_types();
 }
 
