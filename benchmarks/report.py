@@ -228,6 +228,19 @@ def scale_section(data: dict) -> list[str]:
     return out
 
 
+def call_cost_section(data: dict) -> list[str]:
+    """op_call_cost.py: µs per layer in a chain, the chain's own Add and mean subtracted; per library folder where
+    it compared builds."""
+    load = data["load_average_start_end"]
+    out = [f"Load average (1 min) at start and end: {load[0]:.1f}, {load[1]:.1f}.", ""]
+    builds = data.get("builds") or {"this": data["results"]}
+    rows = [[folder, f"{r['K']}×{r['N']}", r["format"], str(r["threads"]), f"{r['us']['fc']:.1f}",
+             f"{r['us']['fc_tiny']:.1f}", f"{r['us']['ours']:.1f}", f"{r['us']['ours_tiny']:.1f}", x(r["ours_over_fc"]),
+             x(r["ours_over_fc_tiny"])] for folder, results in builds.items() for r in results]
+    return out + table(["build", "K×N", "format", "threads", "FC µs", "FC K×16 µs", "ours +inf µs",
+                        "ours K×16 µs", "ours ÷ FC", "ours ÷ FC K×16"], rows)
+
+
 def section(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_text())
@@ -246,6 +259,8 @@ def section(path: Path) -> list[str]:
             return out + batch_section(data)
         if data.get("benchmark") == "op_routes":
             return out + routes_section(data)
+        if data.get("benchmark") == "op_call_cost":
+            return out + call_cost_section(data)
         if data.get("benchmark") == "gpu_kernel":
             return out + gpu_kernel_section(data)
         if "memory_bound_gib" in data:

@@ -28,7 +28,9 @@ int64_t byte_size(const ov::Node& node, size_t i) {
     const auto& shape = node.get_input_partial_shape(i);
     const auto& type = node.get_input_element_type(i);
     if (shape.is_dynamic() || type.is_dynamic()) return -1;
-    return static_cast<int64_t>(ov::shape_size(shape.to_shape()) * type.size());
+    int64_t n = static_cast<int64_t>(type.size());
+    for (const auto& d : shape) n *= d.get_length();  // not to_shape(): no allocation on the plugin's per-call clone
+    return n;
 }
 
 }  // namespace
@@ -37,15 +39,8 @@ ActSparseMatMul::ActSparseMatMul(const ov::OutputVector& args, std::string weigh
                                  int64_t group_size, float mode, float threshold, std::string prefill, bool has_bias,
                                  int64_t tile_cols, bool int8_activations)
     : Op(args),
-      m_weight_format(std::move(weight_format)),
-      m_out_features(out_features),
-      m_group_size(group_size),
-      m_mode(mode),
-      m_threshold(threshold),
-      m_prefill(std::move(prefill)),
-      m_has_bias(has_bias),
-      m_tile_cols(tile_cols),
-      m_int8_activations(int8_activations) {
+      m_attrs{std::move(weight_format), out_features, group_size, mode, threshold, std::move(prefill), has_bias,
+              tile_cols, int8_activations} {
     constructor_validate_and_infer_types();
 }
 
@@ -58,14 +53,14 @@ OpDesc ActSparseMatMul::describe(int64_t K, const ov::element::Type& x, const ov
     d.params_type = element(params);
     d.weight_bytes = weight_bytes;
     d.params_bytes = params_bytes;
-    d.weight_format = m_weight_format;
-    d.prefill = m_prefill;
-    d.out_features = m_out_features;
-    d.group_size = m_group_size;
-    d.tile_cols = m_tile_cols;
-    d.mode = m_mode;
-    d.threshold = m_threshold;
-    d.has_bias = m_has_bias;
+    d.weight_format = m_attrs.weight_format;
+    d.prefill = m_attrs.prefill;
+    d.out_features = m_attrs.out_features;
+    d.group_size = m_attrs.group_size;
+    d.tile_cols = m_attrs.tile_cols;
+    d.mode = m_attrs.mode;
+    d.threshold = m_attrs.threshold;
+    d.has_bias = m_attrs.has_bias;
     return d;
 }
 
@@ -77,37 +72,43 @@ void ActSparseMatMul::validate_and_infer_types() {
     const auto& k = shape[shape.rank().get_length() - 1];
     const OpDesc d = describe(k.is_static() ? k.get_length() : -1, get_input_element_type(0), get_input_element_type(1),
                               get_input_element_type(2), byte_size(*this, 1), byte_size(*this, 2));
-    try {
-        m_binding.set(bind_op(d));
-    } catch (const std::invalid_argument& e) {
-        NODE_VALIDATION_CHECK(this, false, e.what());
+    if (!m_bound || !(m_bound->desc == d)) {
+        try {
+            m_bound = std::make_shared<const Bound>(Bound{d, bind_op(d)});
+        } catch (const std::invalid_argument& e) {
+            NODE_VALIDATION_CHECK(this, false, e.what());
+        }
     }
+    m_binding.set(m_bound->op);
     // PagedAttention (openvino-genai's default) flattens the tokens of every sequence of a step into the batch
     // axis: x is [tokens, 1, K] with the 1 static in the graph. A row is then a token, not a sequence, and a
     // prompt's rows cannot be told from other sequences' decode steps, so only a single row is a decode step.
     const int64_t rank = shape.rank().get_length();
     m_rows_are_tokens = rank >= 2 && shape[rank - 2].is_static() && shape[rank - 2].get_length() == 1;
     // bf16 or f16 x: the op returns that type too, so a bf16 or f16 graph needs no Reorder around it
-    shape[rank - 1] = m_out_features;
+    shape[rank - 1] = m_attrs.out_features;
     set_output_type(0, get_input_element_type(0), shape);
 }
 
 std::shared_ptr<ov::Node> ActSparseMatMul::clone_with_new_inputs(const ov::OutputVector& new_args) const {
-    return std::make_shared<ActSparseMatMul>(new_args, m_weight_format, m_out_features, m_group_size, m_mode,
-                                             m_threshold, m_prefill, m_has_bias, m_tile_cols,
-                                             m_int8_activations);
+    auto op = std::make_shared<ActSparseMatMul>();
+    op->m_attrs = m_attrs;
+    op->m_bound = m_bound;
+    op->set_arguments(new_args);
+    op->constructor_validate_and_infer_types();
+    return op;
 }
 
 bool ActSparseMatMul::visit_attributes(ov::AttributeVisitor& visitor) {
-    visitor.on_attribute("weight_format", m_weight_format);
-    visitor.on_attribute("out_features", m_out_features);
-    visitor.on_attribute("group_size", m_group_size);
-    visitor.on_attribute("mode", m_mode);
-    visitor.on_attribute("threshold", m_threshold);
-    visitor.on_attribute("prefill", m_prefill);
-    visitor.on_attribute("has_bias", m_has_bias);
-    visitor.on_attribute("tile_cols", m_tile_cols);
-    visitor.on_attribute("int8_activations", m_int8_activations);
+    visitor.on_attribute("weight_format", m_attrs.weight_format);
+    visitor.on_attribute("out_features", m_attrs.out_features);
+    visitor.on_attribute("group_size", m_attrs.group_size);
+    visitor.on_attribute("mode", m_attrs.mode);
+    visitor.on_attribute("threshold", m_attrs.threshold);
+    visitor.on_attribute("prefill", m_attrs.prefill);
+    visitor.on_attribute("has_bias", m_attrs.has_bias);
+    visitor.on_attribute("tile_cols", m_attrs.tile_cols);
+    visitor.on_attribute("int8_activations", m_attrs.int8_activations);
     return true;
 }
 
@@ -139,10 +140,10 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     std::call_once(m_pages, [&] { to_huge_pages(inputs[1].data(), inputs[1].get_byte_size()); });
     const PackedWeight weight = bound.weight(inputs[1].data(), params);
     Params p;
-    p.mode = m_mode;
-    p.threshold = m_threshold;
+    p.mode = m_attrs.mode;
+    p.threshold = m_attrs.threshold;
     p.mask = decode || bound.prune_prefill;
-    p.int8_activations = m_int8_activations;
+    p.int8_activations = m_attrs.int8_activations;
     // bf16 x (bf16 exports) or f16 x (GPU-precision graphs): the core reads it and rounds y to its type, as a
     // Reorder around the op would
     const auto& et = x.get_element_type();

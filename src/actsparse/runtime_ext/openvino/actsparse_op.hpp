@@ -36,16 +36,25 @@ private:
     // The attributes plus what is known of the inputs (-1: unknown), for bind_op.
     OpDesc describe(int64_t K, const ov::element::Type& x, const ov::element::Type& weight,
                     const ov::element::Type& params, int64_t weight_bytes, int64_t params_bytes) const;
-    std::string m_weight_format = "f32";
-    int64_t m_out_features = 0;
-    int64_t m_group_size = 0;
-    float m_mode = 0.f;
-    float m_threshold = 0.f;
-    std::string m_prefill = "dense";
-    bool m_has_bias = false;
-    int64_t m_tile_cols = kLegacyTileCols;
-    bool m_int8_activations = false;
+    struct Attributes {
+        std::string weight_format = "f32";
+        int64_t out_features = 0;
+        int64_t group_size = 0;
+        float mode = 0.f;
+        float threshold = 0.f;
+        std::string prefill = "dense";
+        bool has_bias = false;
+        int64_t tile_cols = kLegacyTileCols;
+        bool int8_activations = false;
+    } m_attrs;
     bool m_rows_are_tokens = false;  // x's token axis is a static 1 (PagedAttention): see validate_and_infer_types
+    // The last descriptor bound and its binding, shared with this node's clones: the CPU plugin clones a dynamic
+    // node on every call, and a clone whose inputs the descriptor already describes then skips bind_op.
+    struct Bound {
+        OpDesc desc;
+        BoundOp op;
+    };
+    std::shared_ptr<const Bound> m_bound;
     // The contract as bound in validate_and_infer_types (or on the first call), so evaluate only compares sizes.
     mutable OpBinding m_binding;
     mutable std::once_flag m_pages;  // to_huge_pages on the weights, at the first evaluate
