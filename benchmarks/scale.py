@@ -8,7 +8,8 @@ sparse ones at up/gate+down 0.5 and at every projection 0.5, with prefill of a 2
 (``actsparse bench``).
 
     python benchmarks/scale.py [--layers 32] [--vocab 128256] [--formats int4 int8] [--sparse mlp0.5 all0.5]
-                               [--work DIR] [--calibration-samples 16] [--runs 3] [--export-only] [--output FILE]
+                               [--work DIR] [--calibration-samples 16] [--runs 3] [--export-only [FORMAT ...]] [--reuse-plan]
+                               [--output FILE]
 """
 from __future__ import annotations
 
@@ -106,7 +107,10 @@ def main() -> None:
                    help="sparse exports beside the dense one: up/gate+down at 0.5, every projection at 0.5")
     p.add_argument("--calibration-samples", type=int, default=16)
     p.add_argument("--runs", type=int, default=3, help="alternating dense/sparse runs of actsparse bench")
-    p.add_argument("--export-only", action="store_true", help="make and measure the exports, time no decoding")
+    p.add_argument("--export-only", nargs="*", metavar="FORMAT",
+                   help="make and measure the exports, time no decoding (of these formats; none named: of any)")
+    p.add_argument("--reuse-plan", action="store_true",
+                   help="sparse exports after the first format take its plan and statistics (--plan): no calibration")
     args = p.parse_args()
     from actsparse.exports.models import parameter_count
 
@@ -120,14 +124,19 @@ def main() -> None:
         for name, folder in folders.items():
             options = ["--sparsity", 0] if name == "dense" else [*SPARSE[name], "--calibration-samples",
                                                                  args.calibration_samples]
+            planned = work / f"{model.name}-{args.formats[0]}-{name}" / "actsparse.json"
+            if args.reuse_plan and name != "dense" and fmt != args.formats[0]:
+                options = ["--plan", planned]
             measured = export_measured(model, folder, "--weight-format", fmt, *options)
+            if "--plan" in options:
+                measured["plan_of"] = f"{args.formats[0]} {name}"
             exports.append({"weight_format": fmt, "sparsity": name, **measured,
                             "within_bound": measured["peak_rss_gib"] <= bound,
                             "size_gib": round(sum(f.stat().st_size for f in folder.iterdir()) / GIB, 3)})
             print(f"export {fmt} {name}: {measured['seconds']:.0f} s, peak RSS {measured['peak_rss_gib']:.2f} GiB "
                   f"(bound {bound:.2f})", file=sys.stderr)
         for name in args.sparse:
-            if args.export_only:
+            if args.export_only is not None and (not args.export_only or fmt in args.export_only):
                 continue
             result = json.loads(run_cli("bench", folders[name], "--baseline", folders["dense"], "--json",
                                         "--runs", args.runs)[0])
