@@ -214,9 +214,15 @@ def scale_section(data: dict) -> list[str]:
     m = data["model"]
     out = [f"{m['layers']} layers, vocabulary {m['vocab']}, {m['parameters'] / 1e9:.2f} B parameters "
            f"({m['bf16_gib']:.2f} GiB in bf16); peak RSS bound {data['memory_bound_gib']:.2f} GiB.", ""]
-    out += table(["weights", "sparsity", "export s", "peak RSS GiB", "within bound", "size GiB"],
-                 [[e["weight_format"], e["sparsity"], f"{e['seconds']:.0f}", f"{e['peak_rss_gib']:.2f}",
-                   "yes" if e["within_bound"] else "no", f"{e['size_gib']:.2f}"] for e in data["exports"]])
+    def stages(e: dict) -> str:
+        return ", ".join(f"{name} {st['seconds']:.0f} s / {st['peak_rss_gib']:.1f}" for name, st in e["stages"].items()
+                         if st["seconds"] >= 1)
+
+    out += table(["weights", "sparsity", "export s", "peak RSS GiB", "within bound", "size GiB",
+                  "stages (s / peak GiB)"],
+                 [[e["weight_format"], e["sparsity"] + (f" (plan of {e['plan_of']})" if "plan_of" in e else ""),
+                   f"{e['seconds']:.0f}", f"{e['peak_rss_gib']:.2f}", "yes" if e["within_bound"] else "no",
+                   f"{e['size_gib']:.2f}", stages(e)] for e in data["exports"]])
     if data["decode"]:
         out += [""] + table(["weights", "sparsity", "dense ms/token", "our s=0 ms/token", "sparse ms/token",
                              "speed-up vs dense", "vs our s=0", "limit", "prefill (× dense)"],

@@ -8,7 +8,7 @@ sparse ones at up/gate+down 0.5 and at every projection 0.5, with prefill of a 2
 (``actsparse bench``).
 
     python benchmarks/scale.py [--layers 32] [--vocab 128256] [--formats int4 int8] [--sparse mlp0.5 all0.5]
-                               [--work DIR] [--calibration-samples 16] [--runs 3] [--export-only [FORMAT ...]] [--reuse-plan]
+                               [--work DIR] [--calibration-samples 16] [--runs 3] [--export-only [FORMAT ...]] [--plan-of FORMAT]
                                [--output FILE]
 """
 from __future__ import annotations
@@ -109,8 +109,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3, help="alternating dense/sparse runs of actsparse bench")
     p.add_argument("--export-only", nargs="*", metavar="FORMAT",
                    help="make and measure the exports, time no decoding (of these formats; none named: of any)")
-    p.add_argument("--reuse-plan", action="store_true",
-                   help="sparse exports after the first format take its plan and statistics (--plan): no calibration")
+    p.add_argument("--plan-of", choices=["int4", "int8"],
+                   help="sparse exports take the plan and statistics of this format's (--plan): no calibration")
     args = p.parse_args()
     from actsparse.exports.models import parameter_count
 
@@ -124,12 +124,11 @@ def main() -> None:
         for name, folder in folders.items():
             options = ["--sparsity", 0] if name == "dense" else [*SPARSE[name], "--calibration-samples",
                                                                  args.calibration_samples]
-            planned = work / f"{model.name}-{args.formats[0]}-{name}" / "actsparse.json"
-            if args.reuse_plan and name != "dense" and fmt != args.formats[0]:
-                options = ["--plan", planned]
+            if args.plan_of and name != "dense" and fmt != args.plan_of:
+                options = ["--plan", work / f"{model.name}-{args.plan_of}-{name}" / "actsparse.json"]
             measured = export_measured(model, folder, "--weight-format", fmt, *options)
             if "--plan" in options:
-                measured["plan_of"] = f"{args.formats[0]} {name}"
+                measured["plan_of"] = f"{args.plan_of} {name}"
             exports.append({"weight_format": fmt, "sparsity": name, **measured,
                             "within_bound": measured["peak_rss_gib"] <= bound,
                             "size_gib": round(sum(f.stat().st_size for f in folder.iterdir()) / GIB, 3)})
