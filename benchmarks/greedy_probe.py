@@ -128,30 +128,35 @@ def run_model(name: str, work: Path, args) -> dict:
 
     model = Probed(name, work)
     scaled, scaled_s = model.probe("scaled")
+    full, full_s = None, None
     if name in args.full_curves:
         full, full_s = model.saved_full(Path(args.full_curves[name]))
-    else:
+    elif name not in args.without_full:
         full, full_s = model.probe("full")
     evals = texts(model.tokenizer, args.samples, args.seq_len)
     if name not in args.held_out:
         evals = {"wiki eval": evals["wiki eval"]}
     dense = {text: model.perplexity(None, text, chunks) for text, chunks in evals.items()}
     rows = {budget: {"budget": budget} for budget in args.budgets}
+    allocations = {"uniform": None, **({"full": full} if full else {}), "scaled": scaled}
     for text, chunks in evals.items():  # the wiki eval split first: the comparison of the probes
         for budget, row in rows.items():
-            for label, curves in (("uniform", None), ("full", full), ("scaled", scaled)):
+            # held-out texts check what an export ships (scaled) against uniform
+            for label in allocations if text == "wiki eval" else ("uniform", "scaled"):
+                curves = allocations[label]
                 plan = model.plan(budget, curves)
                 row.setdefault(label, {})[text] = round(model.perplexity(plan, text, chunks) / dense[text], 4)
                 if curves is not None:
                     row[label]["kept"] = plan["kept"]
             print(json.dumps({"model": name, "text": text, **row}), flush=True)
-    for row in rows.values():
+    for row in rows.values() if full else ():
         row["scaled_vs_full"] = round(row["scaled"]["wiki eval"] / row["full"]["wiki eval"], 4)
     cost = {probe: model_probe_cost(probe, len(model.groups), model.chunks) for probe in ("full", "scaled")}
     return {"groups": len(model.groups), "dense_perplexity": {k: round(v, 3) for k, v in dense.items()},
             "eval_windows": {k: len(v) for k, v in evals.items()},
             "probe": {"full": {**cost["full"], "seconds": full_s and round(full_s, 1),
-                               **({"curves_from": args.full_curves[name]} if name in args.full_curves else {})},
+                               **({"curves_from": args.full_curves[name]} if name in args.full_curves else {}),
+                               **({"not_run": True} if full is None else {})},
                       "scaled": {**cost["scaled"], "seconds": round(scaled_s, 1)}},
             "rows": list(rows.values())}
 
@@ -162,10 +167,13 @@ def main() -> None:
     p.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.4, 0.5])
     p.add_argument("--samples", type=int, default=32, help="windows per evaluation text")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--held-out", nargs="*", default=["smollm2-135m"], help="models also evaluated on the held-out texts")
+    p.add_argument("--held-out", nargs="*", default=["smollm2-135m"],
+                   help="models whose uniform and scaled allocations are also evaluated on the held-out texts")
     p.add_argument("--full-curves", nargs="*", default=[], metavar="MODEL=EXPORT",
                    help="take MODEL's full-probe curves from an earlier greedy export with --greedy-probe full "
                         "calibrated as here (its layer curves must be these; its probe time is not known)")
+    p.add_argument("--without-full", nargs="*", default=[], metavar="MODEL",
+                   help="models whose full probe is not run (it takes about an hour of one core on Qwen2.5-0.5B)")
     add_work(p, "/tmp/actsparse-greedy-probe", reuse=True)
     args = p.parse_args()
     args.full_curves = dict(item.split("=", 1) for item in args.full_curves)

@@ -239,15 +239,17 @@ def greedy_probe_section(data: dict) -> list[str]:
     for name, r in data["models"].items():
         probes = r["probe"]
         cost = "; ".join(f"{probe}: {p['forward_passes']} forward passes of {p['tokens_per_pass']} tokens, "
-                         + (f"{p['seconds']:.0f} s" if p["seconds"] is not None else "time not measured here")
-                         for probe, p in probes.items())
+                         + ("not run" if p.get("not_run") else f"{p['seconds']:.0f} s" if p["seconds"] is not None
+                            else "time not measured here") for probe, p in probes.items())
         out += ["", f"**{name}** ({r['groups']} groups; {cost})", ""]
         texts = list(r["dense_perplexity"])
         body = [[f"{row['budget']:.2f}", label] + [x(row[label][t]) if t in row[label] else "—" for t in texts]
-                + [row[label].get("kept", "—")] for row in r["rows"] for label in ("uniform", "full", "scaled")]
+                + [row[label].get("kept", "—")] for row in r["rows"] for label in ("uniform", "full", "scaled")
+                if label in row]
         out += table(["budget", "allocation"] + texts + ["greedy kept"], body)
-        out += ["", "Scaled ÷ full on wiki eval: " + ", ".join(f"{row['budget']:.2f}: {row['scaled_vs_full']:.4f}"
-                                                              for row in r["rows"]) + "."]
+        if all("scaled_vs_full" in row for row in r["rows"]):
+            out += ["", "Scaled ÷ full on wiki eval: " + ", ".join(f"{row['budget']:.2f}: {row['scaled_vs_full']:.4f}"
+                                                                  for row in r["rows"]) + "."]
     return out
 
 
