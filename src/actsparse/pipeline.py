@@ -36,7 +36,8 @@ class ExportOptions:
 
     ``sparsity`` maps kinds (up, down, qkv, o; ``sparsity`` for every kind) to target sparsities, and is
     then resolved to every kind (a missing one is 0). With ``allocation="greedy"`` they set a
-    parameter-weighted budget that is spread by output error. With ``plan``, the statistics saved beside
+    parameter-weighted budget that is spread by output error, the model's own probed by ``greedy_probe``
+    (:func:`model_error_curves`). With ``plan``, the statistics saved beside
     that earlier plan are re-used, at ``sparsity`` or, when none is given, at the plan's own per-layer
     sparsities (``fixed``) and allocation.
     """
