@@ -243,7 +243,7 @@ def greedy_probe_section(data: dict) -> list[str]:
                             else "time not measured here") for probe, p in probes.items())
         out += ["", f"**{name}** ({r['groups']} groups; {cost})", ""]
         texts = list(r["dense_perplexity"])
-        body = [[f"{row['budget']:.2f}", label] + [x(row[label][t]) if t in row[label] else "—" for t in texts]
+        body = [[f"{row['budget']:.2f}", label] + [f"{row[label][t]:.3f}×" if t in row[label] else "—" for t in texts]
                 + [row[label].get("kept", "—")] for row in r["rows"] for label in ("uniform", "full", "scaled")
                 if label in row]
         out += table(["budget", "allocation"] + texts + ["greedy kept"], body)
