@@ -149,6 +149,12 @@ def run_model(name: str, work: Path, args) -> dict:
                 if curves is not None:
                     row[label]["kept"] = plan["kept"]
             print(json.dumps({"model": name, "text": text, **row}), flush=True)
+    exponents = []
+    for p in args.exponents if name in args.held_out else ():
+        # plan.allocate minimises the sum of squared curves: curve ** (p / 2) makes that exponent p
+        plan = model.plan(args.exponent_budget, {k: c ** (p / 2) for k, c in scaled.items()})
+        exponents.append({"exponent": p, "kept": plan["kept"], **{
+            text: round(model.perplexity(plan, text, chunks) / dense[text], 4) for text, chunks in evals.items()}})
     for row in rows.values() if full else ():
         row["scaled_vs_full"] = round(row["scaled"]["wiki eval"] / row["full"]["wiki eval"], 4)
     cost = {probe: model_probe_cost(probe, len(model.groups), model.chunks) for probe in ("full", "scaled")}
@@ -158,7 +164,7 @@ def run_model(name: str, work: Path, args) -> dict:
                                **({"curves_from": args.full_curves[name]} if name in args.full_curves else {}),
                                **({"not_run": True} if full is None else {})},
                       "scaled": {**cost["scaled"], "seconds": round(scaled_s, 1)}},
-            "rows": list(rows.values())}
+            "rows": list(rows.values()), **({"exponents": exponents} if exponents else {})}
 
 
 def main() -> None:
@@ -172,6 +178,9 @@ def main() -> None:
     p.add_argument("--full-curves", nargs="*", default=[], metavar="MODEL=EXPORT",
                    help="take MODEL's full-probe curves from an earlier greedy export with --greedy-probe full "
                         "calibrated as here (its layer curves must be these; its probe time is not known)")
+    p.add_argument("--exponents", nargs="*", type=float, default=[1, 2, 3],
+                   help="objective exponents greedy is checked with (scaled curves, --held-out models)")
+    p.add_argument("--exponent-budget", type=float, default=0.4)
     p.add_argument("--without-full", nargs="*", default=[], metavar="MODEL",
                    help="models whose full probe is not run (it takes about an hour of one core on Qwen2.5-0.5B)")
     add_work(p, "/tmp/actsparse-greedy-probe", reuse=True)

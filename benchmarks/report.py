@@ -247,6 +247,11 @@ def greedy_probe_section(data: dict) -> list[str]:
                 + [row[label].get("kept", "—")] for row in r["rows"] for label in ("uniform", "full", "scaled")
                 if label in row]
         out += table(["budget", "allocation"] + texts + ["greedy kept"], body)
+        if r.get("exponents"):
+            out += ["", f"Greedy by the scaled curves at {data['settings']['exponent_budget']:.2f} with the objective's "
+                    "exponent p (sum of curve^p; exports use p = 2):", ""]
+            out += table(["p"] + texts, [[f"{e['exponent']:g}"] + [f"{e[t]:.3f}×" for t in texts]
+                                         for e in r["exponents"]])
         if all("scaled_vs_full" in row for row in r["rows"]):
             out += ["", "Scaled ÷ full on wiki eval: " + ", ".join(f"{row['budget']:.2f}: {row['scaled_vs_full']:.4f}"
                                                                   for row in r["rows"]) + "."]
