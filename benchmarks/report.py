@@ -247,6 +247,36 @@ def call_cost_section(data: dict) -> list[str]:
                         "ours K×16 µs", "ours ÷ FC", "ours ÷ FC K×16"], rows)
 
 
+def greedy_probe_section(data: dict) -> list[str]:
+    """greedy_probe.py: greedy allocation by the full model-error probe against the scaled one, their cost,
+    and the perplexity ratio (× dense) of the allocations they give; uniform for reference."""
+    cal = data["calibration"]
+    out = [f"Calibration: {cal['samples']} × {cal['seq_len']} tokens of {cal['text']} ({cal['weight_format']}); "
+           f"perplexity × dense, every token pruned, MLP targets at the FFN budget. \"wiki eval\" is the held-out "
+           "split's first windows (where quality.py and the allocation choices were measured); \"wiki held-out "
+           "rest\" its later windows and \"lee news\" gensim's Lee corpus, text no choice was made on."]
+    for name, r in data["models"].items():
+        probes = r["probe"]
+        cost = "; ".join(f"{probe}: {p['forward_passes']} forward passes of {p['tokens_per_pass']} tokens, "
+                         + ("not run" if p.get("not_run") else f"{p['seconds']:.0f} s" if p["seconds"] is not None
+                            else "time not measured here") for probe, p in probes.items())
+        out += ["", f"**{name}** ({r['groups']} groups; {cost})", ""]
+        texts = list(r["dense_perplexity"])
+        body = [[f"{row['budget']:.2f}", label] + [f"{row[label][t]:.3f}×" if t in row[label] else "—" for t in texts]
+                + [row[label].get("kept", "—")] for row in r["rows"] for label in ("uniform", "full", "scaled")
+                if label in row]
+        out += table(["budget", "allocation"] + texts + ["greedy kept"], body)
+        if r.get("exponents"):
+            out += ["", f"Greedy by the scaled curves at {data['settings']['exponent_budget']:.2f} with the objective's "
+                    "exponent p (sum of curve^p; exports use p = 2):", ""]
+            out += table(["p"] + texts, [[f"{e['exponent']:g}"] + [f"{e[t]:.3f}×" for t in texts]
+                                         for e in r["exponents"]])
+        if all("scaled_vs_full" in row for row in r["rows"]):
+            out += ["", "Scaled ÷ full on wiki eval: " + ", ".join(f"{row['budget']:.2f}: {row['scaled_vs_full']:.4f}"
+                                                                  for row in r["rows"]) + "."]
+    return out
+
+
 def section(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_text())
@@ -269,6 +299,8 @@ def section(path: Path) -> list[str]:
             return out + call_cost_section(data)
         if data.get("benchmark") == "gpu_kernel":
             return out + gpu_kernel_section(data)
+        if data.get("benchmark") == "greedy_probe":
+            return out + greedy_probe_section(data)
         if "memory_bound_gib" in data:
             return out + scale_section(data)
         if "models" in data:

@@ -10,6 +10,7 @@ import sys
 from ._common import ActSparseError
 from .backends import FORMATS, WEIGHT_FORMATS
 from .benchmark import RUNTIMES, bench
+from .calibration.error import GREEDY_PROBES
 from .calibration.plan import ALLOCATIONS, CENTERING, METHODS
 from .demo import demo
 from .evaluation import evaluate
@@ -64,6 +65,8 @@ def add_export_arguments(parser: argparse.ArgumentParser, model_flag: bool = Fal
                     help="auto: centre on the mode only where it lowers the layer's output error")
     sp.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
                     help="greedy: spread the parameter-weighted sparsity budget over layers by output error")
+    sp.add_argument("--greedy-probe", default="scaled", choices=GREEDY_PROBES,
+                    help="greedy's model-error probe: scaled (one sparsity per layer, default) or full (nine)")
     sp.add_argument("--prefill", default="dense", choices=PREFILL,
                     help="dense: prune only one-token decode steps (default)")
     cal = parser.add_argument_group("calibration")
@@ -80,9 +83,10 @@ def run_export(args: argparse.Namespace) -> int:
                 "qkv": args.sparsity_qkv, "o": args.sparsity_o}
     out = export(args.model, args.output, format=args.format, weight_format=args.weight_format,
                  sparsity=sparsity, targets=args.targets, method=args.method,
-                 mode_centering=args.mode_centering, allocation=args.allocation, calibration=args.calibration,
-                 calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
-                 plan=args.plan, prefill=args.prefill, fuse=not args.no_fuse, force=args.force)
+                 mode_centering=args.mode_centering, allocation=args.allocation, greedy_probe=args.greedy_probe,
+                 calibration=args.calibration, calibration_samples=args.calibration_samples,
+                 calibration_seq_len=args.calibration_seq_len, plan=args.plan, prefill=args.prefill,
+                 fuse=not args.no_fuse, force=args.force)
     print(f"wrote {out}")
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from tqdm.auto import tqdm
 
 from ._common import ActSparseError, atomic_output_dir, check_free_space, recording_stages, stage
 from .backends import FORMATS, WEIGHT_FORMATS, Backend, get_backend
-from .calibration.error import GRID, MODEL_GRID, MODEL_PROBE, error_curves
+from .calibration.error import (GREEDY_PROBES, GRID, MODEL_GRID, MODEL_PROBE, SCALED_PROBE_AT, error_curves,
+                                scaled_curve)
 from .calibration.plan import (ALLOCATIONS, CENTERING, METHODS, MODEL_CURVE, build_plan, check_sparsity,
-                               choose_mode, read_curves, read_plan, write_plan)
+                               choose_mode, layer_costs, read_curves, read_plan, write_plan)
 from .calibration.stats import SAMPLE_ROWS, StreamingHistogram
 from .calibration.targets import SPARSITY_KIND, SPARSITY_KINDS, TARGET_KINDS, Group
 from .calibration.text import read_documents, token_chunks
@@ -34,7 +36,8 @@ class ExportOptions:
 
     ``sparsity`` maps kinds (up, down, qkv, o; ``sparsity`` for every kind) to target sparsities, and is
     then resolved to every kind (a missing one is 0). With ``allocation="greedy"`` they set a
-    parameter-weighted budget that is spread by output error. With ``plan``, the statistics saved beside
+    parameter-weighted budget that is spread by output error, the model's own probed by ``greedy_probe``
+    (:func:`model_error_curves`). With ``plan``, the statistics saved beside
     that earlier plan are re-used, at ``sparsity`` or, when none is given, at the plan's own per-layer
     sparsities (``fixed``) and allocation.
     """
@@ -46,6 +49,7 @@ class ExportOptions:
     method: str = "scap"
     mode_centering: str = "auto"
     allocation: str = "uniform"
+    greedy_probe: str = "scaled"
     calibration: str = "builtin:wiki"
     calibration_samples: int = 64
     calibration_seq_len: int = 256
@@ -72,6 +76,7 @@ class ExportOptions:
                                    (self.weight_format, WEIGHT_FORMATS, "weight format"),
                                    (self.targets, tuple(TARGET_KINDS), "targets"), (self.method, METHODS, "method"),
                                    (self.allocation, ALLOCATIONS, "allocation"),
+                                   (self.greedy_probe, GREEDY_PROBES, "greedy probe"),
                                    (self.mode_centering, CENTERING, "mode centering"), (self.prefill, PREFILL, "prefill")):
             if value not in known:
                 raise ActSparseError(f"unknown {what} {value!r} (known: {', '.join(known)})")
@@ -207,9 +212,9 @@ def calibrate(backend: Backend, path: Path, groups: list[Group], sources: dict[s
         log.warning("calibration text gives %d samples of %d tokens, fewer than %d asked",
                     len(chunks), options.calibration_seq_len, options.calibration_samples)
     statistics = measure_statistics(backend, path, groups, chunks, sources,
-                                    options.centring if options.allocation == "greedy" else None)
-    statistics.info = {"source": options.calibration, "samples": int(len(chunks)),
-                       "seq_len": options.calibration_seq_len, "error_rows": min(SAMPLE_ROWS, int(chunks.size))}
+                                    options.centring if options.allocation == "greedy" else None, options.greedy_probe)
+    statistics.info.update({"source": options.calibration, "samples": int(len(chunks)),
+                            "seq_len": options.calibration_seq_len, "error_rows": min(SAMPLE_ROWS, int(chunks.size))})
     return statistics
 
 
@@ -238,10 +243,12 @@ def statistics_of_plan(previous: tuple[dict, dict[str, StreamingHistogram]], pat
 
 
 def measure_statistics(backend: Backend, path: Path, groups: list[Group], chunks: np.ndarray,
-                       sources: dict[str, str], model_error_for: str | None = None) -> Statistics:
+                       sources: dict[str, str], model_error_for: str | None = None, probe: str = "scaled"
+                       ) -> Statistics:
     """Histograms and layer output-error curves (calibration.error) of every group over ``chunks``, and, with
-    centring ``model_error_for`` where the backend can probe the model, its model output-error curves.
-    A group masked by another tensor (cats) gets that tensor's histogram."""
+    centring ``model_error_for`` where the backend can probe the model, its model output-error curves by
+    ``probe`` (:func:`model_error_curves`), recorded in ``info["model_probe"]``. A group masked by another
+    tensor (cats) gets that tensor's histogram."""
     probes = groups + [Group(source) for source in sources.values()]
     raw, samples = backend.collect_statistics(path, probes, chunks)
     histograms = {g.name: raw[sources.get(g.name, g.name)] for g in groups}
@@ -254,23 +261,44 @@ def measure_statistics(backend: Backend, path: Path, groups: list[Group], chunks
                                           mask_rows=samples[source] if source else None)
     statistics = Statistics(histograms, curves)
     if model_error_for is not None and backend.capabilities.model_error_probes:
+        start = time.perf_counter()
         statistics.model_curves = model_error_curves(backend, path, groups, chunks, sources, statistics,
-                                                     model_error_for)
+                                                     model_error_for, probe)
+        statistics.info["model_probe"] = {"probe": probe, **model_probe_cost(probe, len(groups), chunks),
+                                          "seconds": round(time.perf_counter() - start, 1)}
     return statistics
 
 
 def model_error_curves(backend: Backend, path: Path, groups: list[Group], chunks: np.ndarray,
-                       sources: dict[str, str], statistics: Statistics, centering: str) -> dict[str, np.ndarray]:
+                       sources: dict[str, str], statistics: Statistics, centering: str, probe: str = "scaled"
+                       ) -> dict[str, np.ndarray]:
     """The model's output error with one group pruned at a time, along GRID (calibration.error), each group
-    centred as ``centering`` decides, probed on the first MODEL_PROBE samples and tokens of ``chunks``."""
+    centred as ``centering`` decides, probed on the first MODEL_PROBE samples and tokens of ``chunks``.
+
+    ``full`` probes every sparsity of MODEL_GRID; ``scaled`` probes SCALED_PROBE_AT alone and scales
+    each group's layer error curve (``statistics.curves``) to meet it there, ``len(MODEL_GRID) - 1``
+    times fewer forward passes."""
     def settings(group, s):
         hist = statistics.histograms[group.name]
         m = choose_mode(hist, s, centering, statistics.curves[group.name])
         return m, hist.threshold(m, s)
 
     samples, tokens = MODEL_PROBE
-    coarse = backend.model_error_curves(path, groups, chunks[:samples, :tokens], settings, MODEL_GRID, sources)
-    return {name: np.interp(GRID, MODEL_GRID, c) for name, c in coarse.items()}
+    grid = MODEL_GRID if probe == "full" else np.array([SCALED_PROBE_AT])
+    coarse = backend.model_error_curves(path, groups, chunks[:samples, :tokens], settings, grid, sources)
+    if probe == "full":
+        return {name: np.interp(GRID, MODEL_GRID, c) for name, c in coarse.items()}
+    layer = layer_costs(statistics.curves, centering)
+    return {name: scaled_curve(layer[name], float(c[0]), SCALED_PROBE_AT) for name, c in coarse.items()}
+
+
+def model_probe_cost(probe: str, groups: int, chunks: np.ndarray) -> dict:
+    """The probe's size: forward passes (a dense one per sample, then one per sample, group and
+    probed sparsity) of how many tokens."""
+    samples, tokens = MODEL_PROBE
+    samples, tokens = min(samples, len(chunks)), min(tokens, chunks.shape[1])
+    sparsities = int(np.count_nonzero(MODEL_GRID)) if probe == "full" else 1
+    return {"sparsities": sparsities, "forward_passes": samples * (1 + groups * sparsities), "tokens_per_pass": tokens}
 
 
 def make_plan(groups: list[Group], statistics: Statistics, sources: dict[str, str], options: ExportOptions,

@@ -18,10 +18,13 @@ import numpy as np
 from .stats import StreamingHistogram
 
 GRID = np.round(np.linspace(0.0, 0.95, 20), 4)
-# Sparsities at which greedy allocation probes the whole model, one group at a time (then
-# interpolated onto GRID), and the calibration samples and tokens it probes with.
+# Sparsities at which greedy allocation's full probe prunes the whole model, one group at a time (then
+# interpolated onto GRID), the one sparsity at which the scaled probe does, and the calibration
+# samples and tokens both probe with.
 MODEL_GRID = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.95])
+SCALED_PROBE_AT = 0.5
 MODEL_PROBE = (4, 128)
+GREEDY_PROBES = ("scaled", "full")
 
 
 def error_curves(hist: StreamingHistogram, rows: np.ndarray, weight: np.ndarray, centred: bool = True,
@@ -49,6 +52,13 @@ def error_curves(hist: StreamingHistogram, rows: np.ndarray, weight: np.ndarray,
 def error_at(curve: np.ndarray, sparsity: float) -> float:
     """err at any sparsity, linear between grid points."""
     return float(np.interp(sparsity, GRID, curve))
+
+
+def scaled_curve(layer_curve: np.ndarray, probed: float, at: float) -> np.ndarray:
+    """The layer's error curve scaled to meet the model error ``probed`` at sparsity ``at``: the model
+    error's shape taken from the layer's own, its level from one probe of the whole model."""
+    base = error_at(layer_curve, at)
+    return layer_curve * (probed / base) if base > 0 else np.asarray(layer_curve, np.float64)
 
 
 def greedy_allocation(costs: dict[str, np.ndarray], params: dict[str, int], budget: float,
