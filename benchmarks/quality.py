@@ -103,8 +103,9 @@ class Model:
             self.stats[cats] = (measure_statistics(self.backend, self.ir, self.groups, self.chunks, sources), sources, {})
         statistics, sources, model_curves = self.stats[cats]
         if greedy_centring is not None and greedy_centring not in model_curves:
+            # the full probe: quality.json's greedy rows were measured with it (greedy_probe.py compares the two)
             model_curves[greedy_centring] = model_error_curves(self.backend, self.ir, self.groups, self.chunks, sources,
-                                                               statistics, greedy_centring)
+                                                               statistics, greedy_centring, probe="full")
         return statistics.histograms, statistics.curves, model_curves.get(greedy_centring, {}), sources
 
     def evaluate(self, method: str, allocation: str, centering: str, sparsity: dict, args) -> dict:
