@@ -1,6 +1,9 @@
 """Bad input: one clear line on stderr, a non-zero exit, no traceback, nothing half-written."""
 import json
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -189,3 +192,20 @@ def test_demo_mlp_share_counts_every_linear_of_smollm2():
               "num_key_value_heads": 3, "vocab_size": 49152}
     mlp, attention, head = 30 * 3 * 576 * 1536, 30 * (2 * 576 * 576 + 2 * 576 * 192), 49152 * 576
     assert mlp_share(config) == pytest.approx(mlp / (mlp + attention + head))
+
+
+def test_sigterm_leaves_no_temporary_folder(tmp_path):
+    """A command stopped by SIGTERM unwinds as on Ctrl-C: one line on stderr, exit 130, and the folder it was
+    writing is removed, not left half-written beside its output."""
+    script = (f"import time\nfrom argparse import Namespace\nfrom actsparse._common import atomic_output_dir\n"
+              f"from actsparse.cli import guarded\n"
+              f"def work(args):\n    with atomic_output_dir({str(tmp_path / 'out')!r}):\n"
+              f"        print('writing', flush=True)\n        time.sleep(60)\n"
+              f"raise SystemExit(guarded(work, Namespace()))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "writing\n"
+    assert [p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()] == [True]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and err.strip() == "actsparse: interrupted"
+    assert list(tmp_path.iterdir()) == []

@@ -5,7 +5,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 from ._common import ActSparseError
 from .backends import FORMATS, WEIGHT_FORMATS
@@ -205,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 def guarded(func, args, verbose: bool = False) -> int:
     """Run ``func(args)``; known failures become one stderr line and exit 1."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    # SIGTERM (a scheduler's stop, kill) unwinds like Ctrl-C, so temporary folders are removed on the way out
+    if threading.current_thread() is threading.main_thread():  # where Python lets a handler be set
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return func(args)
     except ActSparseError as err:
