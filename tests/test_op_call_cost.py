@@ -1,8 +1,9 @@
-"""The OpenVINO op's binding cache (docs/op.md, "Validation"): the CPU plugin clones a dynamic ActSparseMatMul
-node on every call, and each clone reuses the binding its descriptor matches. A call whose sizes differ from
-those bound must still be bound again, and refused with the contract's line, before any byte is read; calls
-after it compute the op as numpy does."""
+"""The OpenVINO op's per-call binding (docs/op.md, "Validation"): the CPU plugin clones a dynamic ActSparseMatMul
+node on every call to infer its shape. A call whose sizes differ from those bound must be bound again, and
+refused with the contract's line, before any byte is read; calls after it compute the op as numpy does."""
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ import openvino as ov  # noqa: E402
 from test_corrupt_models import K, base, reference, write_ir  # noqa: E402
 
 
-def compiled_with_unknown_k(tmp_path, fmt: str, G: int):
+def compiled_with_unknown_k(tmp_path, fmt: str, G: int, threads: int = 0):
     """The one-node model of test_corrupt_models with x declared [?, ?, ?]: the graph binds no K, so every call's
     K comes from its x."""
     parts = base(fmt, G)
@@ -29,8 +30,7 @@ def compiled_with_unknown_k(tmp_path, fmt: str, G: int):
     runtime_ext.register(core)
     model = core.read_model(tmp_path / "model.xml")
     model.reshape({0: ov.PartialShape([-1, -1, -1])})
-    # not INFERENCE_NUM_THREADS 1: there the plugin (2026.4) skips the node on such a call and returns an empty y
-    config = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+    config = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0", "INFERENCE_NUM_THREADS": threads}
     return parts, core.compile_model(model, "CPU", config).create_infer_request()
 
 
@@ -51,9 +51,26 @@ def test_a_call_of_another_k_is_bound_again(tmp_path, fmt, G):
         check(parts, request, rng.standard_normal((1, tokens, K)).astype(np.float32))
 
 
+@pytest.mark.parametrize("fmt,G", [("f32", 0), ("u4", 32)])
+def test_one_thread_a_call_of_another_k_gives_nan_not_the_last_y(tmp_path, fmt, G):
+    """With one inference thread the plugin (2026.4) drops the op's error and returns its last y, over the buffer it
+    handed the op (the previous call's shape): the op fills that buffer with NaN before raising, so a call of the
+    wrong K cannot pass for the previous call's result."""
+    parts, request = compiled_with_unknown_k(tmp_path, fmt, G, threads=1)
+    rng = np.random.default_rng(3)
+    check(parts, request, rng.standard_normal((1, 2, K)).astype(np.float32))
+    try:
+        y = request.infer({0: rng.standard_normal((1, 1, K + 32)).astype(np.float32)})[0]
+    except RuntimeError as err:
+        assert re.search(r"ActSparseMatMul: (weight|params) has \d+ bytes, expected", str(err)), str(err)
+    else:
+        assert np.isnan(y).any(), "a call of the wrong K returned the last call's numbers"
+    check(parts, request, rng.standard_normal((1, 3, K)).astype(np.float32))
+
+
 @pytest.mark.parametrize("fmt,G", [("bf16", 0), ("u8", K)])
-def test_clones_that_share_the_binding_compute_the_op(tmp_path, fmt, G):
-    """x declared [?, ?, K], as exports declare it: every call's clone matches the graph's binding and reuses it."""
+def test_clones_compute_the_op_the_binding_compute_the_op(tmp_path, fmt, G):
+    """x declared [?, ?, K], as exports declare it, one thread: every call's clone binds as the graph did."""
     parts = base(fmt, G)
     write_ir(parts, tmp_path / "model.xml")
     core = ov.Core()

@@ -280,12 +280,6 @@ struct OpDesc {
   int64_t K = -1;  // x's last dimension
   Element x_type = Element::Unknown, weight_type = Element::Unknown, params_type = Element::Unknown;
   int64_t weight_bytes = -1, params_bytes = -1;
-  bool operator==(const OpDesc& o) const {  // NaN attributes never match, so they are always bound (and refused)
-    return weight_format == o.weight_format && prefill == o.prefill && out_features == o.out_features &&
-           group_size == o.group_size && tile_cols == o.tile_cols && mode == o.mode && threshold == o.threshold &&
-           has_bias == o.has_bias && K == o.K && x_type == o.x_type && weight_type == o.weight_type &&
-           params_type == o.params_type && weight_bytes == o.weight_bytes && params_bytes == o.params_bytes;
-  }
 };
 
 // A node's contract once checked: the format, the sizes, and where bias, scales and zero points lie in params

@@ -1,7 +1,10 @@
 #include "actsparse_op.hpp"
 
 #include <openvino/core/parallel.hpp>
+#include <openvino/op/constant.hpp>
 
+#include <algorithm>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 
@@ -31,6 +34,16 @@ int64_t byte_size(const ov::Node& node, size_t i) {
     int64_t n = static_cast<int64_t>(type.size());
     for (const auto& d : shape) n *= d.get_length();  // not to_shape(): no allocation on the plugin's per-call clone
     return n;
+}
+
+void fill_nan(ov::Tensor& y) {
+    const size_t n = y.get_size();
+    const auto& t = y.get_element_type();
+    if (t == ov::element::f32) {
+        std::fill_n(y.data<float>(), n, std::numeric_limits<float>::quiet_NaN());
+    } else if (t == ov::element::bf16 || t == ov::element::f16) {
+        std::fill_n(static_cast<uint16_t*>(y.data()), n, uint16_t(t == ov::element::bf16 ? 0x7fc0 : 0x7e00));
+    }
 }
 
 }  // namespace
@@ -70,16 +83,16 @@ void ActSparseMatMul::validate_and_infer_types() {
     auto shape = get_input_partial_shape(0);
     NODE_VALIDATION_CHECK(this, shape.rank().is_static() && shape.rank().get_length() >= 1, "x needs a static rank");
     const auto& k = shape[shape.rank().get_length() - 1];
-    const OpDesc d = describe(k.is_static() ? k.get_length() : -1, get_input_element_type(0), get_input_element_type(1),
-                              get_input_element_type(2), byte_size(*this, 1), byte_size(*this, 2));
-    if (!m_bound || !(m_bound->desc == d)) {
-        try {
-            m_bound = std::make_shared<const Bound>(Bound{d, bind_op(d)});
-        } catch (const std::invalid_argument& e) {
-            NODE_VALIDATION_CHECK(this, false, e.what());
-        }
+    try {
+        m_binding.set(bind_op(describe(k.is_static() ? k.get_length() : -1, get_input_element_type(0),
+                                       get_input_element_type(1), get_input_element_type(2), byte_size(*this, 1),
+                                       byte_size(*this, 2))));
+    } catch (const std::invalid_argument& e) {
+        // x a Constant: the CPU plugin's shape inference of one call, on a clone. With one inference thread the
+        // plugin drops an error raised there and returns the previous call's y, so the call goes on to evaluate,
+        // which binds its sizes again and raises.
+        NODE_VALIDATION_CHECK(this, ov::is_type<ov::op::v0::Constant>(get_input_node_ptr(0)), e.what());
     }
-    m_binding.set(m_bound->op);
     // PagedAttention (openvino-genai's default) flattens the tokens of every sequence of a step into the batch
     // axis: x is [tokens, 1, K] with the 1 static in the graph. A row is then a token, not a sequence, and a
     // prompt's rows cannot be told from other sequences' decode steps, so only a single row is a decode step.
@@ -93,7 +106,6 @@ void ActSparseMatMul::validate_and_infer_types() {
 std::shared_ptr<ov::Node> ActSparseMatMul::clone_with_new_inputs(const ov::OutputVector& new_args) const {
     auto op = std::make_shared<ActSparseMatMul>();
     op->m_attrs = m_attrs;
-    op->m_bound = m_bound;
     op->set_arguments(new_args);
     op->constructor_validate_and_infer_types();
     return op;
@@ -129,6 +141,9 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
             return bind_op(describe(K, x.get_element_type(), inputs[1].get_element_type(), inputs[2].get_element_type(),
                                     w_bytes, p_bytes));
         } catch (const std::invalid_argument& e) {
+            // With one inference thread the CPU plugin (2026.4) drops this error and returns its last y, over
+            // the buffer it handed the op: NaN there, so the call's result cannot pass for numbers.
+            fill_nan(outputs[0]);
             OPENVINO_THROW(e.what());
         }
     });

@@ -48,13 +48,6 @@ private:
         bool int8_activations = false;
     } m_attrs;
     bool m_rows_are_tokens = false;  // x's token axis is a static 1 (PagedAttention): see validate_and_infer_types
-    // The last descriptor bound and its binding, shared with this node's clones: the CPU plugin clones a dynamic
-    // node on every call, and a clone whose inputs the descriptor already describes then skips bind_op.
-    struct Bound {
-        OpDesc desc;
-        BoundOp op;
-    };
-    std::shared_ptr<const Bound> m_bound;
     // The contract as bound in validate_and_infer_types (or on the first call), so evaluate only compares sizes.
     mutable OpBinding m_binding;
     mutable std::once_flag m_pages;  // to_huge_pages on the weights, at the first evaluate
