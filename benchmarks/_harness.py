@@ -51,6 +51,22 @@ def time_ms(calls: Sequence[Callable[[int], object]], rounds: int, per_round: in
     return [median_ms(t) for t in times]
 
 
+def decode_inputs(rng: np.random.Generator, k: int, count: int = 16) -> list[np.ndarray]:
+    """``count`` decode-step inputs x [1, 1, K], the same for every model timed on them."""
+    return [rng.standard_normal((1, 1, k)).astype(np.float32) for _ in range(count)]
+
+
+def openvino_core():
+    """An OpenVINO Core with our op registered (imported here: not every benchmark needs OpenVINO)."""
+    import openvino as ov
+
+    from actsparse.runtime_ext import register
+
+    core = ov.Core()
+    register(core)
+    return core
+
+
 def layers_for(min_mb: float, layer_bytes: float) -> int:
     """Layers side by side that make one call read at least ``min_mb`` MB of weights (at least one)."""
     return max(1, int(np.ceil(min_mb * 1e6 / layer_bytes)))

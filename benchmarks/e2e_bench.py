@@ -8,7 +8,8 @@ once into --work and reused.
 
     python benchmarks/e2e_bench.py [--work DIR] [--models smollm2-135m tinyllama-8l qwen2.5-0.5b]
                                    [--runtimes openvino onnx] [--formats fp32 int8]
-                                   [--up 0.5 --down 0.5] [--threads 2] [--runs 3] [--export-only] [--output FILE]
+                                   [--up 0.5 --down 0.5 | --targets all --sparsity 0.5] [--threads 2] [--runs 3]
+                                   [--export-only] [--output FILE]
 
 ``--runtimes openvino onnx`` puts OpenVINO and ONNX Runtime side by side on the same model,
 weights and sparsity (each against its own dense export in the same runtime); ``genai`` times the OpenVINO
@@ -51,6 +52,9 @@ def main() -> None:
     p.add_argument("--formats", nargs="+", default=["fp32", "int8"], help="export --weight-format values")
     p.add_argument("--up", type=float, default=0.5, help="--sparsity-up of the sparse export")
     p.add_argument("--down", type=float, default=0.5, help="--sparsity-down of the sparse export")
+    p.add_argument("--targets", default="mlp", choices=["mlp", "all"],
+                   help="all: every projection of the sparse export at --sparsity (export --targets all)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="with --targets all: the sparsity of every projection")
     add_threads(p, None)
     p.add_argument("--runs", type=int, default=3, help="alternating sparse/s=0/dense runs of actsparse bench")
     p.add_argument("--export-only", action="store_true", help="make the exports, measure nothing")
@@ -62,17 +66,21 @@ def main() -> None:
         for runtime, fmt in itertools.product(args.runtimes, args.formats):
             export_format = "openvino" if runtime == "genai" else runtime
             stem = f"{name}-{export_format}-{fmt}"
-            dense, sparse = work / f"{stem}-dense", work / f"{stem}-up{args.up}-down{args.down}"
+            plan = (["--targets", "all", "--sparsity", args.sparsity] if args.targets == "all"
+                    else ["--sparsity-up", args.up, "--sparsity-down", args.down])
+            label = f"all{args.sparsity}" if args.targets == "all" else f"up{args.up}-down{args.down}"
+            dense, sparse = work / f"{stem}-dense", work / f"{stem}-{label}"
             if not dense.exists():
                 run_cli("export", model, dense, "--format", export_format, "--weight-format", fmt, "--sparsity", 0)
             if not sparse.exists():
-                run_cli("export", model, sparse, "--format", export_format, "--weight-format", fmt, "--sparsity-up",
-                        args.up, "--sparsity-down", args.down, "--calibration-samples", 16)
+                run_cli("export", model, sparse, "--format", export_format, "--weight-format", fmt, *plan,
+                        "--calibration-samples", 16)
             if args.export_only:
                 continue
             extra = (["--threads", args.threads] if args.threads else []) + (["--runtime", "genai"] if runtime == "genai" else [])
             result = json.loads(run_cli("bench", sparse, "--baseline", dense, "--json", "--runs", args.runs, *extra)[0])
-            result.update(model_name=name, runtime=runtime, weight_format=fmt, up=args.up, down=args.down)
+            result.update(model_name=name, runtime=runtime, weight_format=fmt, targets=args.targets,
+                          **({"sparsity": args.sparsity} if args.targets == "all" else {"up": args.up, "down": args.down}))
             results.append(result)
             print(f"{name} {runtime} {fmt}: decode dense {result['dense']['decode_ms_per_token']:.2f}, our s=0 "
                   f"{result['s0']['decode_ms_per_token']:.2f} -> {result['sparse']['decode_ms_per_token']:.2f} "

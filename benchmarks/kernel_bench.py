@@ -29,13 +29,12 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-import openvino as ov
 
 from actsparse.backends.openvino import prepare
 from actsparse.backends.openvino.probe import dense_model, fc_precision, fused_model
-from actsparse.runtime_ext import register
 
-from _harness import SPARSITIES, add_kernel_args, emit, layers_for, parse_kernel_args, parser, time_ms
+from _harness import (SPARSITIES, add_kernel_args, decode_inputs, emit, layers_for, openvino_core, parse_kernel_args,
+                      parser, time_ms)
 
 BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 
@@ -45,11 +44,10 @@ def main() -> None:
     add_kernel_args(p, list(BYTES))
     args = parse_kernel_args(p)
     rng = np.random.default_rng(0)
-    core = ov.Core()
-    register(core)
+    core = openvino_core()
     rows = []
     for k, n in args.shapes:
-        xs = [rng.standard_normal((1, 1, k)).astype(np.float32) for _ in range(16)]
+        xs = decode_inputs(rng, k)
         for fmt in args.formats:
             layers = layers_for(args.min_mb, k * n * BYTES[fmt])
             dense = dense_model([(k, n)] * layers, fmt, rng)

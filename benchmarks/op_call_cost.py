@@ -35,9 +35,8 @@ from openvino import opset13 as ops
 
 from actsparse.backends.openvino import prepare
 from actsparse.backends.openvino.probe import dense_model, fc_precision, fused_model
-from actsparse.runtime_ext import register
 
-from _harness import add_threads, emit, parser, shape, time_ms
+from _harness import add_threads, decode_inputs, emit, openvino_core, parser, shape, time_ms
 
 DEFAULT_SHAPES = [(576, 3072), (1536, 576), (2048, 5632)]  # SmolLM2-135M gate+up and down, TinyLlama's MLP
 FORMATS = ["fp32", "bf16", "fp16", "int8", "int4"]
@@ -70,11 +69,10 @@ def empty_chain(k: int, layers: int):
 
 def measure(args) -> list[dict]:
     rng = np.random.default_rng(0)
-    core = ov.Core()
-    register(core)
+    core = openvino_core()
     rows = []
     for k, n in args.shapes:
-        xs = [rng.standard_normal((1, 1, k)).astype(np.float32) for _ in range(16)]
+        xs = decode_inputs(rng, k)
         layers = max(1, min(args.layers, int(args.max_mb * 1e6 // (4 * k * n))))
         for fmt in args.formats:
             group = 128 if k % 128 == 0 else 64  # int4: SmolLM2's K=576 has no groups of 128

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from _harness import emit, parser
+from _harness import emit, openvino_core, parser
 
 
 def main() -> None:
@@ -30,10 +30,8 @@ def main() -> None:
 
     import actsparse
     from actsparse.backends.openvino.runtime import feed, greedy_steps, prepare, read_model
-    from actsparse.runtime_ext import register
 
-    core = ov.Core()
-    register(core)
+    core = openvino_core()
     xml = f"{args.export}/openvino_model.xml"
     plain = core.compile_model(read_model(core, xml), "CPU")
     model = read_model(core, xml)

@@ -32,7 +32,8 @@ from actsparse.backends.onnx import session_options
 from actsparse.backends.onnx.runtime import EXACT_CONFIG
 from actsparse.runtime_ext import kernels as ks
 
-from _harness import SPARSITIES, add_kernel_args, emit, layers_for, parse_kernel_args, parser, time_ms
+from _harness import (SPARSITIES, add_kernel_args, decode_inputs, emit, layers_for, parse_kernel_args, parser,
+                      time_ms)
 
 FORMATS = ["fp32", "int8", "int4-g32", "int4-g64", "int4-g128"]
 INT8_BLOCK = 128  # divides every K above
@@ -107,7 +108,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for k, n in args.shapes:
-        xs = [rng.standard_normal((1, 1, k)).astype(np.float32) for _ in range(16)]
+        xs = decode_inputs(rng, k)
         taus = [0.0 if s == 0 else float(np.quantile(np.abs(np.concatenate(xs)), s)) for s in SPARSITIES]
         for fmt in args.formats:
             bits = 32 if fmt == "fp32" else 8 if fmt == "int8" else 4

@@ -115,9 +115,10 @@ def e2e_section(data: dict) -> list[str]:
         out += [f"**{note}**" if note else "", ""] + [f"- `{c}`" for c in commands] + [""]
         cells: dict[tuple, list[dict]] = {}
         for r in rows:
-            cells.setdefault((r["model_name"], r["runtime"], r["weight_format"], r["up"], r["down"]), []).append(r)
+            plan = f"all {r['sparsity']:g}" if r.get("targets") == "all" else f"{r['up']:g} / {r['down']:g}"
+            cells.setdefault((r["model_name"], r["runtime"], r["weight_format"], plan), []).append(r)
         lines = []
-        for (model, runtime, weights, up, down), rs in cells.items():
+        for (model, runtime, weights, plan), rs in cells.items():
             def m(*path):
                 values = []
                 for r in rs:
@@ -131,13 +132,13 @@ def e2e_section(data: dict) -> list[str]:
             # our op at s=0, where the run timed it (bench before it did not)
             zero = (f"{m('s0', 'decode_ms_per_token'):.2f}", f"{m('decode_speedup_vs_s0'):.3f}×",
                     f"{100 * m('of_limit_vs_s0'):.0f} %") if all("s0" in r for r in rs) else ("—",) * 3
-            lines.append([model, RUNTIMES.get(runtime, runtime), weights, f"{up:g} / {down:g}",
+            lines.append([model, RUNTIMES.get(runtime, runtime), weights, plan,
                           f"{m('dense', 'decode_ms_per_token'):.2f}", zero[0], f"{m('sparse', 'decode_ms_per_token'):.2f}",
                           speed, zero[1], f"{m('amdahl_limit'):.3f}×", f"{100 * m('of_limit'):.0f} %", zero[2],
                           f"{m('dense', 'prefill_ms'):.0f} → {m('sparse', 'prefill_ms'):.0f} ({x(m('prefill_ratio'))})",
                           f"{m('dense', 'peak_rss_mb'):.0f} → {m('sparse', 'peak_rss_mb'):.0f} "
                           f"({x(m('memory_ratio'))})"])
-        out += table(["model", "runtime", "weights", "up / down", "dense ms/token", "our s=0 ms/token",
+        out += table(["model", "runtime", "weights", "up / down (or all)", "dense ms/token", "our s=0 ms/token",
                       "sparse ms/token", "speed-up vs dense (rounds)", "vs our s=0", "limit", "of limit",
                       "of limit vs s=0", "prefill ms dense → sparse",
                       "peak RSS MB dense → sparse"], lines) + [""]

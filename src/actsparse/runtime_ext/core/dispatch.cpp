@@ -207,6 +207,14 @@ void decode(const Ops& ops, const void* xv, int64_t M, const PackedWeight& w, co
 
   auto finish_cols = [&](int64_t i, const float* acc, int64_t n0, int64_t n, float zsum) {
     // y = acc (+bias) for F32/F16/BF16; y = scale*(acc - zp*zsum) (+bias) for U8; U4 groups already applied.
+    if (ops.finish) {
+      const bool u8 = f == WeightFormat::U8;
+      void* y = bf16 ? static_cast<void*>(static_cast<uint16_t*>(yv) + i * N + n0)
+                     : static_cast<void*>(static_cast<float*>(yv) + i * N + n0);
+      ops.finish(acc, n, u8 ? w.scale + n0 : nullptr, u8 ? w.zero_point + n0 : nullptr, zsum,
+                 bias ? bias + n0 : nullptr, bf16, y);
+      return;
+    }
     for (int64_t j = 0; j < n; ++j) {
       float v = acc[j];
       if (f == WeightFormat::U8) v = w.scale[n0 + j] * (v - w.zero_point[n0 + j] * zsum);

@@ -66,6 +66,32 @@ int64_t live(const void* x, bool bf16, int64_t n, int64_t k0, float mode, float 
   return L;
 }
 
+// Ops::finish, 16 columns per step: separate multiplies and adds (no FMA), so y matches the driver's loop bit
+// for bit; bf16 by the same rounding as float_to_bf16 (the BF16 instructions would flush subnormals to zero).
+void finish(const float* acc, int64_t n, const float* scale, const float* zp, float zsum, const float* bias, bool bf16,
+            void* y) {
+  const __m512 zs = _mm512_set1_ps(zsum);
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff), inf = _mm512_set1_epi32(0x7f800000),
+                abs = _mm512_set1_epi32(0x7fffffff), quiet = _mm512_set1_epi32(0x40);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 in = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(in, acc + j);
+    if (scale)
+      v = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, scale + j),
+                        _mm512_sub_ps(v, _mm512_mul_ps(_mm512_maskz_loadu_ps(in, zp + j), zs)));
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(in, bias + j));
+    if (!bf16) {
+      _mm512_mask_storeu_ps(static_cast<float*>(y) + j, in, v);
+      continue;
+    }
+    const __m512i u = _mm512_castps_si512(v), hi = _mm512_srli_epi32(u, 16);
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, half), _mm512_and_si512(hi, one)), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs), inf);
+    const __m512i b = _mm512_mask_or_epi32(rounded, nan, hi, quiet);
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + j, in, _mm512_cvtepi32_epi16(b));
+  }
+}
+
 }  // namespace
 }  // namespace detail
 }  // namespace actsparse
@@ -80,6 +106,7 @@ const Ops* ops_avx512() {
   static const Ops ops = [] {
     Ops o{6, G::NR, rows<Avx512>, u4_apply<Avx512>, G::pack, G::gemm};
     o.live = live;
+    o.finish = finish;
     o.rows_multi = rows_multi<Avx512>;
     return o;
   }();

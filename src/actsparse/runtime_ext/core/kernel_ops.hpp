@@ -77,6 +77,11 @@ struct Ops {
   // chunk starting at c, q = z / qs[c] rounded to nearest even, and z becomes qs[c] * q; returns the sum of
   // the new z.
   double (*q8_live)(float* z, int64_t n, int8_t* q, float* qs) = nullptr;
+  // Optional decode epilogue (null: the driver's scalar loop, the same arithmetic in the same order): for
+  // j < n, v = acc[j], then v = scale[j] * (v - zp[j] * zsum) where scale is not null (U8), then v += bias[j]
+  // where bias is not null; y[j] = v, or v rounded to bf16 bits (as float_to_bf16) when bf16.
+  void (*finish)(const float* acc, int64_t n, const float* scale, const float* zp, float zsum, const float* bias,
+                 bool bf16, void* y) = nullptr;
   // Optional decode of several tokens over one row list, any format but U4 (null: the driver calls rows() per
   // token): acc[t*lda + 0..n) += sum_r z[t*ldz + r] * Q[idx[r]][0..n) for t < M, each row read once per 4 tokens.
   void (*rows_multi)(WeightFormat f, float* acc, int64_t lda, int64_t M, int64_t n, const uint8_t* base, int64_t rb,
