@@ -4,9 +4,10 @@
 #     run(command="bash benchmarks/device/kernel_table.sh", carry=[".whl"], timeout_s=600)
 # Installs the carried OpenVINO wheel, builds the op (the ONNX Runtime library only where the machine has its
 # headers), and writes to $OUT, each stage within its own time limit so that a slow one still leaves the others:
-# lscpu.txt, build.log, kernel_core.json (the core alone at 1, 4, 8 and 16 threads, sparsity 0 / 0.5 / 0.9) and
-# kernel_openvino.json (against the plugin's FullyConnected), each stage's stderr beside it. THREADS, SHAPES and
-# the limits CORE_S / OV_S (seconds) override the defaults.
+# lscpu.txt, build.log, kernel_core.json (the core alone at 1, 4, 8 and 16 threads, sparsity 0 / 0.5 / 0.9),
+# kernel_openvino.json (against the plugin's FullyConnected) and op_call_cost.json (the fixed cost of a call with
+# every channel pruned, on SmolLM2's and TinyLlama's shapes, at the fewest and most threads), each stage's stderr
+# beside it. THREADS, SHAPES and the limits CORE_S / OV_S / CALL_S (seconds) override the defaults.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 THREADS=${THREADS:-1 4 8 16}
@@ -28,7 +29,11 @@ timeout "${CORE_S:-150}" python3 kernel_core_bench.py --threads $THREADS --shape
   --output "$OUT/kernel_core.json" 2> "$OUT/kernel_core.log"
 echo "kernel_core_bench: exit $?"
 # shellcheck disable=SC2086
-timeout "${OV_S:-300}" python3 kernel_bench.py --threads $THREADS --shapes $SHAPES --formats bf16 int8 int4 \
+timeout "${OV_S:-240}" python3 kernel_bench.py --threads $THREADS --shapes $SHAPES --formats bf16 int8 int4 \
   --rounds 3 --output "$OUT/kernel_openvino.json" 2> "$OUT/kernel_openvino.log"
 echo "kernel_bench: exit $?"
+# shellcheck disable=SC2086
+timeout "${CALL_S:-90}" python3 op_call_cost.py --threads $(echo $THREADS | awk '{print $1, $NF}') --formats bf16 int8 \
+  --rounds 6 --output "$OUT/op_call_cost.json" 2> "$OUT/op_call_cost.log"
+echo "op_call_cost: exit $?"
 ls -la "$OUT"
