@@ -16,6 +16,7 @@ import openvino as ov
 from ..._common import ActSparseError, dropping_mapped_pages, stage
 from ...exports.models import hf_config, is_decoder, loads_16bit
 from .. import FORMATS
+from .graph import constant_behind
 
 IR_NAME = FORMATS["openvino"].model_file
 TOKENIZER_IRS = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")
@@ -60,12 +61,6 @@ def vocabulary_weights(model: ov.Model, min_elements: int = VOCABULARY_ELEMENTS)
     or ``transpose_b`` MatMuls. NNCF keeps the last MatMul at int8 and, once that one is compressed, would take
     the one before for the last; it can only be told that there is none by compressing embeddings in int4 too,
     so the last MatMul is taken only where every embedding is."""
-    def constant_behind(value):
-        node = value.get_node()
-        while node.get_type_name() == "Convert":
-            node = node.input_value(0).get_node()
-        return node if node.get_type_name() == "Constant" else None
-
     def per_row(node) -> bool:
         if node.get_type_name() == "MatMul":
             return node.get_attributes()["transpose_b"]

@@ -28,6 +28,7 @@ from ...runtime_ext import OP_TYPE, OPENVINO_OPSET
 from ...runtime_ext.kernels import TILE_COLS, compact_u4_params, formats, pack_u4, to_bf16, to_tiles
 from ..pattern import prefixes
 from .export import save_ir
+from .graph import constant_behind
 from .passes import Mask, MaskRule, run_rules
 from .runtime import bf16_io
 
@@ -62,15 +63,6 @@ def _unpack_u4(packed: np.ndarray, count: int) -> np.ndarray:
     return out[:count]
 
 
-def _const(output: ov.Output, *types: str):
-    node = output.get_node()
-    if node.get_type_name() == "Convert":
-        node = node.input_value(0).get_node()
-    if node.get_type_name() != "Constant":
-        return None
-    return node if not types or node.get_output_element_type(0).get_type_name() in types else None
-
-
 def read_weight(matmul: ov.Node):
     """The MatMul's weight as ``(format, data, scale, zero_point, group_size)``, or a refusal reason.
 
@@ -101,13 +93,13 @@ def read_weight(matmul: ov.Node):
     if node.get_type_name() != "Multiply":
         return f"weight decompression ends in {node.get_type_name()}, not Multiply"
     sub, scale = node.input_value(0), node.input_value(1)
-    if _const(sub) is not None:
+    if constant_behind(sub) is not None:
         sub, scale = scale, sub
-    scale_node = _const(scale, "f16", "f32")
+    scale_node = constant_behind(scale, "f16", "f32")
     if sub.get_node().get_type_name() != "Subtract" or scale_node is None:
         return "weight decompression is not (codes − zero point) · scale"
-    codes_node = _const(sub.get_node().input_value(0), "u8", "u4")
-    zp_node = _const(sub.get_node().input_value(1), "u8", "u4")
+    codes_node = constant_behind(sub.get_node().input_value(0), "u8", "u4")
+    zp_node = constant_behind(sub.get_node().input_value(1), "u8", "u4")
     if codes_node is None or zp_node is None:
         return "weight codes or zero point are not u8/u4 constants"
     fmt = codes_node.get_output_element_type(0).get_type_name()

@@ -19,6 +19,16 @@ def tensors_by_name(model: ov.Model) -> dict[str, ov.Output]:
     return {tensor_name(out): out for op in model.get_ordered_ops() for out in op.outputs()}
 
 
+def constant_behind(output: ov.Output, *types: str) -> ov.Node | None:
+    """The Constant that ``output`` is, through Converts (of one of ``types`` where given), or None."""
+    node = output.get_node()
+    while node.get_type_name() == "Convert":
+        node = node.input_value(0).get_node()
+    if node.get_type_name() != "Constant":
+        return None
+    return node if not types or node.get_output_element_type(0).get_type_name() in types else None
+
+
 def weight_constants(matmul: ov.Node) -> list[ov.Node] | str:
     """The constants (codes, scales, zero points) that make the MatMul's weight, or why there are none."""
     stack, seen, constants = [matmul.input_value(1).get_node()], set(), []
