@@ -176,12 +176,20 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _cpu_name(info: dict[str, str]) -> str:
+    """The model name, with family and model: VMs often show only a generic one ("AMD EPYC")."""
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    return name
+
+
 def machine() -> dict:
     """The facts of this machine that set a benchmark's figures: CPU, cores, caches, ISA, library versions, date."""
     info = _cpuinfo()
     flags = set(info.get("flags", "").split())
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpu": info.get("model name") or platform.processor() or platform.machine(),
+            "cpu": _cpu_name(info),
             "logical_cpus": os.cpu_count(), "physical_cores": int(info["cores"]) if "cores" in info else None,
             "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "caches_kb": {name: size >> 10 for name, size in ks.cache_sizes().items()}, "isa": {flag: flag in flags for flag in ISA_FLAGS},

@@ -5,8 +5,13 @@ weight copies (at least 256 MB) and 16 inputs with different live sets, so that 
 a real model. Bytes read = live rows x row bytes (+ scale/zero-point bytes of the groups touched, for u8/u4; u4
 params are compact, 3 bytes a group and column, as exports store them).
 
+--live sets where the live rows lie: ``random`` (the default: |x| above its quantile, as in a model), ``block``
+(the first (1-s)·K rows, one contiguous stream) or ``stride`` (every 1/(1-s)-th row, as evenly spread as rows
+can be). Side by side they show what scattering the same bytes costs, which matters for short rows.
+
     ACTSPARSE_EXT_DIR=<build dir> python benchmarks/kernel_core_bench.py [--kernel avx2] [--quick]
-        [--int8-activations] [--threads 1 2] [--shapes 4096x11008 ...] [--formats f32 u8 ...] [--output FILE]
+        [--int8-activations] [--live random|block|stride] [--threads 1 2] [--shapes 4096x11008 ...]
+        [--formats f32 u8 ...] [--output FILE]
 """
 from __future__ import annotations
 
@@ -50,6 +55,8 @@ def main():
     add_kernel_args(p, FORMATS, rounds=False)
     p.add_argument("--kernel", default=None, help="a kernel of the core's (default: the best this CPU runs)")
     p.add_argument("--int8-activations", action="store_true", help="u8/u4 decode on int8 activations")
+    p.add_argument("--live", choices=("random", "block", "stride"), default="random",
+                   help="where the live rows lie (default: random, as in a model)")
     args = parse_kernel_args(p)
     args.kernel = args.kernel or ks.best_kernel()
     rng = np.random.default_rng(0)
@@ -69,6 +76,10 @@ def main():
                 for s in SPARSITIES:
                     xs = rng.standard_normal((16, 1, K)).astype(np.float32)
                     tau = float(np.quantile(np.abs(xs), s)) if s > 0 else -1.0  # tau < 0 keeps every channel
+                    if s > 0 and args.live != "random":  # the same live rows for every input; the others 0
+                        keep = (np.arange(K) < round((1 - s) * K) if args.live == "block"
+                                else np.arange(K) % round(1 / (1 - s)) == 0)
+                        xs[..., ~keep], tau = 0.0, 0.0
                     live = ~(np.abs(xs[0, 0]) <= tau)
 
                     def call(i):
