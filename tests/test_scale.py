@@ -94,6 +94,17 @@ def test_stage_peak_and_dropped_mapped_pages(tmp_path):
     assert int(mapped.sum(dtype=np.uint64)) == touched == int(data.sum(dtype=np.uint64))
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's; elsewhere ru_maxrss is used")
+def test_a_child_reports_its_own_peak_not_its_parents():
+    """A process started from a large parent (actsparse bench's measurement children) reports its own peak:
+    ru_maxrss would carry the parent's 400 MB across exec."""
+    ballast = np.ones(400 << 20, np.uint8)  # resident in this process when the child starts
+    code = "from actsparse._common import own_peak_rss, peak_rss; print(own_peak_rss(), peak_rss())"
+    own, peak = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                        check=True).stdout.split())
+    assert 0 < own == peak < (200 << 20) and ballast[-1] == 1
+
+
 def test_parameter_count_reads_the_safetensors_headers(tiny_llama):
     from transformers import AutoModelForCausalLM
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import ActSparseError, atomic_output_dir
+from ._common import ActSparseError, atomic_output_dir, own_peak_rss
 from .backends import genai_export, get_backend
 from .calibration.plan import PLAN_FILE, STATS_FILE, read_plan
 from .pipeline import ExportOptions, Statistics, rewrite, save
@@ -125,7 +124,7 @@ def measure(folder: str | os.PathLike, prompt_tokens: int, decode_tokens: int, t
         result = backend.time_genai(folder, plan, prompt_tokens, decode_tokens, threads)
     else:
         result = get_backend(folder).time_decode(folder, prompt_tokens, decode_tokens, threads)
-    return {**result, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {**result, "peak_rss_mb": own_peak_rss() / 2**20}
 
 
 def _measure_in_subprocess(folder: Path, prompt_tokens: int, decode_tokens: int, threads: int | None,
