@@ -18,14 +18,24 @@ namespace {
 
 const char* const kKnobs[kKnobCount] = {"par_bytes", "split", "prefetch", "decode_max_rows", "union_pct"};
 
+// The first processor's model name, with its family and model where /proc/cpuinfo gives them: VMs name Zen 4 and
+// Zen 5 alike ("AMD EPYC"), and a tuning measured on one must not apply to the other. The format is the
+// benchmarks' (_harness.machine).
 std::string cpu_model() {
   std::ifstream in("/proc/cpuinfo");
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind("model name", 0) == 0 && line.find(':') != std::string::npos) {
-      const size_t a = line.find_first_not_of(" \t", line.find(':') + 1);
-      return a == std::string::npos ? "unknown" : line.substr(a);
-    }
-  return "unknown";
+  std::string name, family, model;
+  for (std::string line; std::getline(in, line) && !line.empty();) {
+    const size_t colon = line.find(':');
+    if (colon == std::string::npos) continue;
+    const size_t a = line.find_first_not_of(" \t", colon + 1), b = line.find_last_not_of(" \t", colon - 1);
+    const std::string key = b == std::string::npos ? "" : line.substr(0, b + 1);
+    const std::string value = a == std::string::npos ? "" : line.substr(a);
+    if (key == "model name") name = value;
+    else if (key == "cpu family") family = value;
+    else if (key == "model") model = value;
+  }
+  if (name.empty()) return "unknown";
+  return family.empty() || model.empty() ? name : name + " (family " + family + ", model " + model + ")";
 }
 
 // Sets knob `name` of t from text, or throws std::invalid_argument saying why not.
