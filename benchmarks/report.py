@@ -248,6 +248,21 @@ def call_cost_section(data: dict) -> list[str]:
                         "ours K×16 µs", "ours ÷ FC", "ours ÷ FC K×16"], rows)
 
 
+def mlp_section(data: dict) -> list[str]:
+    """mlp_bench.py: decode ms/token of one ActSparseMLP a layer against two ActSparseMatMuls, and their fixed cost
+    per layer (threshold +inf against no MLP at all), in one process."""
+    rows = []
+    for r in data["results"]:
+        ms, fixed = r["decode_ms_per_token"], r["fixed_cost_us"]
+        rows.append([Path(r["model"]).name, str(r["layers"]), f"{ms['dense']:.2f}", f"{ms['two_ops']:.2f}",
+                     f"{ms['one_op']:.2f}", x(r["speedup"]["two_ops_over_dense"]), x(r["speedup"]["one_op_over_dense"]),
+                     x(r["speedup"]["one_op_over_two_ops"]), f"{fixed['two_ops_per_layer']:.1f}",
+                     f"{fixed['one_op_per_layer']:.1f}",
+                     f"{r['prefill_ms']['one_op'] / r['prefill_ms']['dense']:.2f}×"])
+    return table(["export", "layers", "dense ms", "two ops ms", "one op ms", "two ops × dense", "one op × dense",
+                  "one op × two", "two ops fixed µs/layer", "one op fixed µs/layer", "prefill one op ÷ dense"], rows)
+
+
 def greedy_probe_section(data: dict) -> list[str]:
     """greedy_probe.py: greedy allocation by the full model-error probe against the scaled one, their cost,
     and the perplexity ratio (× dense) of the allocations they give; uniform for reference."""
@@ -300,6 +315,8 @@ def section(path: Path) -> list[str]:
             return out + call_cost_section(data)
         if data.get("benchmark") == "gpu_kernel":
             return out + gpu_kernel_section(data)
+        if data.get("benchmark") == "mlp_bench":
+            return out + mlp_section(data)
         if data.get("benchmark") == "greedy_probe":
             return out + greedy_probe_section(data)
         if "memory_bound_gib" in data:

@@ -50,7 +50,7 @@ def test_core_f16_activations_in_and_out(kernel, fmt, M):
 def _f16_op(fmt, prefill, n=33, k=64, mode=0.25, tau=0.6):
     """A fused one-MatMul model whose op reads an f16 Parameter x, the op, and the dequantised [N, K] weight."""
     model, plan, dequant = _one_matmul(fmt, n, k, mode, tau, prefill)
-    assert fuse(model, plan) == {"fused": 1, "refused": 0}
+    assert fuse(model, plan) == {"fused": 1, "refused": 0, "mlp": 0}
     core = ov.Core()
     register(core)
     model = materialize(model, core)
@@ -114,7 +114,7 @@ def _converted_to_f16(fmt):
     """A fused one-MatMul model (f32 x) through OpenVINO's ConvertFP32ToFP16, the ConvertPrecision the GPU plugin
     applies at its default precision; the f32 model; its core."""
     model, plan, _ = _one_matmul(fmt, 33, 64, 0.25, 0.6, "sparse")
-    assert fuse(model, plan) == {"fused": 1, "refused": 0}
+    assert fuse(model, plan) == {"fused": 1, "refused": 0, "mlp": 0}
     core = ov.Core()
     register(core)
     model = materialize(model, core)

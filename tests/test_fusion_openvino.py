@@ -14,7 +14,7 @@ from actsparse.backends.openvino.fuse import fuse, materialize, read_weight
 from actsparse.backends.openvino.graph import EXACT_CONFIG
 from actsparse.backends.openvino.passes import apply_plan, set_prefill_sparse
 from actsparse.backends.openvino.runtime import extension_problem, read_model
-from actsparse.runtime_ext import OP_TYPE, register
+from actsparse.runtime_ext import MLP_TYPE, OP_TYPE, register
 from conftest import plan_of, run_cli, skip_without_extension
 from reference import (DECODE_ROWS, int8_groups, int8_live, multiplies_in_bf16, ov_logits, pruned_input, quantises_activations, torch_bf16,
                        weights_in_bf16)
@@ -78,7 +78,7 @@ def test_one_node_matches_numpy_and_the_unfused_pattern(fmt, n, k, mode):
     x = RNG.normal(size=(2, 3, k)).astype(np.float32)
     x[0, 0, :4] = mode  # exactly at the mode: pruned
     unfused = _run(model, x)
-    assert fuse(model, plan) == {"fused": 1, "refused": 0}
+    assert fuse(model, plan) == {"fused": 1, "refused": 0, "mlp": 0}
     assert [op.get_type_name() for op in model.get_ordered_ops()].count(OP_TYPE) == 1
     assert "MatMul" not in [op.get_type_name() for op in model.get_ordered_ops()]
     fused = _run(model, x)
@@ -109,7 +109,7 @@ def test_bf16_plan_stores_fused_weights_in_bf16():
     plan["weight_format"] = "bf16"
     x = RNG.normal(size=(2, 3, k)).astype(np.float32)
     unfused = _run(model, x)
-    assert fuse(model, plan) == {"fused": 1, "refused": 0}
+    assert fuse(model, plan) == {"fused": 1, "refused": 0, "mlp": 0}
     op = next(o for o in model.get_ordered_ops() if o.get_type_name() == OP_TYPE)
     assert op.get_attributes()["weight_format"] == "bf16"
     assert op.input_value(1).get_node().get_byte_size() == 2 * k * n
@@ -144,7 +144,7 @@ def test_consumers_of_one_input_become_one_op(fmt):
                         "out_features": t.out_features, "mode": mode, "threshold": tau, "target_sparsity": 0.5}
                        for g in groups for t in g.targets]}
     apply_plan(model, plan, "sparse")
-    assert fuse(model, plan) == {"fused": 2, "refused": 0}
+    assert fuse(model, plan) == {"fused": 2, "refused": 0, "mlp": 0}
     types = [op.get_type_name() for op in model.get_ordered_ops()]
     assert types.count(OP_TYPE) == 1 and types.count("VariadicSplit") == 1
     xs = RNG.normal(size=(1, 3, k)).astype(np.float32)
@@ -192,7 +192,7 @@ def test_paged_attention_layout_prunes_only_single_row_steps():
 def test_ir_without_tile_cols_reads_2048_column_tiles(legacy):
     """The op's tile_cols says how W is stored (exports write it; u8 uses 8192-column tiles); an IR
     written before the attribute existed has none and was stored in 2048-column tiles."""
-    from actsparse.backends.openvino.fuse import ActSparseMatMul
+    from actsparse.backends.openvino.twins import ActSparseMatMul
     from actsparse.runtime_ext import kernels as ks
 
     k, n, mode, tau = 64, 8300, 0.1, 0.6
@@ -237,7 +237,7 @@ def test_u4_params_compact_and_f32_give_the_same_results():
 
 
 def test_bad_tile_cols_is_refused_when_the_ir_is_read():
-    from actsparse.backends.openvino.fuse import ActSparseMatMul
+    from actsparse.backends.openvino.twins import ActSparseMatMul
 
     x = ops.parameter([-1, 8], np.float32, name="x")
     op = ActSparseMatMul([x.output(0), ops.constant(np.zeros((8, 4), np.float32)).output(0),
@@ -357,7 +357,8 @@ def test_fused_export_matches_unfused(tiny_exports, fmt):
     fused, unfused = tiny_exports[fmt, True], tiny_exports[fmt, False]
     assert plan_of(fused)["passes"]["fused"] == 6 and "fused" not in plan_of(unfused)["passes"]
     fused_ops = [op.get_type_name() for op in read_model(ov.Core(), fused / "openvino_model.xml").get_ordered_ops()]
-    assert fused_ops.count(OP_TYPE) == 4  # per layer: gate+up as one op, down
+    assert fused_ops.count(MLP_TYPE) == 2 and OP_TYPE not in fused_ops  # per layer: one ActSparseMLP
+    assert plan_of(fused)["passes"]["mlp"] == 2
     ops_in = {op.get_type_name() for op in ov.Core().read_model(unfused / "openvino_model.xml").get_ordered_ops()}
     assert OP_TYPE not in ops_in and "Select" in ops_in
     ids = np.arange(3, 43, dtype=np.int64)[None]

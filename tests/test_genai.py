@@ -118,18 +118,18 @@ def test_ir_text_edit_matches_the_model_edit(exports):
     import openvino as ov
 
     from actsparse.backends.openvino.runtime import bf16_activations, bf16_activations_ir, feed, read_model
-    from actsparse.runtime_ext import register
+    from actsparse.runtime_ext import MLP_TYPE, register
 
     folder = exports["int8"]
     core = ov.Core()
     register(core)
     reference = read_model(core, folder / "openvino_model.xml")
-    assert bf16_activations(reference) == 4
+    assert bf16_activations(reference) == 2  # one ActSparseMLP a layer
     edited = core.read_model(bf16_activations_ir((folder / "openvino_model.xml").read_text()),
                              ov.Tensor(np.fromfile(folder / "openvino_model.bin", np.uint8)))
     for model in (edited, reference):
-        op_inputs = [op.input_value(0).get_node() for op in model.get_ordered_ops() if op.get_type_name() == "ActSparseMatMul"]
-        assert [(n.get_type_name(), n.get_output_element_type(0).to_string()) for n in op_inputs] == [("Convert", "bf16")] * 4
+        op_inputs = [op.input_value(0).get_node() for op in model.get_ordered_ops() if op.get_type_name() == MLP_TYPE]
+        assert [(n.get_type_name(), n.get_output_element_type(0).to_string()) for n in op_inputs] == [("Convert", "bf16")] * 2
     ids = np.arange(3, 23, dtype=np.int64)[None]
     logits = []
     for model in (edited, reference):

@@ -55,7 +55,7 @@ def test_config_has_only_what_the_plugin_parser_reads():
     signature = re.search(r"__kernel[^{]*void\s+" + spec.entry + r"\s*\(([^)]*)\)", source)
     assert signature, f"no kernel {spec.entry} in {spec.sources}"
     # every Define takes an attribute the op visits (the plugin's visitor sees nothing else)
-    visited = set(re.findall(r'on_attribute\("(\w+)"',
+    visited = set(re.findall(r'on_attribute\((?:prefix \+ )?"(\w+)"',
                              (ROOT / "src/actsparse/runtime_ext/openvino/actsparse_op.cpp").read_text()))
     assert {param for _, param, _, _ in spec.defines} <= visited
     assert all(name and kind in ("", "int[]", "float[]") for name, _, _, kind in spec.defines)

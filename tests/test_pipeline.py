@@ -12,7 +12,7 @@ from actsparse.calibration.stats import StreamingHistogram
 from actsparse.calibration.targets import Group, Target
 from actsparse.pipeline import (ExportOptions, Statistics, calibrate, export, find_targets, make_plan,
                                 resolve_sparsity, rewrite, save)
-from actsparse.runtime_ext import OP_TYPE
+from actsparse.runtime_ext import MLP_TYPE, OP_TYPE
 from conftest import skip_without_extension
 
 CALIB = {"calibration_samples": 4, "calibration_seq_len": 32}
@@ -178,7 +178,8 @@ def test_rewrite_fuses_every_mask(exported, planned, options):
     plan = dict(planned[0])
     graph = rewrite(get_backend("openvino"), exported, plan, options)
     assert plan["passes"]["masks"] == 4 and plan["passes"]["fused"] == 6 and plan["passes"]["refused"] == 0
-    assert _ops(graph).count(OP_TYPE) == 4  # gate and up share one op: one per group
+    # gate and up share one op, one per group; each layer's two then make one ActSparseMLP
+    assert _ops(graph).count(MLP_TYPE) == 2 and OP_TYPE not in _ops(graph) and plan["passes"]["mlp"] == 2
 
 
 def test_save_writes_the_model_and_the_plan_with_its_statistics(exported, planned, tmp_path):

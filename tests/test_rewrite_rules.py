@@ -18,7 +18,7 @@ from actsparse.backends.openvino.calibration import find_groups
 from actsparse.backends.openvino.fuse import fuse, materialize
 from actsparse.backends.openvino.graph import EXACT_CONFIG
 from actsparse.backends.openvino.runtime import extension_problem
-from actsparse.runtime_ext import OP_TYPE, register
+from actsparse.runtime_ext import MLP_TYPE, OP_TYPE, register
 from conftest import skip_without_extension
 from reference import pruned_input
 
@@ -92,7 +92,7 @@ def _ov_types(model):
 
 def _ov_run(model, x):
     core = ov.Core()
-    if OP_TYPE in _ov_types(model):
+    if {OP_TYPE, MLP_TYPE} & set(_ov_types(model)):
         register(core)
         model = materialize(model, core)
     return core.compile_model(model, "CPU", EXACT_CONFIG)({0: x})[0]
@@ -154,7 +154,7 @@ def test_openvino_unsupported_patterns_are_left_unchanged(caplog):
     inputs = [RNG.normal(size=(1, 2, K)).astype(np.float32) for _ in range(2)]
     expected = ov.Core().compile_model(model, "CPU", EXACT_CONFIG)(inputs)
     with caplog.at_level(logging.WARNING, logger="actsparse"):
-        assert fuse(model, {}) == {"fused": 0, "refused": 4}  # one MatMul each, "not_keep" is no pattern at all
+        assert fuse(model, {}) == {"fused": 0, "refused": 4, "mlp": 0}  # one MatMul each, "not_keep" is no pattern at all
     assert _ov_types(model) == before
     for reason in ("another tensor (cats)", "pruned value is not a one-element constant (0)",
                    "OR-ed with something other than the prefill test",
@@ -252,11 +252,13 @@ def _ov_drop_keep_dense(model):
 BACKENDS = {
     "openvino": SimpleNamespace(pattern=_ov_pattern, rename=_ov_rename, types=_ov_types, run=_ov_run, fuse=fuse,
                                 library=extension_problem, mask="Select", prefill_test={"LogicalOr", "NotEqual"},
-                                drop_keep_dense=_ov_drop_keep_dense),
+                                drop_keep_dense=_ov_drop_keep_dense, fused={"fused": 3, "refused": 0, "mlp": 1},
+                                ops={MLP_TYPE: 1}),
     "onnx": SimpleNamespace(pattern=_onnx_pattern, rename=_onnx_rename, types=_onnx_types, run=_onnx_run,
                             fuse=onnx_passes.fuse, library=onnxruntime_problem, mask="Where",
                             prefill_test={"Or", "Greater", "Gather", "Shape"},
-                            drop_keep_dense=onnx_passes.set_prefill_sparse)}
+                            drop_keep_dense=onnx_passes.set_prefill_sparse, fused={"fused": 3, "refused": 0},
+                            ops={OP_TYPE: 2})}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -271,9 +273,9 @@ def test_fusion_ignores_node_names(backend, rename):
     np.testing.assert_allclose(unfused, _numpy_mlp(x), rtol=1e-4, atol=1e-4)
     if rename:
         backend.rename(model)
-    assert backend.fuse(model, plan) == {"fused": 3, "refused": 0}
+    assert backend.fuse(model, plan) == backend.fused  # OpenVINO: the MLP's two ops become one ActSparseMLP
     types = backend.types(model)
-    assert types[OP_TYPE] == 2 and not {"MatMul", backend.mask, "DequantizeLinear"} & set(types)
+    assert backend.ops.items() <= types.items() and not {"MatMul", backend.mask, "DequantizeLinear"} & set(types)
     np.testing.assert_allclose(backend.run(model, x), unfused, rtol=1e-4, atol=1e-4)
 
 

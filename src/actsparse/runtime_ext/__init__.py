@@ -13,6 +13,9 @@ from pathlib import Path
 from .._common import ActSparseError
 
 OP_TYPE = "ActSparseMatMul"
+MLP_TYPE = "ActSparseMLP"  # OpenVINO only: a layer's whole MLP, two ActSparseMatMuls and the activation
+# Each op's projections, by the prefix of their attributes (ActSparseMLP: up_weight_format, down_threshold, ...).
+PROJECTIONS = {OP_TYPE: ("",), MLP_TYPE: ("up_", "down_")}
 OPENVINO_OPSET = "actsparse"
 ONNX_DOMAIN = "ai.actsparse"
 OPENVINO_LIBRARY = "libactsparse_openvino.so"

@@ -9,6 +9,8 @@ from openvino import opset13 as ops
 
 from ...calibration.plan import group_settings
 from .. import EvalStep
+from ...runtime_ext import OP_TYPE
+from .mlp import skip_convert, split_mlp
 from .graph import EXACT_CONFIG, tensors_by_name
 from .passes import set_dense, set_prefill_sparse
 from .runtime import feed, run_chunks
@@ -18,14 +20,23 @@ def evaluate_model(core: ov.Core, model: ov.Model, plan: dict, chunks: np.ndarra
     """Run each row of ``chunks`` through ``model`` (rewritten by ``plan``; modified here) with prefill pruned
     too. A decoder yields its logits; an encoder its mean-pooled embeddings and those of the same graph
     with every channel kept (the dense model)."""
+    split_mlp(model)  # down's input is inside an ActSparseMLP: back between two ops, it can be read
     set_prefill_sparse(model)
     decoder = any("logits" in o.get_names() for o in model.outputs)
     dense = None if decoder else model.clone()
     tensors = tensors_by_name(model)
-    applied = [(g, l) for g, l in group_settings(plan) if l["target_sparsity"] > 0 and g.name in tensors]
+    # a fused op's x where its MLP's intermediate no longer carries the name it had (split_mlp)
+    tensors.update({f"{op.get_friendly_name()}:x": skip_convert(op.input_value(0)) for op in model.get_ordered_ops()
+                    if op.get_type_name() == OP_TYPE})
+
+    def source(group, layer):
+        fused = f"actsparse.{group.targets[0].module}/{OP_TYPE}:x"
+        return layer.get("mask_source") or (group.name if group.name in tensors else fused)
+
+    applied = [(g, l) for g, l in group_settings(plan) if l["target_sparsity"] > 0 and source(g, l) in tensors]
     shares = []
     for group, layer in applied:
-        x = tensors[layer.get("mask_source") or group.name]
+        x = tensors[source(group, layer)]
         pruned = ops.less_equal(ops.abs(ops.subtract(x, np.float32(layer["mode"]))), np.float32(layer["threshold"]))
         shares.append(ops.reduce_mean(ops.convert(pruned, "f32"), ops.constant(np.arange(3)), keep_dims=False))
     first = len(model.outputs)

@@ -24,36 +24,15 @@ import numpy as np
 import openvino as ov
 from openvino import opset13 as ops
 
-from ...runtime_ext import OP_TYPE, OPENVINO_OPSET
+from ...runtime_ext import OP_TYPE
 from ...runtime_ext.kernels import TILE_COLS, compact_u4_params, formats, pack_u4, to_bf16, to_tiles
 from ..pattern import prefixes
 from .export import save_ir
 from .graph import constant_behind
+from .mlp import fuse_mlp
 from .passes import Mask, MaskRule, run_rules
 from .runtime import bf16_io
-
-
-class ActSparseMatMul(ov.Op):
-    """Graph-construction twin of the C++ op: same type, opset, inputs and attributes."""
-
-    def __init__(self, inputs=None, attrs=None):
-        self._attrs = dict(attrs or {})
-        super().__init__(self, inputs)
-
-    def get_type_info(self):
-        return ov.DiscreteTypeInfo(OP_TYPE, OPENVINO_OPSET)
-
-    def validate_and_infer_types(self):
-        shape = self.get_input_partial_shape(0)
-        shape[shape.rank.get_length() - 1] = ov.Dimension(self._attrs["out_features"])
-        self.set_output_type(0, self.get_input_element_type(0), shape)  # f32, or bf16 in and out
-
-    def clone_with_new_inputs(self, new_inputs):
-        return ActSparseMatMul(new_inputs, self._attrs)
-
-    def visit_attributes(self, visitor):
-        visitor.on_attributes(self._attrs)
-        return True
+from .twins import ActSparseMatMul
 
 
 def _unpack_u4(packed: np.ndarray, count: int) -> np.ndarray:
@@ -250,4 +229,4 @@ def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
     """
     rule = FuseActSparseMatMul(plan.get("weight_format"), prefixes(plan))
     fused = run_rules(model, rule)[type(rule).__name__]
-    return {"fused": fused, "refused": rule.refused}
+    return {"fused": fused, "refused": rule.refused, "mlp": fuse_mlp(model)}

@@ -26,7 +26,7 @@ from openvino.passes import AnyInput, Manager, Matcher, MatcherPass, Or, WrapTyp
 
 from ..._common import ActSparseError
 from ...calibration.plan import group_settings
-from ...runtime_ext import OP_TYPE
+from ...runtime_ext import PROJECTIONS
 from ..pattern import KEEP_DENSE, TOKEN_AXIS, refuse
 from .graph import EXACT_CONFIG, tensor_name, tensors_by_name, weight_refusal
 
@@ -190,12 +190,18 @@ def is_keep_dense(output: ov.Output) -> bool:
 
 
 def fused_op_pattern(**attributes) -> ov.Node:
-    """An ActSparseMatMul whose attributes include ``attributes`` (a custom op: WrapType knows only
-    the stock opsets, so a predicate on the type)."""
+    """An ActSparseMatMul whose attributes include ``attributes``, or an ActSparseMLP one of whose projections'
+    do (a custom op: WrapType knows only the stock opsets, so a predicate on the type)."""
     def matches(output: ov.Output) -> bool:
-        node = output.get_node()
-        return node.get_type_name() == OP_TYPE and attributes.items() <= node.get_attributes().items()
+        return bool(_projections(output.get_node(), **attributes))
     return AnyInput(matches)
+
+
+def _projections(node: ov.Node, **attributes) -> list[str]:
+    """The attribute prefixes of ``node``'s projections (see PROJECTIONS) whose attributes include ``attributes``."""
+    found = node.get_attributes() if node.get_type_name() in PROJECTIONS else {}
+    return [p for p in PROJECTIONS.get(node.get_type_name(), ())
+            if all(found.get(p + k) == v for k, v in attributes.items())]
 
 
 class Rule(MatcherPass):
@@ -259,14 +265,16 @@ class DropKeepDense(MaskRule):
 
 
 class FusedPrefillSparse(Rule):
-    """ActSparseMatMul(prefill="dense") → prefill="sparse"."""
+    """ActSparseMatMul(prefill="dense") → prefill="sparse"; the same for each projection of an ActSparseMLP."""
 
     def pattern(self) -> ov.Node:
         return fused_op_pattern(prefill="dense")
 
     def rewrite(self, op: ov.Node) -> int:
-        op.set_attribute("prefill", "sparse")
-        return 1
+        dense = _projections(op, prefill="dense")
+        for p in dense:
+            op.set_attribute(f"{p}prefill", "sparse")
+        return len(dense)  # projections, as if each were its own op
 
 
 class Unmask(MaskRule):
@@ -278,11 +286,14 @@ class Unmask(MaskRule):
 
 
 class KeepEveryChannel(Rule):
-    """ActSparseMatMul(threshold=τ) → threshold=−1: |z| ≤ −1 never holds, so no channel is pruned."""
+    """ActSparseMatMul(threshold=τ) → threshold=−1: |z| ≤ −1 never holds, so no channel is pruned (ActSparseMLP:
+    in both projections)."""
 
     def rewrite(self, op: ov.Node) -> int:
-        op.set_attribute("threshold", -1.0)
-        return 1
+        prefixes = _projections(op)
+        for p in prefixes:
+            op.set_attribute(f"{p}threshold", -1.0)
+        return len(prefixes)
 
 
 def run_rules(model: ov.Model, *rules: Rule) -> dict[str, int]:

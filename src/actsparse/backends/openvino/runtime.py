@@ -13,8 +13,9 @@ from openvino import opset13 as ops
 from tqdm.auto import tqdm
 
 from ..._common import ActSparseError
-from ...runtime_ext import OP_TYPE, gpu_config, register
+from ...runtime_ext import MLP_TYPE, OP_TYPE, OPENVINO_OPSET, PROJECTIONS, gpu_config, register
 from ...runtime_ext.kernels import formats
+from .mlp import split_mlp
 
 
 def extension_problem() -> str | None:
@@ -28,7 +29,7 @@ def extension_problem() -> str | None:
 
 def read_model(core, xml):
     """``core.read_model(xml)``, registering the extension first when the IR uses the op."""
-    if OP_TYPE in Path(xml).read_text(errors="replace"):
+    if f'version="{OPENVINO_OPSET}"' in Path(xml).read_text(errors="replace"):  # a layer of the ops' opset
         register(core)
     return core.read_model(xml)
 
@@ -65,7 +66,7 @@ def bf16_activations(model) -> int:
     """:func:`bf16_io` for every ActSparseMatMul of ``model`` that takes f32, in place; return how many. Only
     for a device that runs the graph in bf16 (see :func:`runs_in_bf16`): elsewhere it rounds x and y."""
     wrapped = [bf16_io(op) for op in model.get_ordered_ops()
-               if op.get_type_name() == OP_TYPE and op.get_input_element_type(0).to_string() == "f32"]
+               if op.get_type_name() in (OP_TYPE, MLP_TYPE) and op.get_input_element_type(0).to_string() == "f32"]
     if wrapped:
         model.validate_nodes_and_infer_types()
     return len(wrapped)
@@ -73,7 +74,11 @@ def bf16_activations(model) -> int:
 
 def prepare(core, model, device: str = "CPU", config: dict | None = None) -> int:
     """Ready ``model`` for ``core.compile_model(model, device, config)``, in place: :func:`bf16_activations` where
-    the device runs the graph in bf16, nothing elsewhere; return how many ops were put between Converts."""
+    the device runs the graph in bf16, nothing elsewhere; return how many ops were put between Converts. For a GPU,
+    each ActSparseMLP first becomes its two ActSparseMatMuls again (``fuse.split_mlp``): the GPU plugin's kernel is
+    ActSparseMatMul's."""
+    if "GPU" in device.upper():
+        split_mlp(model)
     return bf16_activations(model) if runs_in_bf16(core, device, config) else 0
 
 
@@ -95,7 +100,7 @@ def bf16_activations_ir(xml: str) -> str:
                 ElementTree.SubElement(element, "dim").text = dim.text
         return layer
 
-    for op in [layer for layer in layers if layer.get("type") == OP_TYPE]:
+    for op in [layer for layer in layers if layer.get("type") in (OP_TYPE, MLP_TYPE)]:
         x_port, y_port = op.find("input/port[@id='0']"), op.find("output/port")
         if x_port.get("precision") != "FP32":
             continue
@@ -117,16 +122,17 @@ def bf16_activations_ir(xml: str) -> str:
 
 
 def int8_activations(model, on: bool) -> int:
-    """Set the ``int8_activations`` attribute of every u8/u4-weight ActSparseMatMul of ``model``, in place;
-    return how many. Opt-in, before compiling: the ops then quantise their activations to int8 (decode and
-    prompt), as the CPU plugin's dynamic quantisation does for its own int8/int4 FullyConnected. Exports leave it
-    off, so that every route (core.compile_model, actsparse.load, openvino-genai) computes alike."""
-    ops = [op for op in model.get_ordered_ops() if op.get_type_name() == OP_TYPE]
-    quantised = {name for name, f in formats().items() if f["params"] != "none"} if ops else set()
-    ops = [op for op in ops if op.get_attributes().get("weight_format") in quantised]
-    for op in ops:
-        op.set_attribute("int8_activations", bool(on))
-    return len(ops)
+    """Set the ``int8_activations`` attribute of every u8/u4-weight projection of ``model`` (an ActSparseMatMul, or
+    either half of an ActSparseMLP), in place; return how many. Opt-in, before compiling: the ops then quantise their
+    activations to int8 (decode and prompt), as the CPU plugin's dynamic quantisation does for its own int8/int4
+    FullyConnected. Exports leave it off, so that every route (core.compile_model, actsparse.load, openvino-genai)
+    computes alike."""
+    projections = [(op, p) for op in model.get_ordered_ops() for p in PROJECTIONS.get(op.get_type_name(), ())]
+    quantised = {name for name, f in formats().items() if f["params"] != "none"} if projections else set()
+    projections = [(op, p) for op, p in projections if op.get_attributes().get(f"{p}weight_format") in quantised]
+    for op, p in projections:
+        op.set_attribute(f"{p}int8_activations", bool(on))
+    return len(projections)
 
 
 @functools.lru_cache(maxsize=1)

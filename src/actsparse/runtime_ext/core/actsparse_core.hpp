@@ -343,6 +343,16 @@ void matmul(const float* x, int64_t M, const PackedWeight& w, const float* bias,
 enum class Activations : int { F32 = 0, BF16 = 1, F16 = 2 };
 void matmul(const void* x, Activations type, int64_t M, const PackedWeight& w, const float* bias, const Params& p,
             void* y, const Executor& ex, const char* kernel = nullptr);
+// The activation between an MLP's two projections (ActSparseMLP): SiLU, or GELU exact (erf) or as its tanh
+// approximation, within a few float ulps (polynomial exp and erf).
+enum class Activation : int { Silu = 0, GeluErf = 1, GeluTanh = 2 };
+// Which half of the up projection's output the activation takes: None (no gate, I = N), First (I = N/2,
+// a = act(h[:, :I]) · h[:, I:]) or Second (a = h[:, :I] · act(h[:, I:])).
+enum class Gate : int { None = 0, First = 1, Second = 2 };
+// a [M, I] from h [M, N], both of `type` (bf16 and f16 round a to nearest even). round_bf16 (f32 only): a is
+// rounded to bf16 values, as a graph the runtime computes in bf16 would hold it.
+void activate(const void* h, Activations type, int64_t M, int64_t N, Activation act, Gate gate, bool round_bf16,
+              void* a, const Executor& ex);
 std::vector<std::string> available_kernels();  // supported on this CPU, e.g. {"scalar","avx2","avx512"}
 std::string best_kernel();
 

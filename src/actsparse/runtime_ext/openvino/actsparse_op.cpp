@@ -46,7 +46,115 @@ void fill_nan(ov::Tensor& y) {
     }
 }
 
+OpDesc describe(const ProjectionAttributes& a, int64_t K, const ov::element::Type& x, const ov::element::Type& weight,
+                const ov::element::Type& params, int64_t weight_bytes, int64_t params_bytes) {
+    OpDesc d;
+    d.K = K;
+    d.x_type = element(x);
+    d.weight_type = element(weight);
+    d.params_type = element(params);
+    d.weight_bytes = weight_bytes;
+    d.params_bytes = params_bytes;
+    d.weight_format = a.weight_format;
+    d.prefill = a.prefill;
+    d.out_features = a.out_features;
+    d.group_size = a.group_size;
+    d.tile_cols = a.tile_cols;
+    d.mode = a.mode;
+    d.threshold = a.threshold;
+    d.has_bias = a.has_bias;
+    return d;
+}
+
+// bind_op's message, for one of ActSparseMLP's projections ("ActSparseMLP: up: ...") where label is given.
+std::string message(const std::invalid_argument& e, const char* label) {
+    static const std::string ours = "ActSparseMatMul: ";
+    std::string what = e.what();
+    if (!label) return what;
+    return "ActSparseMLP: " + std::string(label) + ": " + (what.rfind(ours, 0) == 0 ? what.substr(ours.size()) : what);
+}
+
+// Binds what the graph shows of the projection whose weight and params are inputs w and w + 1: the attributes
+// always; K and the constant inputs' sizes where static.
+void bind_graph(const ov::Node& node, OpBinding& binding, const ProjectionAttributes& a, int64_t K, size_t w,
+                const char* label) {
+    try {
+        binding.set(bind_op(describe(a, K, node.get_input_element_type(0), node.get_input_element_type(w),
+                                     node.get_input_element_type(w + 1), byte_size(node, w), byte_size(node, w + 1))));
+    } catch (const std::invalid_argument& e) {
+        // x a Constant: the CPU plugin's shape inference of one call, on a clone. With one inference thread the
+        // plugin drops an error raised there and returns the previous call's y, so the call goes on to evaluate,
+        // which binds its sizes again and raises.
+        NODE_VALIDATION_CHECK(&node, ov::is_type<ov::op::v0::Constant>(node.get_input_node_ptr(0)), message(e, label));
+    }
+}
+
+// A call's sizes, bound where the graph did not show them (or they changed since), before any byte is read.
+BoundOp bind_call(OpBinding& binding, const ProjectionAttributes& a, int64_t K, const ov::element::Type& x,
+                  const ov::Tensor& w, const ov::Tensor& p, ov::Tensor& y, const char* label) {
+    const int64_t w_bytes = static_cast<int64_t>(w.get_byte_size()), p_bytes = static_cast<int64_t>(p.get_byte_size());
+    return binding.get(K, w_bytes, p_bytes, [&]() -> BoundOp {
+        try {
+            return bind_op(describe(a, K, x, w.get_element_type(), p.get_element_type(), w_bytes, p_bytes));
+        } catch (const std::invalid_argument& e) {
+            // With one inference thread the CPU plugin (2026.4) drops this error and returns its last y, over
+            // the buffer it handed the op: NaN there, so the call's result cannot pass for numbers.
+            fill_nan(y);
+            OPENVINO_THROW(message(e, label));
+        }
+    });
+}
+
+// PagedAttention (openvino-genai's default) flattens the tokens of every sequence of a step into the batch
+// axis: x is [tokens, 1, K] with the 1 static in the graph. A row is then a token, not a sequence, and a
+// prompt's rows cannot be told from other sequences' decode steps, so only a single row is a decode step.
+bool rows_are_tokens(const ov::PartialShape& shape) {
+    const int64_t rank = shape.rank().get_length();
+    return rank >= 2 && shape[rank - 2].is_static() && shape[rank - 2].get_length() == 1;
+}
+
+// One token per sequence is a decode step: always pruned. Longer inputs are prefill.
+bool is_decode(const ov::Shape& shape, int64_t M, bool rows_are_tokens) {
+    const size_t rank = shape.size();
+    return M == 1 || (rank >= 2 && !rows_are_tokens && shape[rank - 2] == 1);
+}
+
+Activations activations(const ov::element::Type& et) {
+    return et == ov::element::f32 ? Activations::F32 : et == ov::element::f16 ? Activations::F16 : Activations::BF16;
+}
+
+// One projection of M rows of x (of type) into y.
+void project(const ProjectionAttributes& a, const BoundOp& bound, const void* x, Activations type, int64_t M,
+             bool decode, bool bf16_products, const ov::Tensor& w, const ov::Tensor& p, void* y) {
+    const void* params = p.data();
+    Params q;
+    q.mode = a.mode;
+    q.threshold = a.threshold;
+    q.mask = decode || bound.prune_prefill;
+    q.int8_activations = a.int8_activations;
+    q.bf16_products = bf16_products;
+    matmul(x, type, M, bound.weight(w.data(), params), bound.bias(params), q, y, OpenVINOExecutor{});
+}
+
+// f32 x holding only bf16 values: the plugin runs the graph in bf16 and widened x for the op (it keeps a
+// custom op's declared types). A prompt then multiplies in bf16, as the plugin's own FullyConnected does.
+bool bf16_prompt(const ov::Tensor& x, int64_t M, int64_t K) {
+    return x.get_element_type() == ov::element::f32 && M > decode_max_rows() && holds_bf16(x.data<const float>(), M * K);
+}
+
 }  // namespace
+
+void ProjectionAttributes::visit(ov::AttributeVisitor& visitor, const std::string& prefix) {
+    visitor.on_attribute(prefix + "weight_format", weight_format);
+    visitor.on_attribute(prefix + "out_features", out_features);
+    visitor.on_attribute(prefix + "group_size", group_size);
+    visitor.on_attribute(prefix + "mode", mode);
+    visitor.on_attribute(prefix + "threshold", threshold);
+    visitor.on_attribute(prefix + "prefill", prefill);
+    visitor.on_attribute(prefix + "has_bias", has_bias);
+    visitor.on_attribute(prefix + "tile_cols", tile_cols);
+    visitor.on_attribute(prefix + "int8_activations", int8_activations);
+}
 
 ActSparseMatMul::ActSparseMatMul(const ov::OutputVector& args, std::string weight_format, int64_t out_features,
                                  int64_t group_size, float mode, float threshold, std::string prefill, bool has_bias,
@@ -57,49 +165,16 @@ ActSparseMatMul::ActSparseMatMul(const ov::OutputVector& args, std::string weigh
     constructor_validate_and_infer_types();
 }
 
-OpDesc ActSparseMatMul::describe(int64_t K, const ov::element::Type& x, const ov::element::Type& weight,
-                                 const ov::element::Type& params, int64_t weight_bytes, int64_t params_bytes) const {
-    OpDesc d;
-    d.K = K;
-    d.x_type = element(x);
-    d.weight_type = element(weight);
-    d.params_type = element(params);
-    d.weight_bytes = weight_bytes;
-    d.params_bytes = params_bytes;
-    d.weight_format = m_attrs.weight_format;
-    d.prefill = m_attrs.prefill;
-    d.out_features = m_attrs.out_features;
-    d.group_size = m_attrs.group_size;
-    d.tile_cols = m_attrs.tile_cols;
-    d.mode = m_attrs.mode;
-    d.threshold = m_attrs.threshold;
-    d.has_bias = m_attrs.has_bias;
-    return d;
-}
-
 // Binds what the graph says: the attributes always; K and the constant inputs' sizes where static.
 void ActSparseMatMul::validate_and_infer_types() {
     NODE_VALIDATION_CHECK(this, get_input_size() == 3, "expects 3 inputs (x, weight, params), got ", get_input_size());
     auto shape = get_input_partial_shape(0);
     NODE_VALIDATION_CHECK(this, shape.rank().is_static() && shape.rank().get_length() >= 1, "x needs a static rank");
     const auto& k = shape[shape.rank().get_length() - 1];
-    try {
-        m_binding.set(bind_op(describe(k.is_static() ? k.get_length() : -1, get_input_element_type(0),
-                                       get_input_element_type(1), get_input_element_type(2), byte_size(*this, 1),
-                                       byte_size(*this, 2))));
-    } catch (const std::invalid_argument& e) {
-        // x a Constant: the CPU plugin's shape inference of one call, on a clone. With one inference thread the
-        // plugin drops an error raised there and returns the previous call's y, so the call goes on to evaluate,
-        // which binds its sizes again and raises.
-        NODE_VALIDATION_CHECK(this, ov::is_type<ov::op::v0::Constant>(get_input_node_ptr(0)), e.what());
-    }
-    // PagedAttention (openvino-genai's default) flattens the tokens of every sequence of a step into the batch
-    // axis: x is [tokens, 1, K] with the 1 static in the graph. A row is then a token, not a sequence, and a
-    // prompt's rows cannot be told from other sequences' decode steps, so only a single row is a decode step.
-    const int64_t rank = shape.rank().get_length();
-    m_rows_are_tokens = rank >= 2 && shape[rank - 2].is_static() && shape[rank - 2].get_length() == 1;
+    bind_graph(*this, m_binding, m_attrs, k.is_static() ? k.get_length() : -1, 1, nullptr);
+    m_rows_are_tokens = rows_are_tokens(shape);
     // bf16 or f16 x: the op returns that type too, so a bf16 or f16 graph needs no Reorder around it
-    shape[rank - 1] = m_attrs.out_features;
+    shape[shape.rank().get_length() - 1] = m_attrs.out_features;
     set_output_type(0, get_input_element_type(0), shape);
 }
 
@@ -112,15 +187,7 @@ std::shared_ptr<ov::Node> ActSparseMatMul::clone_with_new_inputs(const ov::Outpu
 }
 
 bool ActSparseMatMul::visit_attributes(ov::AttributeVisitor& visitor) {
-    visitor.on_attribute("weight_format", m_attrs.weight_format);
-    visitor.on_attribute("out_features", m_attrs.out_features);
-    visitor.on_attribute("group_size", m_attrs.group_size);
-    visitor.on_attribute("mode", m_attrs.mode);
-    visitor.on_attribute("threshold", m_attrs.threshold);
-    visitor.on_attribute("prefill", m_attrs.prefill);
-    visitor.on_attribute("has_bias", m_attrs.has_bias);
-    visitor.on_attribute("tile_cols", m_attrs.tile_cols);
-    visitor.on_attribute("int8_activations", m_attrs.int8_activations);
+    m_attrs.visit(visitor, "");
     return true;
 }
 
@@ -129,45 +196,103 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     const ov::Shape in_shape = x.get_shape();
     const int64_t K = static_cast<int64_t>(in_shape.back());
     const int64_t M = K ? static_cast<int64_t>(ov::shape_size(in_shape)) / K : 0;
-    // One token per sequence is a decode step: always pruned. Longer inputs are prefill.
-    const size_t rank = in_shape.size();
-    const bool decode = M == 1 || (rank >= 2 && !m_rows_are_tokens && in_shape[rank - 2] == 1);
-
-    // Sizes the graph did not show (or that changed since) are bound here, before any byte is read.
-    const int64_t w_bytes = static_cast<int64_t>(inputs[1].get_byte_size());
-    const int64_t p_bytes = static_cast<int64_t>(inputs[2].get_byte_size());
-    const BoundOp bound = m_binding.get(K, w_bytes, p_bytes, [&]() -> BoundOp {
-        try {
-            return bind_op(describe(K, x.get_element_type(), inputs[1].get_element_type(), inputs[2].get_element_type(),
-                                    w_bytes, p_bytes));
-        } catch (const std::invalid_argument& e) {
-            // With one inference thread the CPU plugin (2026.4) drops this error and returns its last y, over
-            // the buffer it handed the op: NaN there, so the call's result cannot pass for numbers.
-            fill_nan(outputs[0]);
-            OPENVINO_THROW(e.what());
-        }
-    });
+    const BoundOp bound = bind_call(m_binding, m_attrs, K, x.get_element_type(), inputs[1], inputs[2], outputs[0],
+                                    nullptr);
     ov::Shape out_shape = in_shape;
     out_shape.back() = static_cast<size_t>(bound.N);
     outputs[0].set_shape(out_shape);
     if (M == 0) return true;
-    const void* params = inputs[2].data();
     std::call_once(m_pages, [&] { to_huge_pages(inputs[1].data(), inputs[1].get_byte_size()); });
-    const PackedWeight weight = bound.weight(inputs[1].data(), params);
-    Params p;
-    p.mode = m_attrs.mode;
-    p.threshold = m_attrs.threshold;
-    p.mask = decode || bound.prune_prefill;
-    p.int8_activations = m_attrs.int8_activations;
     // bf16 x (bf16 exports) or f16 x (GPU-precision graphs): the core reads it and rounds y to its type, as a
     // Reorder around the op would
+    project(m_attrs, bound, x.data(), activations(x.get_element_type()), M, is_decode(in_shape, M, m_rows_are_tokens),
+            bf16_prompt(x, M, K), inputs[1], inputs[2], outputs[0].data());
+    return true;
+}
+
+namespace {
+Activation parse_activation(const ov::Node* node, const std::string& name) {
+    if (name == "silu") return Activation::Silu;
+    if (name == "gelu_erf") return Activation::GeluErf;
+    NODE_VALIDATION_CHECK(node, name == "gelu_tanh", "activation must be silu, gelu_erf or gelu_tanh, got '", name, "'");
+    return Activation::GeluTanh;
+}
+
+Gate parse_gate(const ov::Node* node, const std::string& name) {
+    if (name == "first") return Gate::First;
+    if (name == "second") return Gate::Second;
+    NODE_VALIDATION_CHECK(node, name == "none", "gate must be first, second or none, got '", name, "'");
+    return Gate::None;
+}
+}  // namespace
+
+int64_t ActSparseMLP::intermediate() const {
+    return m_gate_kind == Gate::None ? m_up.out_features : m_up.out_features / 2;
+}
+
+void ActSparseMLP::validate_and_infer_types() {
+    NODE_VALIDATION_CHECK(this, get_input_size() == 5,
+                          "expects 5 inputs (x, up weight, up params, down weight, down params), got ", get_input_size());
+    m_act = parse_activation(this, m_activation);
+    m_gate_kind = parse_gate(this, m_gate);
+    auto shape = get_input_partial_shape(0);
+    NODE_VALIDATION_CHECK(this, shape.rank().is_static() && shape.rank().get_length() >= 1, "x needs a static rank");
+    const auto& k = shape[shape.rank().get_length() - 1];
+    bind_graph(*this, m_up_binding, m_up, k.is_static() ? k.get_length() : -1, 1, "up");
+    NODE_VALIDATION_CHECK(this, m_gate_kind == Gate::None || m_up.out_features % 2 == 0,
+                          "a gated MLP needs an even up_out_features, got ", m_up.out_features);
+    bind_graph(*this, m_down_binding, m_down, intermediate(), 3, "down");
+    m_rows_are_tokens = rows_are_tokens(shape);
+    shape[shape.rank().get_length() - 1] = m_down.out_features;
+    set_output_type(0, get_input_element_type(0), shape);
+}
+
+std::shared_ptr<ov::Node> ActSparseMLP::clone_with_new_inputs(const ov::OutputVector& new_args) const {
+    auto op = std::make_shared<ActSparseMLP>();
+    op->m_up = m_up;
+    op->m_down = m_down;
+    op->m_activation = m_activation;
+    op->m_gate = m_gate;
+    op->set_arguments(new_args);
+    op->constructor_validate_and_infer_types();
+    return op;
+}
+
+bool ActSparseMLP::visit_attributes(ov::AttributeVisitor& visitor) {
+    m_up.visit(visitor, "up_");
+    m_down.visit(visitor, "down_");
+    visitor.on_attribute("activation", m_activation);
+    visitor.on_attribute("gate", m_gate);
+    return true;
+}
+
+bool ActSparseMLP::evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const {
+    const auto& x = inputs[0];
+    const ov::Shape in_shape = x.get_shape();
+    const int64_t K = static_cast<int64_t>(in_shape.back());
+    const int64_t M = K ? static_cast<int64_t>(ov::shape_size(in_shape)) / K : 0;
     const auto& et = x.get_element_type();
-    const auto type = et == ov::element::f32 ? Activations::F32 : et == ov::element::f16 ? Activations::F16
-                                                                                          : Activations::BF16;
-    // f32 x holding only bf16 values: the plugin runs the graph in bf16 and widened x for the op (it keeps a
-    // custom op's declared types). The prompt then multiplies in bf16, as the plugin's own FullyConnected does.
-    p.bf16_products = type == Activations::F32 && M > decode_max_rows() && holds_bf16(x.data<const float>(), M * K);
-    matmul(x.data(), type, M, weight, bound.bias(params), p, outputs[0].data(), OpenVINOExecutor{});
+    const BoundOp up = bind_call(m_up_binding, m_up, K, et, inputs[1], inputs[2], outputs[0], "up");
+    const BoundOp down = bind_call(m_down_binding, m_down, intermediate(), et, inputs[3], inputs[4], outputs[0], "down");
+    ov::Shape out_shape = in_shape;
+    out_shape.back() = static_cast<size_t>(down.N);
+    outputs[0].set_shape(out_shape);
+    if (M == 0) return true;
+    std::call_once(m_pages, [&] {
+        to_huge_pages(inputs[1].data(), inputs[1].get_byte_size());
+        to_huge_pages(inputs[3].data(), inputs[3].get_byte_size());
+    });
+    const Activations type = activations(et);
+    const bool decode = is_decode(in_shape, M, m_rows_are_tokens), bf16_products = bf16_prompt(x, M, K);
+    // Per calling thread, reused: a decode step allocates nothing.
+    thread_local std::vector<float> h, a;
+    const int64_t bytes = type == Activations::F32 ? 4 : 2;
+    h.resize(static_cast<size_t>((M * up.N * bytes + 3) / 4));
+    a.resize(static_cast<size_t>((M * intermediate() * bytes + 3) / 4));
+    project(m_up, up, x.data(), type, M, decode, bf16_products, inputs[1], inputs[2], h.data());
+    // Where the prompt multiplies in bf16, so does down: a is rounded to bf16 as the plugin's graph would hold it.
+    activate(h.data(), type, M, up.N, m_act, m_gate_kind, bf16_products, a.data(), OpenVINOExecutor{});
+    project(m_down, down, a.data(), type, M, decode, bf16_products, inputs[3], inputs[4], outputs[0].data());
     return true;
 }
 

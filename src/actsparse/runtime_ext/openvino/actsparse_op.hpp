@@ -1,4 +1,4 @@
-// ActSparseMatMul for OpenVINO: a thin adapter over the kernel core (actsparse_core.hpp).
+// ActSparseMatMul and ActSparseMLP for OpenVINO: thin adapters over the kernel core (actsparse_core.hpp).
 #pragma once
 
 #include <openvino/op/op.hpp>
@@ -8,6 +8,21 @@
 #include "actsparse_core.hpp"
 
 namespace actsparse {
+
+// One projection's attributes (docs/op.md), visited under a prefix ("" for ActSparseMatMul, "up_" and "down_"
+// for ActSparseMLP).
+struct ProjectionAttributes {
+    std::string weight_format = "f32";
+    int64_t out_features = 0;
+    int64_t group_size = 0;
+    float mode = 0.f;
+    float threshold = 0.f;
+    std::string prefill = "dense";
+    bool has_bias = false;
+    int64_t tile_cols = kLegacyTileCols;
+    bool int8_activations = false;
+    void visit(ov::AttributeVisitor& visitor, const std::string& prefix);
+};
 
 // y = z'·W + bias, z' = (x − m) where ¬(|x − m| ≤ τ) else 0; dense (z' = x − m) on a prefill
 // step (more than one token per sequence) when prefill is "dense". Inputs x [..., K] (f32, bf16 or f16, the
@@ -33,24 +48,39 @@ public:
     bool has_evaluate() const override { return true; }
 
 private:
-    // The attributes plus what is known of the inputs (-1: unknown), for bind_op.
-    OpDesc describe(int64_t K, const ov::element::Type& x, const ov::element::Type& weight,
-                    const ov::element::Type& params, int64_t weight_bytes, int64_t params_bytes) const;
-    struct Attributes {
-        std::string weight_format = "f32";
-        int64_t out_features = 0;
-        int64_t group_size = 0;
-        float mode = 0.f;
-        float threshold = 0.f;
-        std::string prefill = "dense";
-        bool has_bias = false;
-        int64_t tile_cols = kLegacyTileCols;
-        bool int8_activations = false;
-    } m_attrs;
+    ProjectionAttributes m_attrs;
     bool m_rows_are_tokens = false;  // x's token axis is a static 1 (PagedAttention): see validate_and_infer_types
     // The contract as bound in validate_and_infer_types (or on the first call), so evaluate only compares sizes.
     mutable OpBinding m_binding;
     mutable std::once_flag m_pages;  // to_huge_pages on the weights, at the first evaluate
+};
+
+// A whole MLP in one call: y = down(act(up(x))), each projection an ActSparseMatMul with its own mask,
+// m, τ and weights (inputs x, up weight, up params, down weight, down params; attributes up_* and down_* as
+// ActSparseMatMul's, activation silu, gelu_erf or gelu_tanh, and gate first, second or none: which half of up's
+// output the activation takes before the product with the other half). Every custom-op call pays the CPU
+// plugin's fixed cost, so one call per layer's MLP instead of two, and the intermediate never leaves the op.
+class ActSparseMLP : public ov::op::Op {
+public:
+    OPENVINO_OP("ActSparseMLP", "actsparse");
+
+    ActSparseMLP() = default;
+
+    void validate_and_infer_types() override;
+    std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& new_args) const override;
+    bool visit_attributes(ov::AttributeVisitor& visitor) override;
+    bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override;
+    bool has_evaluate() const override { return true; }
+
+private:
+    int64_t intermediate() const;  // down's K
+    ProjectionAttributes m_up, m_down;
+    std::string m_activation = "silu", m_gate = "first";
+    Activation m_act = Activation::Silu;
+    Gate m_gate_kind = Gate::First;
+    bool m_rows_are_tokens = false;
+    mutable OpBinding m_up_binding, m_down_binding;
+    mutable std::once_flag m_pages;
 };
 
 }  // namespace actsparse

@@ -1,4 +1,4 @@
-// The OpenVINO extension library: the IR op (opset "actsparse"), and the ONNX-frontend conversion of
+// The OpenVINO extension library: the IR ops (opset "actsparse"), and the ONNX-frontend conversion of
 // ai.actsparse::ActSparseMatMul onto the same op, so OpenVINO reads fused ONNX files too.
 #include <openvino/core/extension.hpp>
 #include <openvino/core/op_extension.hpp>
@@ -24,5 +24,6 @@ ov::OutputVector convert_onnx(const ov::frontend::NodeContext& node) {
 
 OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>({
     std::make_shared<ov::OpExtension<actsparse::ActSparseMatMul>>(),
+    std::make_shared<ov::OpExtension<actsparse::ActSparseMLP>>(),
     std::make_shared<ov::frontend::onnx::ConversionExtension>("ActSparseMatMul", "ai.actsparse", convert_onnx),
 }));

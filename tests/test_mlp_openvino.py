@@ -1,0 +1,182 @@
+"""ActSparseMLP in OpenVINO: a layer's MLP (up or gate+up, the activation, down) fused into one op, against numpy
+and against its two ActSparseMatMuls."""
+import math
+import re
+
+import numpy as np
+import openvino as ov
+import pytest
+from openvino import opset13 as ops
+
+from actsparse.backends.openvino.calibration import find_groups
+from actsparse.backends.openvino.fuse import fuse, materialize
+from actsparse.backends.openvino.mlp import split_mlp
+from actsparse.backends.openvino.graph import EXACT_CONFIG
+from actsparse.backends.openvino.passes import apply_plan
+from actsparse.backends.openvino.runtime import extension_problem, prepare
+from actsparse.backends.openvino.twins import ActSparseMLP
+from actsparse.runtime_ext import MLP_TYPE, OP_TYPE, register
+from conftest import skip_without_extension
+from reference import pruned_input
+from test_fusion_openvino import _compressed
+
+skip_without_extension(extension_problem())
+RNG = np.random.default_rng(7)
+PREFIX = "__module.model.layers.0.mlp"
+ACTIVATIONS = {
+    "silu": (lambda g: ops.swish(g), lambda v: v / (1 + np.exp(-v))),
+    "gelu_erf": (lambda g: ops.gelu(g, "erf"), lambda v: 0.5 * v * (1 + np.vectorize(math.erf)(v / np.sqrt(2)))),
+    "gelu_tanh": (lambda g: ops.gelu(g, "tanh"),
+                  lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))),
+}
+MODES, TAUS = {"up": 0.1, "down": 0.02}, {"up": 0.5, "down": 0.08}
+
+
+def _mlp(fmt, act, gate, k=64, inter=96, out=40, weight_format=None):
+    """An MLP as optimum exports it, planned and fused; its numpy reference ``f(x)``; the plan's fusion counts.
+    gate "first": act(gate_proj)·up_proj; "second": gate_proj·act(up_proj) (the concatenated weights put gate_proj
+    first); "none": act(up_proj) alone (fc1 → fc2 MLPs)."""
+    x = ops.parameter([-1, -1, k], np.float32, name="x")
+    h = ops.multiply(x, np.float32(1.0), name="__module.model.layers.0.post_attention_layernorm/aten::mul/Multiply")
+    (wg, dg), (wu, du), (wd, dd) = (_compressed(fmt, n, kk) for n, kk in ((inter, k), (inter, k), (out, inter)))
+    up = ops.matmul(h, wu, False, True, name=f"{PREFIX}.up_proj/aten::linear/MatMul")
+    node, np_act = ACTIVATIONS[act]
+    if gate == "none":
+        a = node(up)
+    else:
+        g = ops.matmul(h, wg, False, True, name=f"{PREFIX}.gate_proj/aten::linear/MatMul")
+        a = ops.multiply(node(g), up) if gate == "first" else ops.multiply(g, node(up))
+    down = ops.matmul(a, wd, False, True, name=f"{PREFIX}.down_proj/aten::linear/MatMul")
+    model = ov.Model([down], [x])
+    plan = {"layers": [{"module": t.module, "node": t.node, "kind": t.kind, "group": grp.name,
+                        "in_features": t.in_features, "out_features": t.out_features, "mode": MODES[kind],
+                        "threshold": TAUS[kind], "target_sparsity": 0.5}
+                       for kind in ("up", "down") for grp in find_groups(model, {kind}) for t in grp.targets],
+            "weight_format": weight_format}
+    apply_plan(model, plan, "sparse")
+    counts = fuse(model, plan)
+
+    def reference(xs, check=True):
+        xs = pruned_input(xs.astype(np.float64), MODES["up"], TAUS["up"])
+        u = xs @ du.T
+        a = np_act(u) if gate == "none" else np_act(xs @ dg.T) * u if gate == "first" else (xs @ dg.T) * np_act(u)
+        near = np.abs(np.abs(a - MODES["down"]) - TAUS["down"]) < 1e-5
+        assert not (check and near.any()), "an intermediate value within rounding of τ: its mask could go either way"
+        return pruned_input(a, MODES["down"], TAUS["down"]) @ dd.T
+
+    return model, reference, counts
+
+
+def _compile(model, config=EXACT_CONFIG):
+    core = ov.Core()
+    register(core)
+    return core.compile_model(materialize(model, core), "CPU", config)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "f16", "u8"])
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("gate", ["first", "second", "none"])
+def test_one_op_per_mlp_matches_numpy(fmt, act, gate):
+    model, reference, counts = _mlp(fmt, act, gate)
+    assert counts == {"fused": 2 if gate == "none" else 3, "refused": 0, "mlp": 1}
+    types = [op.get_type_name() for op in model.get_ordered_ops()]
+    assert types.count(MLP_TYPE) == 1 and OP_TYPE not in types
+    assert types.count("Multiply") == 1 and not {"Swish", "Gelu", "VariadicSplit"} & set(types)  # the norm's Multiply
+    compiled = _compile(model)
+    for tokens in (1, 3, 24):  # a decode step; prompts pruned here (prefill sparse), by rows and by the GEMM
+        xs = RNG.normal(size=(1, tokens, 64)).astype(np.float32)
+        expected = reference(xs)
+        np.testing.assert_allclose(compiled({"x": xs})[0], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("fmt", ["f32", "u8", "u4"])
+def test_split_mlp_gives_back_the_two_ops(fmt):
+    """split_mlp (for runtimes without ActSparseMLP, such as the GPU plugin's kernel) rebuilds the two ops and the
+    activation between them, computing the same."""
+    model, _, _ = _mlp(fmt, "silu", "first")
+    xs = RNG.normal(size=(1, 5, 64)).astype(np.float32)
+    fused = _compile(model)({"x": xs})[0]
+    assert split_mlp(model) == 1
+    types = [op.get_type_name() for op in model.get_ordered_ops()]
+    assert types.count(OP_TYPE) == 2 and MLP_TYPE not in types and {"Swish", "VariadicSplit"} <= set(types)
+    np.testing.assert_allclose(_compile(model)({"x": xs})[0], fused, rtol=1e-4, atol=1e-4 * np.abs(fused).max())
+
+
+def test_bf16_mlp_rounds_as_the_two_ops_do():
+    """bf16 weights: the op takes and returns bf16 and rounds its intermediate to bf16 where the two ops' graph
+    would hold it in bf16, so it computes as that graph does, within the rounding of one bf16 step."""
+    model, reference, counts = _mlp("f32", "silu", "first", weight_format="bf16")
+    assert counts["mlp"] == 1
+    xs = RNG.normal(size=(1, 20, 64)).astype(np.float32)
+    core = ov.Core()
+    register(core)
+    unfused_model = materialize(model, core)
+    assert split_mlp(unfused_model) == 1
+    for config in (EXACT_CONFIG, {**EXACT_CONFIG, "INFERENCE_PRECISION_HINT": "bf16"}):
+        for rows in (xs[:, :1], xs):
+            fused = _compile(model, config)({"x": rows})[0]
+            unfused = _compile(unfused_model, config)({"x": rows})[0]
+            scale = np.abs(reference(rows, check=False)).max()
+            np.testing.assert_allclose(fused, unfused, rtol=0, atol=2 ** -6 * scale)
+
+
+def test_not_fused_where_the_intermediate_is_read_elsewhere():
+    model, _, counts = _mlp_with_extra_reader()
+    types = [op.get_type_name() for op in model.get_ordered_ops()]
+    assert counts == {"fused": 3, "refused": 0, "mlp": 0}
+    assert types.count(OP_TYPE) == 2 and MLP_TYPE not in types
+
+
+def _mlp_with_extra_reader():
+    """_mlp's graph before fusion, with the activation's product read by a second Result."""
+    x = ops.parameter([-1, -1, 64], np.float32, name="x")
+    h = ops.multiply(x, np.float32(1.0), name="__module.model.layers.0.post_attention_layernorm/aten::mul/Multiply")
+    (wg, _), (wu, _), (wd, _) = (_compressed("f32", n, kk) for n, kk in ((48, 64), (48, 64), (40, 48)))
+    g = ops.matmul(h, wg, False, True, name=f"{PREFIX}.gate_proj/aten::linear/MatMul")
+    up = ops.matmul(h, wu, False, True, name=f"{PREFIX}.up_proj/aten::linear/MatMul")
+    a = ops.multiply(ops.swish(g), up)
+    down = ops.matmul(a, wd, False, True, name=f"{PREFIX}.down_proj/aten::linear/MatMul")
+    model = ov.Model([down, ops.reduce_sum(a, np.int64(-1), False)], [x])
+    plan = {"layers": [{"module": t.module, "node": t.node, "kind": t.kind, "group": grp.name,
+                        "in_features": t.in_features, "out_features": t.out_features, "mode": MODES[kind],
+                        "threshold": TAUS[kind], "target_sparsity": 0.5}
+                       for kind in ("up", "down") for grp in find_groups(model, {kind}) for t in grp.targets]}
+    apply_plan(model, plan, "sparse")
+    return model, plan, fuse(model, plan)
+
+
+def test_prepare_for_gpu_splits_the_mlp():
+    """The GPU plugin's kernel is ActSparseMatMul's: prepare() for a GPU gives each MLP its two ops back (real ones:
+    the split model compiles as it is)."""
+    model, reference, _ = _mlp("f32", "silu", "first")
+    core = ov.Core()
+    register(core)
+    model = materialize(model, core)
+    prepare(core, model, "GPU")
+    types = [op.get_type_name() for op in model.get_ordered_ops()]
+    assert types.count(OP_TYPE) == 2 and MLP_TYPE not in types
+    xs = RNG.normal(size=(1, 1, 64)).astype(np.float32)
+    expected = reference(xs)
+    np.testing.assert_allclose(core.compile_model(model, "CPU", EXACT_CONFIG)({"x": xs})[0], expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda a, i: i.__setitem__(3, ops.constant(np.zeros(7, np.float32)).output(0)),
+     "ActSparseMLP: down: weight has 28 bytes, expected 15360 for K=96, N=40, weight_format f32"),
+    (lambda a, i: a.__setitem__("up_out_features", 191),
+     "ActSparseMLP: up: params has 768 bytes, expected 764 for N=191, has_bias=1, weight_format f32"),
+    (lambda a, i: a.__setitem__("activation", "relu"), "activation must be silu, gelu_erf or gelu_tanh, got 'relu'"),
+    (lambda a, i: a.__setitem__("gate", "both"), "gate must be first, second or none, got 'both'"),
+    (lambda a, i: a.__setitem__("down_threshold", float("nan")), "ActSparseMLP: down: threshold must be finite or +inf"),
+])
+def test_malformed_mlp_is_refused_in_one_line_when_read(edit, message):
+    model, _, _ = _mlp("f32", "silu", "first")
+    op = next(o for o in model.get_ordered_ops() if o.get_type_name() == MLP_TYPE)
+    attrs, inputs = dict(op.get_attributes()), [op.input_value(i) for i in range(5)]
+    edit(attrs, inputs)
+    op.output(0).replace(ActSparseMLP(inputs, attrs).output(0))
+    core = ov.Core()
+    register(core)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        materialize(model, core)
