@@ -86,6 +86,7 @@ def main():
           "model": args.out, "dense": args.dense, "layers": layers, "decode_ms_per_token": ms,
           "prefill_ms": {n: round(float(np.median(v)), 1) for n, v in prefill.items()},
           "rounds_ms_per_token": {n: [round(x, 3) for x in v] for n, v in decode.items()},
+          "rounds_prefill_ms": {n: [round(x, 1) for x in v] for n, v in prefill.items()},
           "speedup": {"one_op_over_two_ops": round(ms["two_ops"] / ms["one_op"], 3),
                       "one_op_over_dense": round(ms["dense"] / ms["one_op"], 3),
                       "two_ops_over_dense": round(ms["dense"] / ms["two_ops"], 3)},

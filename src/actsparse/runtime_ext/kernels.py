@@ -45,6 +45,9 @@ def _load():
         lib.actsparse_core_set_tuning.restype = ctypes.c_int
         lib.actsparse_core_tuning_report.argtypes = []
         lib.actsparse_core_tuning_report.restype = ctypes.c_char_p
+        lib.actsparse_core_activate.argtypes = [p, ctypes.c_int, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, p,
+                                                ctypes.c_int]
+        lib.actsparse_core_activate.restype = ctypes.c_int
         lib.actsparse_core_to_huge_pages.argtypes = [p, i64]
         lib.actsparse_core_to_huge_pages.restype = None
         _lib = lib
@@ -350,3 +353,24 @@ def matmul(x, packed: PackedWeight, bias=None, mode=0.0, threshold=0.0, mask=Tru
     if rc != 0:
         raise KernelError(lib.actsparse_core_last_error().decode())
     return y
+
+
+ACTIVATIONS = ("silu", "gelu_erf", "gelu_tanh")  # ActSparseMLP's, in the core's order
+GATES = ("none", "first", "second")
+
+
+def activate(h, activation: str, gate: str = "none", round_bf16: bool = False, threads: int = 1) -> np.ndarray:
+    """ActSparseMLP's activation on h [M, N]: act(h), or act of one half times the other (gate first: act(h[:, :N/2])
+    · h[:, N/2:]). A uint16 h holds bf16 values and gives a bf16 result; round_bf16 rounds an f32 one to bf16 values."""
+    lib = _load()
+    activations = {np.dtype(np.uint16): 1, np.dtype(np.float16): 2}.get(getattr(h, "dtype", None), 0)
+    h = np.ascontiguousarray(h) if activations else _f32(h)
+    if h.ndim != 2:
+        raise ValueError(f"h must be [M, N], got {h.shape}")
+    a = np.empty((h.shape[0], h.shape[1] if gate == "none" else h.shape[1] // 2), h.dtype)
+    rc = lib.actsparse_core_activate(_ptr(h), activations, h.shape[0], h.shape[1], ACTIVATIONS.index(activation),
+                                     GATES.index(gate), int(bool(round_bf16)), _ptr(a), int(threads))
+    if rc != 0:
+        raise KernelError(lib.actsparse_core_last_error().decode())
+    return a
+

@@ -11,6 +11,7 @@ from openvino import opset13 as ops
 from openvino.utils.node_factory import NodeFactory
 
 from ...runtime_ext import MLP_TYPE, OP_TYPE, openvino_extension
+from ...runtime_ext.kernels import formats
 from .graph import constant_behind
 from .twins import ActSparseMLP
 
@@ -75,9 +76,43 @@ def _read_mlp(down: ov.Node, live: set[str]) -> tuple[ov.Node, str, str] | None:
     up = up_out.get_node()
     if any(_sole_reader(out, live) is None for out in chain + [up.output(0), down.input_value(0)]):
         return None  # the intermediate is read elsewhere too
-    if up.get_input_element_type(0) != down.get_output_element_type(0):
-        return None
+    if (up.get_input_element_type(0) != down.get_output_element_type(0)
+            or any(constant_behind(op.input_value(i)) is None for op in (up, down) for i in (1, 2))):
+        return None  # weights and params go into one Constant
     return up, _activation(act), gate
+
+
+# ActSparseMLP's blob: these buffers one after the other, each from a multiple of BLOB_ALIGN bytes.
+BUFFERS = ("up_weight_bytes", "up_params_bytes", "down_weight_bytes", "down_params_bytes")
+BLOB_ALIGN = 64
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    starts = [0]
+    for size in sizes[:-1]:
+        starts.append(starts[-1] + -(-size // BLOB_ALIGN) * BLOB_ALIGN)
+    return starts
+
+
+def _blob(buffers: list[np.ndarray]) -> np.ndarray:
+    """The four buffers' bytes in one u8 array: the plugin's per-call cost grows with an op's inputs."""
+    starts = _offsets([b.nbytes for b in buffers])
+    blob = np.zeros(starts[-1] + buffers[-1].nbytes, np.uint8)
+    for start, b in zip(starts, buffers):
+        blob[start:start + b.nbytes] = np.ascontiguousarray(b).reshape(-1).view(np.uint8)
+    return blob
+
+
+def _unblob(mlp: ov.Node) -> list[ov.Output]:
+    """The four buffers of an ActSparseMLP's blob as Constants of the types ActSparseMatMul takes them in."""
+    attrs, blob = mlp.get_attributes(), constant_behind(mlp.input_value(1)).get_data()
+    sizes = [attrs[name] for name in BUFFERS]
+    out = []
+    for name, start, size in zip(BUFFERS, _offsets(sizes), sizes):
+        fmt = formats()[attrs[f"{name.split('_')[0]}_weight_format"]]
+        f32 = fmt["storage"] == "f32" if "weight" in name else not fmt["compact_params"]
+        out.append(ops.constant(blob[start:start + size].view(np.float32 if f32 else np.uint8)).output(0))
+    return out
 
 
 def fuse_mlp(model: ov.Model) -> int:
@@ -91,10 +126,11 @@ def fuse_mlp(model: ov.Model) -> int:
         if found is None:
             continue
         up, activation, gate = found
+        buffers = [constant_behind(op.input_value(i)).get_data() for op in (up, down) for i in (1, 2)]
         attrs = {**{f"up_{k}": v for k, v in up.get_attributes().items()},
-                 **{f"down_{k}": v for k, v in down.get_attributes().items()}, "activation": activation, "gate": gate}
-        mlp = ActSparseMLP([up.input_value(0), up.input_value(1), up.input_value(2), down.input_value(1),
-                            down.input_value(2)], attrs)
+                 **{f"down_{k}": v for k, v in down.get_attributes().items()}, "activation": activation, "gate": gate,
+                 **{name: int(b.nbytes) for name, b in zip(BUFFERS, buffers)}}
+        mlp = ActSparseMLP([up.input_value(0), ops.constant(_blob(buffers)).output(0)], attrs)
         # named after down's op, so that split_mlp gives that op its name back (evaluation finds down's x by it)
         mlp.set_friendly_name(down.get_friendly_name().replace(OP_TYPE, MLP_TYPE))
         down.output(0).replace(mlp.output(0))
@@ -119,8 +155,10 @@ def split_mlp(model: ov.Model) -> int:
     count = 0
     for mlp in [op for op in model.get_ordered_ops() if op.get_type_name() == MLP_TYPE]:
         attrs = mlp.get_attributes()
-        half = {p: {k[len(p):]: v for k, v in attrs.items() if k.startswith(p)} for p in ("up_", "down_")}
-        up = _ops().create(OP_TYPE, [mlp.input_value(i) for i in range(3)], half["up_"])
+        half = {p: {k[len(p):]: v for k, v in attrs.items() if k.startswith(p) and k not in BUFFERS}
+                for p in ("up_", "down_")}
+        buffers = _unblob(mlp)
+        up = _ops().create(OP_TYPE, [mlp.input_value(0), *buffers[:2]], half["up_"])
         up.set_friendly_name(mlp.get_friendly_name() + "/up")
         h = up.output(0)
         wide = h.get_element_type() != ov.Type.f32  # bf16 ops: the activation between them in f32, as fuse leaves it
@@ -134,7 +172,7 @@ def split_mlp(model: ov.Model) -> int:
         act = ops.swish(g) if attrs["activation"] == "silu" else ops.gelu(g, attrs["activation"][len("gelu_"):])
         a = act.output(0) if u is None else ops.multiply(act, u).output(0)
         a = ops.convert(a, mlp.get_input_element_type(0)).output(0) if wide else a
-        down = _ops().create(OP_TYPE, [a, mlp.input_value(3), mlp.input_value(4)], half["down_"])
+        down = _ops().create(OP_TYPE, [a, *buffers[2:]], half["down_"])
         down.set_friendly_name(mlp.get_friendly_name().replace(MLP_TYPE, OP_TYPE))
         mlp.output(0).replace(down.output(0))
         count += 1

@@ -77,6 +77,21 @@ __attribute__((visibility("default"))) int actsparse_core_matmul(
   return 1;
 }
 
+// actsparse::activate on M rows of h [M, N] (activations as in actsparse_core_matmul), into a [M, N or N/2].
+__attribute__((visibility("default"))) int actsparse_core_activate(const void* h, int activations, int64_t M, int64_t N,
+                                                                   int activation, int gate, int round_bf16, void* a,
+                                                                   int threads) {
+  try {
+    if (activation < 0 || activation > 2 || gate < 0 || gate > 2) throw std::invalid_argument("activate: bad enum");
+    actsparse::activate(h, actsparse::Activations(activations), M, N, actsparse::Activation(activation),
+                        actsparse::Gate(gate), round_bf16 != 0, a, executor(threads));
+    return 0;
+  } catch (const std::exception& e) {
+    g_error = e.what();
+  }
+  return 1;
+}
+
 // The format table (formats.inc and its traits) as JSON, so Python keeps no copy of it.
 __attribute__((visibility("default"))) const char* actsparse_core_formats(void) {
   static const std::string s = [] {

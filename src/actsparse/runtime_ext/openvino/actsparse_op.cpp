@@ -74,13 +74,22 @@ std::string message(const std::invalid_argument& e, const char* label) {
     return "ActSparseMLP: " + std::string(label) + ": " + (what.rfind(ours, 0) == 0 ? what.substr(ours.size()) : what);
 }
 
-// Binds what the graph shows of the projection whose weight and params are inputs w and w + 1: the attributes
-// always; K and the constant inputs' sizes where static.
-void bind_graph(const ov::Node& node, OpBinding& binding, const ProjectionAttributes& a, int64_t K, size_t w,
+// The buffers of ActSparseMatMul's inputs 1 and 2.
+Buffers inputs_of(const ov::Node& node) {
+    return {node.get_input_element_type(1), node.get_input_element_type(2), byte_size(node, 1), byte_size(node, 2)};
+}
+
+Buffers inputs_of(const ov::TensorVector& inputs) {
+    return {inputs[1].get_element_type(), inputs[2].get_element_type(), static_cast<int64_t>(inputs[1].get_byte_size()),
+            static_cast<int64_t>(inputs[2].get_byte_size()), inputs[1].data(), inputs[2].data()};
+}
+
+// Binds what the graph shows of a projection: the attributes always; K and its buffers' sizes where static.
+void bind_graph(const ov::Node& node, OpBinding& binding, const ProjectionAttributes& a, int64_t K, const Buffers& b,
                 const char* label) {
     try {
-        binding.set(bind_op(describe(a, K, node.get_input_element_type(0), node.get_input_element_type(w),
-                                     node.get_input_element_type(w + 1), byte_size(node, w), byte_size(node, w + 1))));
+        binding.set(bind_op(describe(a, K, node.get_input_element_type(0), b.weight_type, b.params_type,
+                                     b.weight_bytes, b.params_bytes)));
     } catch (const std::invalid_argument& e) {
         // x a Constant: the CPU plugin's shape inference of one call, on a clone. With one inference thread the
         // plugin drops an error raised there and returns the previous call's y, so the call goes on to evaluate,
@@ -91,11 +100,10 @@ void bind_graph(const ov::Node& node, OpBinding& binding, const ProjectionAttrib
 
 // A call's sizes, bound where the graph did not show them (or they changed since), before any byte is read.
 BoundOp bind_call(OpBinding& binding, const ProjectionAttributes& a, int64_t K, const ov::element::Type& x,
-                  const ov::Tensor& w, const ov::Tensor& p, ov::Tensor& y, const char* label) {
-    const int64_t w_bytes = static_cast<int64_t>(w.get_byte_size()), p_bytes = static_cast<int64_t>(p.get_byte_size());
-    return binding.get(K, w_bytes, p_bytes, [&]() -> BoundOp {
+                  const Buffers& b, ov::Tensor& y, const char* label) {
+    return binding.get(K, b.weight_bytes, b.params_bytes, [&]() -> BoundOp {
         try {
-            return bind_op(describe(a, K, x, w.get_element_type(), p.get_element_type(), w_bytes, p_bytes));
+            return bind_op(describe(a, K, x, b.weight_type, b.params_type, b.weight_bytes, b.params_bytes));
         } catch (const std::invalid_argument& e) {
             // With one inference thread the CPU plugin (2026.4) drops this error and returns its last y, over
             // the buffer it handed the op: NaN there, so the call's result cannot pass for numbers.
@@ -125,15 +133,14 @@ Activations activations(const ov::element::Type& et) {
 
 // One projection of M rows of x (of type) into y.
 void project(const ProjectionAttributes& a, const BoundOp& bound, const void* x, Activations type, int64_t M,
-             bool decode, bool bf16_products, const ov::Tensor& w, const ov::Tensor& p, void* y) {
-    const void* params = p.data();
+             bool decode, bool bf16_products, const Buffers& b, void* y) {
     Params q;
     q.mode = a.mode;
     q.threshold = a.threshold;
     q.mask = decode || bound.prune_prefill;
     q.int8_activations = a.int8_activations;
     q.bf16_products = bf16_products;
-    matmul(x, type, M, bound.weight(w.data(), params), bound.bias(params), q, y, OpenVINOExecutor{});
+    matmul(x, type, M, bound.weight(b.weight, b.params), bound.bias(b.params), q, y, OpenVINOExecutor{});
 }
 
 // f32 x holding only bf16 values: the plugin runs the graph in bf16 and widened x for the op (it keeps a
@@ -171,7 +178,7 @@ void ActSparseMatMul::validate_and_infer_types() {
     auto shape = get_input_partial_shape(0);
     NODE_VALIDATION_CHECK(this, shape.rank().is_static() && shape.rank().get_length() >= 1, "x needs a static rank");
     const auto& k = shape[shape.rank().get_length() - 1];
-    bind_graph(*this, m_binding, m_attrs, k.is_static() ? k.get_length() : -1, 1, nullptr);
+    bind_graph(*this, m_binding, m_attrs, k.is_static() ? k.get_length() : -1, inputs_of(*this), nullptr);
     m_rows_are_tokens = rows_are_tokens(shape);
     // bf16 or f16 x: the op returns that type too, so a bf16 or f16 graph needs no Reorder around it
     shape[shape.rank().get_length() - 1] = m_attrs.out_features;
@@ -196,8 +203,8 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     const ov::Shape in_shape = x.get_shape();
     const int64_t K = static_cast<int64_t>(in_shape.back());
     const int64_t M = K ? static_cast<int64_t>(ov::shape_size(in_shape)) / K : 0;
-    const BoundOp bound = bind_call(m_binding, m_attrs, K, x.get_element_type(), inputs[1], inputs[2], outputs[0],
-                                    nullptr);
+    const Buffers buffers = inputs_of(inputs);
+    const BoundOp bound = bind_call(m_binding, m_attrs, K, x.get_element_type(), buffers, outputs[0], nullptr);
     ov::Shape out_shape = in_shape;
     out_shape.back() = static_cast<size_t>(bound.N);
     outputs[0].set_shape(out_shape);
@@ -206,7 +213,7 @@ bool ActSparseMatMul::evaluate(ov::TensorVector& outputs, const ov::TensorVector
     // bf16 x (bf16 exports) or f16 x (GPU-precision graphs): the core reads it and rounds y to its type, as a
     // Reorder around the op would
     project(m_attrs, bound, x.data(), activations(x.get_element_type()), M, is_decode(in_shape, M, m_rows_are_tokens),
-            bf16_prompt(x, M, K), inputs[1], inputs[2], outputs[0].data());
+            bf16_prompt(x, M, K), buffers, outputs[0].data());
     return true;
 }
 
@@ -224,24 +231,61 @@ Gate parse_gate(const ov::Node* node, const std::string& name) {
     NODE_VALIDATION_CHECK(node, name == "none", "gate must be first, second or none, got '", name, "'");
     return Gate::None;
 }
+
+constexpr int64_t kBlobAlign = 64;  // each buffer of the blob starts at a multiple of this many bytes
+int64_t aligned(int64_t n) { return (n + kBlobAlign - 1) / kBlobAlign * kBlobAlign; }
+
+// A projection's buffers in the blob: the weight as its format stores it, params f32 or compact u8.
+Buffers blob_buffers(const ProjectionAttributes& a, int64_t weight_bytes, int64_t params_bytes) {
+    const FormatInfo* f = find_format(a.weight_format);
+    const bool f32_weight = f && f->storage == Element::F32, compact = f && f->compact_params;
+    return {f32_weight ? ov::element::f32 : ov::element::u8, compact ? ov::element::u8 : ov::element::f32,
+            weight_bytes, params_bytes};
+}
 }  // namespace
 
 int64_t ActSparseMLP::intermediate() const {
     return m_gate_kind == Gate::None ? m_up.out_features : m_up.out_features / 2;
 }
 
+std::array<Buffers, 2> ActSparseMLP::buffers(const void* blob) const {
+    std::array<Buffers, 2> b{blob_buffers(m_up, m_bytes[0], m_bytes[1]), blob_buffers(m_down, m_bytes[2], m_bytes[3])};
+    if (const auto* base = static_cast<const uint8_t*>(blob)) {
+        const int64_t up_params = aligned(m_bytes[0]), down_weight = up_params + aligned(m_bytes[1]);
+        b[0].weight = base;
+        b[0].params = base + up_params;
+        b[1].weight = base + down_weight;
+        b[1].params = base + down_weight + aligned(m_bytes[2]);
+    }
+    return b;
+}
+
+int64_t ActSparseMLP::blob_bytes() const {
+    return aligned(m_bytes[0]) + aligned(m_bytes[1]) + aligned(m_bytes[2]) + m_bytes[3];
+}
+
 void ActSparseMLP::validate_and_infer_types() {
-    NODE_VALIDATION_CHECK(this, get_input_size() == 5,
-                          "expects 5 inputs (x, up weight, up params, down weight, down params), got ", get_input_size());
+    NODE_VALIDATION_CHECK(this, get_input_size() == 2, "expects 2 inputs (x, blob), got ", get_input_size());
     m_act = parse_activation(this, m_activation);
     m_gate_kind = parse_gate(this, m_gate);
+    NODE_VALIDATION_CHECK(this, *std::min_element(m_bytes.begin(), m_bytes.end()) >= 0,
+                          "ActSparseMLP: the buffers' byte counts must not be negative");
+    const auto& blob_type = get_input_element_type(1);
+    NODE_VALIDATION_CHECK(this, blob_type.is_dynamic() || blob_type == ov::element::u8,
+                          "ActSparseMLP: blob must be u8, got ", blob_type);
+    const int64_t bytes = byte_size(*this, 1);
+    NODE_VALIDATION_CHECK(this, bytes < 0 || bytes == blob_bytes(), "ActSparseMLP: blob has ", bytes,
+                          " bytes, expected ", blob_bytes(), " for up_weight_bytes=", m_bytes[0], ", up_params_bytes=",
+                          m_bytes[1], ", down_weight_bytes=", m_bytes[2], ", down_params_bytes=", m_bytes[3],
+                          " (each buffer from a multiple of 64 bytes)");
     auto shape = get_input_partial_shape(0);
     NODE_VALIDATION_CHECK(this, shape.rank().is_static() && shape.rank().get_length() >= 1, "x needs a static rank");
     const auto& k = shape[shape.rank().get_length() - 1];
-    bind_graph(*this, m_up_binding, m_up, k.is_static() ? k.get_length() : -1, 1, "up");
+    const auto b = buffers(nullptr);
+    bind_graph(*this, m_up_binding, m_up, k.is_static() ? k.get_length() : -1, b[0], "up");
     NODE_VALIDATION_CHECK(this, m_gate_kind == Gate::None || m_up.out_features % 2 == 0,
                           "a gated MLP needs an even up_out_features, got ", m_up.out_features);
-    bind_graph(*this, m_down_binding, m_down, intermediate(), 3, "down");
+    bind_graph(*this, m_down_binding, m_down, intermediate(), b[1], "down");
     m_rows_are_tokens = rows_are_tokens(shape);
     shape[shape.rank().get_length() - 1] = m_down.out_features;
     set_output_type(0, get_input_element_type(0), shape);
@@ -253,6 +297,7 @@ std::shared_ptr<ov::Node> ActSparseMLP::clone_with_new_inputs(const ov::OutputVe
     op->m_down = m_down;
     op->m_activation = m_activation;
     op->m_gate = m_gate;
+    op->m_bytes = m_bytes;
     op->set_arguments(new_args);
     op->constructor_validate_and_infer_types();
     return op;
@@ -263,6 +308,10 @@ bool ActSparseMLP::visit_attributes(ov::AttributeVisitor& visitor) {
     m_down.visit(visitor, "down_");
     visitor.on_attribute("activation", m_activation);
     visitor.on_attribute("gate", m_gate);
+    visitor.on_attribute("up_weight_bytes", m_bytes[0]);
+    visitor.on_attribute("up_params_bytes", m_bytes[1]);
+    visitor.on_attribute("down_weight_bytes", m_bytes[2]);
+    visitor.on_attribute("down_params_bytes", m_bytes[3]);
     return true;
 }
 
@@ -272,16 +321,18 @@ bool ActSparseMLP::evaluate(ov::TensorVector& outputs, const ov::TensorVector& i
     const int64_t K = static_cast<int64_t>(in_shape.back());
     const int64_t M = K ? static_cast<int64_t>(ov::shape_size(in_shape)) / K : 0;
     const auto& et = x.get_element_type();
-    const BoundOp up = bind_call(m_up_binding, m_up, K, et, inputs[1], inputs[2], outputs[0], "up");
-    const BoundOp down = bind_call(m_down_binding, m_down, intermediate(), et, inputs[3], inputs[4], outputs[0], "down");
+    if (static_cast<int64_t>(inputs[1].get_byte_size()) != blob_bytes()) {
+        fill_nan(outputs[0]);  // see bind_call
+        OPENVINO_THROW("ActSparseMLP: blob has ", inputs[1].get_byte_size(), " bytes, expected ", blob_bytes());
+    }
+    const auto b = buffers(inputs[1].data());
+    const BoundOp up = bind_call(m_up_binding, m_up, K, et, b[0], outputs[0], "up");
+    const BoundOp down = bind_call(m_down_binding, m_down, intermediate(), et, b[1], outputs[0], "down");
     ov::Shape out_shape = in_shape;
     out_shape.back() = static_cast<size_t>(down.N);
     outputs[0].set_shape(out_shape);
     if (M == 0) return true;
-    std::call_once(m_pages, [&] {
-        to_huge_pages(inputs[1].data(), inputs[1].get_byte_size());
-        to_huge_pages(inputs[3].data(), inputs[3].get_byte_size());
-    });
+    std::call_once(m_pages, [&] { to_huge_pages(inputs[1].data(), inputs[1].get_byte_size()); });
     const Activations type = activations(et);
     const bool decode = is_decode(in_shape, M, m_rows_are_tokens), bf16_products = bf16_prompt(x, M, K);
     // Per calling thread, reused: a decode step allocates nothing.
@@ -289,10 +340,10 @@ bool ActSparseMLP::evaluate(ov::TensorVector& outputs, const ov::TensorVector& i
     const int64_t bytes = type == Activations::F32 ? 4 : 2;
     h.resize(static_cast<size_t>((M * up.N * bytes + 3) / 4));
     a.resize(static_cast<size_t>((M * intermediate() * bytes + 3) / 4));
-    project(m_up, up, x.data(), type, M, decode, bf16_products, inputs[1], inputs[2], h.data());
+    project(m_up, up, x.data(), type, M, decode, bf16_products, b[0], h.data());
     // Where the prompt multiplies in bf16, so does down: a is rounded to bf16 as the plugin's graph would hold it.
     activate(h.data(), type, M, up.N, m_act, m_gate_kind, bf16_products, a.data(), OpenVINOExecutor{});
-    project(m_down, down, a.data(), type, M, decode, bf16_products, inputs[3], inputs[4], outputs[0].data());
+    project(m_down, down, a.data(), type, M, decode, bf16_products, b[1], outputs[0].data());
     return true;
 }
 

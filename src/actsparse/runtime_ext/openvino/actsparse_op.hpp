@@ -3,6 +3,7 @@
 
 #include <openvino/op/op.hpp>
 
+#include <array>
 #include <mutex>
 
 #include "actsparse_core.hpp"
@@ -22,6 +23,15 @@ struct ProjectionAttributes {
     int64_t tile_cols = kLegacyTileCols;
     bool int8_activations = false;
     void visit(ov::AttributeVisitor& visitor, const std::string& prefix);
+};
+
+// A projection's weight and params as an op holds them: their types and byte counts (-1: not static), and in
+// evaluate their bytes.
+struct Buffers {
+    ov::element::Type weight_type, params_type;
+    int64_t weight_bytes = -1, params_bytes = -1;
+    const void* weight = nullptr;
+    const void* params = nullptr;
 };
 
 // y = z'·W + bias, z' = (x − m) where ¬(|x − m| ≤ τ) else 0; dense (z' = x − m) on a prefill
@@ -55,11 +65,13 @@ private:
     mutable std::once_flag m_pages;  // to_huge_pages on the weights, at the first evaluate
 };
 
-// A whole MLP in one call: y = down(act(up(x))), each projection an ActSparseMatMul with its own mask,
-// m, τ and weights (inputs x, up weight, up params, down weight, down params; attributes up_* and down_* as
-// ActSparseMatMul's, activation silu, gelu_erf or gelu_tanh, and gate first, second or none: which half of up's
-// output the activation takes before the product with the other half). Every custom-op call pays the CPU
-// plugin's fixed cost, so one call per layer's MLP instead of two, and the intermediate never leaves the op.
+// A whole MLP in one call: y = down(act(up(x))), each projection an ActSparseMatMul with its own mask, m, τ and
+// weights (attributes up_* and down_* as ActSparseMatMul's; activation silu, gelu_erf or gelu_tanh; gate first,
+// second or none: which half of up's output the activation takes before the product with the other half).
+// Inputs: x and one u8 blob, [up weight | up params | down weight | down params], each buffer from a multiple of
+// 64 bytes, their sizes the attributes *_weight_bytes and *_params_bytes. Every custom-op call pays the CPU
+// plugin's fixed cost, partly per input, so one call per layer's MLP instead of two, with two inputs, and the
+// intermediate never leaves the op.
 class ActSparseMLP : public ov::op::Op {
 public:
     OPENVINO_OP("ActSparseMLP", "actsparse");
@@ -74,11 +86,14 @@ public:
 
 private:
     int64_t intermediate() const;  // down's K
+    std::array<Buffers, 2> buffers(const void* blob) const;  // up's and down's, in the blob (null: sizes only)
+    int64_t blob_bytes() const;
     ProjectionAttributes m_up, m_down;
     std::string m_activation = "silu", m_gate = "first";
     Activation m_act = Activation::Silu;
     Gate m_gate_kind = Gate::First;
     bool m_rows_are_tokens = false;
+    std::array<int64_t, 4> m_bytes{};  // up weight, up params, down weight, down params
     mutable OpBinding m_up_binding, m_down_binding;
     mutable std::once_flag m_pages;
 };
