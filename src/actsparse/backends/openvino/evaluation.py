@@ -8,10 +8,10 @@ import openvino as ov
 from openvino import opset13 as ops
 
 from ...calibration.plan import group_settings
-from .. import EvalStep
 from ...runtime_ext import OP_TYPE
-from .mlp import skip_convert, split_mlp
+from .. import EvalStep
 from .graph import EXACT_CONFIG, tensors_by_name
+from .mlp import skip_convert, split_mlp
 from .passes import set_dense, set_prefill_sparse
 from .runtime import feed, run_chunks
 

@@ -63,7 +63,7 @@ def bf16_io(op):
 
 
 def bf16_activations(model) -> int:
-    """:func:`bf16_io` for every ActSparseMatMul of ``model`` that takes f32, in place; return how many. Only
+    """:func:`bf16_io` for every op of ours (ActSparseMatMul, ActSparseMLP) that takes f32, in place; return how many. Only
     for a device that runs the graph in bf16 (see :func:`runs_in_bf16`): elsewhere it rounds x and y."""
     wrapped = [bf16_io(op) for op in model.get_ordered_ops()
                if op.get_type_name() in (OP_TYPE, MLP_TYPE) and op.get_input_element_type(0).to_string() == "f32"]
