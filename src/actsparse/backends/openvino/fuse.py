@@ -220,8 +220,9 @@ class FuseActSparseMatMul(MaskRule):
 
 
 def fuse(model: ov.Model, plan: dict) -> dict[str, int]:
-    """Replace every reference pattern (mask, its MatMuls and fold Adds) by one ActSparseMatMul; return
-    counts of MatMuls fused and refused. The plan gives the weight format (bf16) and the ops' names.
+    """Replace every reference pattern (mask, its MatMuls and fold Adds) by one ActSparseMatMul, then each MLP's two
+    by one ActSparseMLP (``mlp.fuse_mlp``); return counts of MatMuls fused and refused and of MLPs made one op. The
+    plan gives the weight format (bf16) and the ops' names.
 
     Consumers of one input (gate+up, q+k+v) become a single op over their weights concatenated
     along N, followed by a VariadicSplit: one live-channel list and one call per group, since

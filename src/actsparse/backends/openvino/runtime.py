@@ -13,7 +13,7 @@ from openvino import opset13 as ops
 from tqdm.auto import tqdm
 
 from ..._common import ActSparseError
-from ...runtime_ext import MLP_TYPE, OP_TYPE, OPENVINO_OPSET, PROJECTIONS, gpu_config, register
+from ...runtime_ext import OPENVINO_OPSET, PROJECTIONS, gpu_config, register
 from ...runtime_ext.kernels import formats
 from .mlp import split_mlp
 
@@ -66,7 +66,7 @@ def bf16_activations(model) -> int:
     """:func:`bf16_io` for every op of ours (ActSparseMatMul, ActSparseMLP) that takes f32, in place; return how many. Only
     for a device that runs the graph in bf16 (see :func:`runs_in_bf16`): elsewhere it rounds x and y."""
     wrapped = [bf16_io(op) for op in model.get_ordered_ops()
-               if op.get_type_name() in (OP_TYPE, MLP_TYPE) and op.get_input_element_type(0).to_string() == "f32"]
+               if op.get_type_name() in PROJECTIONS and op.get_input_element_type(0).to_string() == "f32"]
     if wrapped:
         model.validate_nodes_and_infer_types()
     return len(wrapped)
@@ -100,7 +100,7 @@ def bf16_activations_ir(xml: str) -> str:
                 ElementTree.SubElement(element, "dim").text = dim.text
         return layer
 
-    for op in [layer for layer in layers if layer.get("type") in (OP_TYPE, MLP_TYPE)]:
+    for op in [layer for layer in layers if layer.get("type") in PROJECTIONS]:
         x_port, y_port = op.find("input/port[@id='0']"), op.find("output/port")
         if x_port.get("precision") != "FP32":
             continue

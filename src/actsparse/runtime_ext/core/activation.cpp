@@ -1,8 +1,7 @@
-// The activation between an MLP's two projections (ActSparseMLP), row by row. exp and erf are polynomials the
+// The activation between an MLP's two projections (ActSparseMLP), row by row. exp and erfc are polynomials the
 // compiler vectorises; target_clones gives each ISA its own copy, chosen when the library loads.
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <stdexcept>
 
 #include "actsparse_core.hpp"
@@ -70,7 +69,7 @@ void apply(const float* g, const float* u, int64_t n, float* a) {
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void widen(const uint16_t* b, Activations type, int64_t n, float* out) {
   if (type == Activations::BF16) {
-    for (int64_t i = 0; i < n; ++i) out[i] = __builtin_bit_cast(float, uint32_t(b[i]) << 16);
+    for (int64_t i = 0; i < n; ++i) out[i] = bf16_bits_to_float(b[i]);
   } else {
     for (int64_t i = 0; i < n; ++i) out[i] = half_to_float(b[i]);
   }
@@ -87,7 +86,7 @@ void narrow(const float* a, Activations type, int64_t n, uint16_t* out) {
 
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void round_to_bf16(float* a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) a[i] = __builtin_bit_cast(float, uint32_t(float_to_bf16(a[i])) << 16);
+  for (int64_t i = 0; i < n; ++i) a[i] = bf16_bits_to_float(float_to_bf16(a[i]));
 }
 
 }  // namespace

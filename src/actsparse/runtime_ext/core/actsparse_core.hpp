@@ -18,10 +18,7 @@ namespace actsparse {
 
 // A bf16 value is the high half of an f32.
 static inline float bf16_bits_to_float(uint16_t b) {
-  const uint32_t bits = uint32_t(b) << 16;
-  float v;
-  std::memcpy(&v, &bits, 4);
-  return v;
+  return __builtin_bit_cast(float, uint32_t(b) << 16);  // a loop of it vectorises, which memcpy's does not
 }
 
 // The same from 2 bytes at p, little-endian (any alignment).
